@@ -1,0 +1,52 @@
+"""Typed, frozen settings of one trial. Built once from a space file; no Ray, no torch."""
+from __future__ import annotations
+
+import dataclasses
+
+METHODS = ("finetune", "further_pretrain", "self_distill")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """One training stage: a fixed step budget, AdamW, linear warm-up then linear decay."""
+
+    steps: int
+    batch_size: int  # global, split evenly across workers
+    lr: float
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    beta2: float = 0.999
+    grad_clip: float = 0.0  # 0 = no clipping
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialConfig:
+    model: str
+    weights: str
+    data: str
+    method: str = "self_distill"
+    mask_ratio: float = 0.75  # gamma
+    rounds: int = 1  # T'
+    mae_weight: float = 1.0  # lambda
+    further_pretrain: StageConfig = StageConfig(steps=100, batch_size=64, lr=1.5e-4, beta2=0.95)
+    self_distill: StageConfig = StageConfig(steps=100, batch_size=64, lr=1.5e-4, beta2=0.95)
+    finetune: StageConfig = StageConfig(steps=100, batch_size=32, lr=1e-4, warmup_steps=10, grad_clip=1.0)
+    eval_batch_size: int = 256
+    eval_every: int = 0  # fine-tuning steps between validation passes (0 = only at the end)
+    max_length: int = 128  # text models: tokens per example
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    num_workers: int = 1  # Ray Train workers (DDP ranks)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    loader_workers: int = 0  # DataLoader processes per rank
+
+    def stages(self) -> list[tuple[str, int]]:
+        """The trial's plan as (stage, round) pairs, in order."""
+        plan: list[tuple[str, int]] = []
+        if self.method != "finetune":
+            plan.append(("further_pretrain", 0))
+        if self.method == "self_distill":
+            plan += [("self_distill", t) for t in range(1, self.rounds + 1)]
+        return plan + [("finetune", 0)]

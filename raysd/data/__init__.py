@@ -1,0 +1,54 @@
+"""Target tasks: `builtin:digits`, `builtin:text`, `imagefolder:DIR`, `jsonl:DIR`, `hfdisk:DIR`."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from raysd.errors import ConfigError
+
+
+@dataclasses.dataclass
+class Task:
+    """A labelled target task; `unlabelled` is D_u (train without labels or augmentation)."""
+
+    source: str
+    modality: str  # "image" | "text"
+    num_classes: int
+    train: Dataset  # fine-tuning view of D_tr (augmented where the source augments)
+    unlabelled: Dataset  # D_u: the same examples, un-augmented
+    val: Dataset
+    test: Dataset
+    metrics: tuple[str, ...]  # reported on val and test; the first is the headline
+
+
+def load_task(source: str, *, image_size: int | None = None, tokenizer: Any = None,
+              max_length: int = 128) -> Task:
+    """Resolve a data source string; ConfigError names the source when it cannot be used."""
+    kind, _, arg = source.partition(":")
+    if kind == "builtin" and arg == "digits":
+        from raysd.data.images import digits_task
+
+        return digits_task(image_size or 32)
+    if kind == "builtin" and arg == "text":
+        from raysd.data.text import builtin_text_task
+
+        return builtin_text_task(tokenizer, max_length)
+    if kind in ("imagefolder", "jsonl", "hfdisk"):
+        path = Path(arg).expanduser()
+        if not path.is_dir():
+            raise ConfigError(f"data {source!r}: directory {path} does not exist")
+        if kind == "imagefolder":
+            from raysd.data.images import imagefolder_task
+
+            return imagefolder_task(path, image_size or 224, source)
+        from raysd.data.text import hfdisk_task, jsonl_task
+
+        loader = jsonl_task if kind == "jsonl" else hfdisk_task
+        return loader(path, tokenizer, max_length, source)
+    raise ConfigError(
+        f"data {source!r}: unknown source (use builtin:digits, builtin:text, imagefolder:DIR, "
+        "jsonl:DIR or hfdisk:DIR)"
+    )

@@ -1,0 +1,156 @@
+"""Where theta_init, phi_init come from: a hub name, a local directory, the demo's cache, or none.
+
+Sources: `none` (random), `builtin:demo` (tiny ViT MAE-pre-trained by raysd on first use),
+`hf:ID` (Hugging Face ViTMAE / RoBERTa checkpoint, encoder and decoder), `timm:NAME`
+(timm encoder weights, fresh decoder), or a local directory saved by raysd or by transformers.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from raysd import models
+from raysd.errors import ConfigError
+
+RAYSD_META = "raysd.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def save_backbone(backbone: nn.Module, directory: str | Path, model_name: str) -> Path:
+    """raysd's own format: raysd.json + model.safetensors (+ tokenizer files for text models)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    save_file(_untie(state), str(directory / WEIGHTS_FILE))
+    (directory / RAYSD_META).write_text(json.dumps({"model": model_name, "family": backbone.family}))
+    if getattr(backbone, "tokenizer", None) is not None:
+        backbone.tokenizer.save_pretrained(str(directory))
+    return directory
+
+
+def _untie(state: dict) -> dict:
+    """safetensors refuses shared storage (tied embeddings): store each tensor once, cloned."""
+    seen: set[int] = set()
+    out = {}
+    for key, value in state.items():
+        ptr = value.data_ptr()
+        out[key] = value.clone() if ptr in seen else value
+        seen.add(ptr)
+    return out
+
+
+def load_backbone(model_name: str, weights: str) -> nn.Module:
+    """Build `model_name` and apply `weights`; raises ConfigError on a source that cannot apply."""
+    if model_name not in models.names():
+        raise ConfigError(f"unknown model {model_name!r} (known: {', '.join(models.names())})")
+    fam = models.family(model_name)
+    backbone = models.build(model_name)
+    if weights in ("", "none", None):
+        return backbone
+    if weights == "builtin:demo":
+        from raysd.bootstrap import demo_weights_dir
+
+        return _load_dir(backbone, demo_weights_dir(model_name), model_name)
+    if weights.startswith("hf:"):
+        return _load_hf(backbone, fam, weights[3:])
+    if weights.startswith("timm:"):
+        if fam != "vit":
+            raise ConfigError(f"weights {weights!r}: timm weights only apply to ViT models")
+        import timm
+
+        source = timm.create_model(weights[5:], pretrained=True, num_classes=0)
+        _load_state(backbone.encoder, source.state_dict(), weights, strict=False)
+        return backbone
+    path = Path(weights).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"weights {weights!r}: not a directory, and not none/builtin:demo/hf:/timm:")
+    return _load_dir(backbone, path, model_name)
+
+
+def _load_dir(backbone: nn.Module, path: Path, model_name: str) -> nn.Module:
+    if (path / RAYSD_META).exists():
+        meta = json.loads((path / RAYSD_META).read_text())
+        if meta["model"] != model_name:
+            raise ConfigError(f"weights {path}: saved for model {meta['model']!r}, not {model_name!r}")
+        _load_state(backbone, load_file(str(path / WEIGHTS_FILE)), str(path))
+        if backbone.family == "roberta":
+            backbone.load_tokenizer(str(path))
+        return backbone
+    if (path / "config.json").exists():
+        return _load_hf(backbone, backbone.family, str(path))
+    raise ConfigError(f"weights {path}: no {RAYSD_META} or config.json inside")
+
+
+def _load_hf(backbone: nn.Module, fam: str, name_or_path: str) -> nn.Module:
+    if fam == "vit":
+        from transformers import ViTMAEForPreTraining
+
+        hf = ViTMAEForPreTraining.from_pretrained(name_or_path)
+        _load_state(backbone, vit_state_from_hf(hf.state_dict()), name_or_path)
+    else:
+        backbone.load_hf(name_or_path)
+    return backbone
+
+
+def _load_state(module: nn.Module, state: dict, source: str, strict: bool = True) -> None:
+    try:
+        module.load_state_dict(state, strict=strict)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[1:2] or [str(err)]
+        raise ConfigError(f"weights {source}: do not fit this model ({first[0].strip()})") from None
+
+
+# transformers 5 names first, 4.x names second; both fuse into timm's Block layout.
+_LAYER_KEYS = {
+    "q": ("attention.q_proj", "attention.attention.query"),
+    "k": ("attention.k_proj", "attention.attention.key"),
+    "v": ("attention.v_proj", "attention.attention.value"),
+    "attn.proj": ("attention.o_proj", "attention.output.dense"),
+    "norm1": ("layernorm_before", "layernorm_before"),
+    "norm2": ("layernorm_after", "layernorm_after"),
+    "mlp.fc1": ("mlp.fc1", "intermediate.dense"),
+    "mlp.fc2": ("mlp.fc2", "output.dense"),
+}
+
+
+def _hf_layer(prefix: str, hf: dict, out: str, dst: dict) -> None:
+    """One transformers ViT layer -> one timm Block (q, k, v fused into qkv)."""
+    new = f"{prefix}.attention.q_proj.weight" in hf
+
+    def get(part: str, kind: str) -> torch.Tensor:
+        return hf[f"{prefix}.{_LAYER_KEYS[part][0 if new else 1]}.{kind}"]
+
+    for kind in ("weight", "bias"):
+        dst[f"{out}.attn.qkv.{kind}"] = torch.cat([get(p, kind) for p in "qkv"], dim=0)
+        for part in ("attn.proj", "norm1", "norm2", "mlp.fc1", "mlp.fc2"):
+            dst[f"{out}.{part}.{kind}"] = get(part, kind)
+
+
+def vit_state_from_hf(hf: dict) -> dict:
+    """transformers ViTMAEForPreTraining state dict -> MaeViT state dict."""
+    out = {
+        "encoder.cls_token": hf["vit.embeddings.cls_token"],
+        "encoder.pos_embed": hf["vit.embeddings.position_embeddings"],
+        "encoder.patch_embed.proj.weight": hf["vit.embeddings.patch_embeddings.projection.weight"],
+        "encoder.patch_embed.proj.bias": hf["vit.embeddings.patch_embeddings.projection.bias"],
+        "encoder.norm.weight": hf["vit.layernorm.weight"],
+        "encoder.norm.bias": hf["vit.layernorm.bias"],
+        "decoder.embed.weight": hf["decoder.decoder_embed.weight"],
+        "decoder.embed.bias": hf["decoder.decoder_embed.bias"],
+        "decoder.mask_token": hf["decoder.mask_token"],
+        "decoder.pos_embed": hf["decoder.decoder_pos_embed"],
+        "decoder.norm.weight": hf["decoder.decoder_norm.weight"],
+        "decoder.norm.bias": hf["decoder.decoder_norm.bias"],
+        "decoder.pred.weight": hf["decoder.decoder_pred.weight"],
+        "decoder.pred.bias": hf["decoder.decoder_pred.bias"],
+    }
+    for hf_prefix, ours in (("vit.layers.", "encoder.blocks."), ("vit.encoder.layer.", "encoder.blocks."),
+                            ("decoder.decoder_layers.", "decoder.blocks.")):
+        layers = {int(k[len(hf_prefix):].split(".")[0]) for k in hf if k.startswith(hf_prefix)}
+        for i in sorted(layers):
+            _hf_layer(f"{hf_prefix}{i}", hf, f"{ours}{i}", out)
+    return out
