@@ -64,3 +64,10 @@ class Classifier(nn.Module):
 
     def forward(self, batch: dict):
         return self.head(self.backbone.represent(batch))  # [B, num_classes]
+
+
+# RoBERTa family (text): roberta_tiny on the builtin:text tokenizer, roberta_base for hf:roberta-base.
+from raysd.models import roberta as _roberta  # noqa: E402
+
+register("roberta_tiny", "roberta")(_roberta.tiny)
+register("roberta_base", "roberta")(_roberta.base)

@@ -1,0 +1,158 @@
+"""raysd's command line: parse flags, make paths absolute, hand over. Nothing else lives here."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+from raysd.errors import ConfigError
+
+DEFAULT_STORAGE = "raysd_results"
+
+
+def _absolute_uri(value: str) -> str:
+    """Ray changes the working directory of trials and jobs: local paths become absolute here."""
+    return value if "://" in value else str(Path(value).expanduser().resolve())
+
+
+def _absolute_data(value: str) -> str:
+    kind, sep, arg = value.partition(":")
+    if sep and kind in ("imagefolder", "jsonl", "hfdisk") and "://" not in arg:
+        return f"{kind}:{Path(arg).expanduser().resolve()}"
+    return value
+
+
+def _overrides(args) -> dict:
+    from raysd.spaces import parse_overrides
+
+    values = parse_overrides(args.set or [])
+    if args.data:
+        values["data"] = _absolute_data(args.data)
+    if args.workers is not None:
+        values["resources.workers"] = args.workers
+    if args.gpu is not None:
+        values["resources.use_gpu"] = args.gpu
+    if getattr(args, "method", None):
+        values["method"] = args.method
+    return values
+
+
+def _study_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--space", help="a space name (raysd spaces) or a YAML file")
+    p.add_argument("--data", help="builtin:digits | builtin:text | imagefolder:DIR | jsonl:DIR | hfdisk:DIR")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a dotted key of the space file (repeatable)")
+    p.add_argument("--storage", default=DEFAULT_STORAGE,
+                   help="local folder, shared filesystem or s3:// / gs:// URI (default: ./raysd_results)")
+    p.add_argument("--name", help="study name (default: <space>-<date>-<time>)")
+    p.add_argument("--workers", type=int, help="Ray Train workers (DDP ranks) per trial")
+    gpu = p.add_mutually_exclusive_group()
+    gpu.add_argument("--gpu", dest="gpu", action="store_true", default=None, help="one GPU per worker")
+    gpu.add_argument("--cpu", dest="gpu", action="store_false", help="train on CPUs")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster fits)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("-v", "--verbose", action="store_true", help="show Ray's own logs and tables")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raysd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    tune = sub.add_parser("tune", help="run a Ray Tune + Optuna study of a search space")
+    _study_args(tune)
+    tune.add_argument("--num-samples", type=int, help="trials in the study (default: the space's)")
+    tune.add_argument("--resume", metavar="STUDY_DIR", help="finish a study that was interrupted")
+    run = sub.add_parser("run", help="run one trial with the space's default values (no search)")
+    _study_args(run)
+    run.add_argument("--method", choices=("finetune", "further_pretrain", "self_distill"))
+    sub.add_parser("spaces", help="list the built-in search spaces")
+    report = sub.add_parser("report", help="tables and plots of a finished study")
+    report.add_argument("study", help="<storage>/<study> folder or URI")
+    report.add_argument("--top", type=int, default=5, help="rows in the top-trials table")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as err:
+        print(f"raysd: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("raysd: interrupted; resume with raysd tune --resume <storage>/<study>", file=sys.stderr)
+        return 130
+
+
+def cmd_spaces(args) -> int:
+    from raysd.spaces import available, load_space
+
+    for name in available():
+        print(f"{name:14s} {load_space(name).description}")
+    return 0
+
+
+def _prepare(args, single: bool):
+    """Validate everything that can be validated before Ray starts."""
+    from raysd.spaces import check_data, load_space
+
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent must be >= 1 (got {args.max_concurrent})")
+    if getattr(args, "num_samples", None) is not None and args.num_samples < 1:
+        raise ConfigError(f"--num-samples must be >= 1 (got {args.num_samples})")
+    if getattr(args, "resume", None):
+        from raysd.study import load_study_space
+
+        study_uri = _absolute_uri(args.resume)
+        space = load_study_space(study_uri)
+        return space, study_uri
+    if not args.space:
+        raise ConfigError("--space is required (see raysd spaces)")
+    space = load_space(args.space, _overrides(args))
+    if single:
+        space = dataclasses.replace(space, params=())
+    check_data(space.trial_config())
+    name = args.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if "/" in name:
+        raise ConfigError(f"--name {name!r}: must not contain '/'")
+    return space, f"{_absolute_uri(args.storage).rstrip('/')}/{name}"
+
+
+def cmd_tune(args, single: bool = False) -> int:
+    space, study_uri = _prepare(args, single)
+    from raysd.study import ensure_ray, run_study
+
+    ensure_ray(args.address, args.verbose)
+    print(f"raysd: study {study_uri}")
+    outcome = run_study(space, study_uri, resume=bool(getattr(args, "resume", None)),
+                        num_samples=1 if single else args.num_samples,
+                        max_concurrent=args.max_concurrent, verbose=args.verbose)
+    counts = ", ".join(f"{n} {s}" for s, n in outcome.counts.items())
+    print(f"raysd: {counts}")
+    if outcome.best:
+        best = outcome.best
+        params = {k[len("param."):]: v for k, v in best.items() if k.startswith("param.")}
+        metrics = {k: v for k, v in best.items() if k.startswith(("val_", "test_"))}
+        print(f"raysd: best trial {best['trial_id']}" + (f" {params}" if params else ""))
+        print("raysd: " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+    print(f"raysd: results in {study_uri}/results (trials.parquet, history.parquet); "
+          f"tensorboard --logdir {study_uri}/tensorboard")
+    return 0 if outcome.counts.get("completed") else 1
+
+
+def cmd_run(args) -> int:
+    return cmd_tune(args, single=True)
+
+
+def cmd_report(args) -> int:
+    from raysd.report import write_report
+
+    print(write_report(_absolute_uri(args.study), top=args.top))
+    return 0
+
+
+COMMANDS = {"tune": cmd_tune, "run": cmd_run, "spaces": cmd_spaces, "report": cmd_report}
+
+if __name__ == "__main__":
+    sys.exit(main())

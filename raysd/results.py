@@ -1,0 +1,207 @@
+"""Study results: trials.parquet, history.parquet and TensorBoard, written by a Tune callback.
+
+Files live under <storage>/<study>/ on any pyarrow filesystem (local, NFS, s3://, gs://).
+Each write replaces a whole file atomically, so readers never see a truncated file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from ray.tune import Callback
+
+import raysd
+from raysd.spaces import Space
+
+TRIALS, HISTORY = "trials.parquet", "history.parquet"
+# Our own keys in a reported row; Tune's bookkeeping keys (dates, pids, iterations) are dropped.
+ROW_KEYS = ("stage", "round", "step", "progress", "loss", "mae_loss", "distill_loss", "ce_loss",
+            "lr", "samples_per_s")
+FINAL_PREFIXES = ("val_", "test_", "train_", "seconds_", "steps_")
+FINAL_KEYS = ("gen_gap", "init_distance")
+
+
+class Store:
+    """A study folder on a pyarrow filesystem: small whole-file reads and atomic writes."""
+
+    def __init__(self, uri: str):
+        self.fs, self.root = pafs.FileSystem.from_uri(uri)
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+
+    def read_text(self, *parts: str) -> str:
+        with self.fs.open_input_stream(self.path(*parts)) as f:
+            return f.read().decode()
+
+    def write_text(self, text: str, *parts: str) -> None:
+        self.fs.create_dir(self.path(*parts[:-1]), recursive=True)
+        with self.fs.open_output_stream(self.path(*parts)) as f:
+            f.write(text.encode())
+
+    def read_rows(self, *parts: str) -> list[dict]:
+        if not self.exists(*parts):
+            return []
+        return pq.read_table(self.path(*parts), filesystem=self.fs).to_pylist()
+
+    def write_rows(self, rows: list[dict], *parts: str) -> None:
+        table = pa.Table.from_pylist(rows) if rows else pa.table({})
+        target = self.path(*parts)
+        self.fs.create_dir(self.path(*parts[:-1]), recursive=True)
+        if self.local:  # write beside, then rename: atomic on POSIX
+            tmp = f"{target}.tmp-{os.getpid()}"
+            pq.write_table(table, tmp)
+            os.replace(tmp, target)
+        else:  # object stores publish an object only once it is complete
+            pq.write_table(table, target, filesystem=self.fs)
+
+    def upload(self, local_dir: Path, *parts: str) -> None:
+        self.fs.create_dir(self.path(*parts), recursive=True)
+        pafs.copy_files(str(local_dir), self.path(*parts), source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=self.fs)
+
+
+def _clean(value: Any) -> Any:
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def trial_row(space: Space, trial_id: str, config: dict, last: dict, status: str,
+              error: str | None, wall_seconds: float) -> dict:
+    """One row of trials.parquet: params, resolved settings, final metrics, cost, provenance."""
+    values = {p.key: config.get(p.key) for p in space.params}
+    cfg = space.trial_config({k: v for k, v in values.items() if v is not None})
+    row: dict[str, Any] = {"trial_id": trial_id, "status": status, "error": error}
+    row.update({f"param.{k}": _clean(v) for k, v in values.items()})
+    settings = dataclasses.asdict(cfg)
+    for stage in ("further_pretrain", "self_distill", "finetune"):
+        for key, value in settings.pop(stage).items():
+            settings[f"{stage}.{key}"] = value
+    row.update({f"cfg.{k}": v for k, v in settings.items()})
+    row.update({k: v for k, v in last.items()
+                if k.startswith(FINAL_PREFIXES) or k in FINAL_KEYS})
+    row["wall_seconds"] = wall_seconds
+    row["raysd_version"] = raysd.__version__
+    return row
+
+
+class StudyRecorder(Callback):
+    """Appends every reported row to history, one row per finished trial, and TensorBoard."""
+
+    def __init__(self, space: Space, study_uri: str, tensorboard_staging: str | None):
+        self.space, self.study_uri = space, study_uri
+        self.staging = tensorboard_staging  # local folder mirrored to storage when remote
+        self._writers: dict[str, Any] = {}
+        self._pending: dict[str, list[dict]] = {}
+        self._started: dict[str, float] = {}
+
+    def setup(self, **info) -> None:
+        self.store = Store(self.study_uri)
+        # On --resume the files already hold the trials that finished before the crash.
+        self.trials = self.store.read_rows("results", TRIALS)
+        self.history = self.store.read_rows("results", HISTORY)
+        self.tb_root = Path(self.staging) if self.staging else Path(self.store.path("tensorboard"))
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._started.setdefault(trial.trial_id, time.time())
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        row = {"trial_id": trial.trial_id, **{k: result[k] for k in ROW_KEYS if k in result}}
+        row.update({k: result[k] for k in result if k.startswith(("val_", "test_"))})
+        self._pending.setdefault(trial.trial_id, []).append(row)
+        self._scalars(trial.trial_id, result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        last = trial.last_result or {}
+        status = "completed" if last.get("done") else "stopped"  # stopped: ended early by ASHA
+        self._finish(trial, status, None)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._finish(trial, "failed", error_line(trial))
+
+    def _finish(self, trial, status: str, error: str | None) -> None:
+        tid = trial.trial_id
+        wall = time.time() - self._started.get(tid, time.time())
+        self.trials = [r for r in self.trials if r["trial_id"] != tid]
+        self.trials.append(trial_row(self.space, tid, trial.config, trial.last_result or {},
+                                     status, error, wall))
+        self.history += self._pending.pop(tid, [])
+        self.store.write_rows(self.history, "results", HISTORY)
+        self.store.write_rows(self.trials, "results", TRIALS)
+        self._hparams(tid, trial.config, trial.last_result or {}, status)
+
+    def _writer(self, tid: str):
+        if tid not in self._writers:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writers[tid] = SummaryWriter(str(self.tb_root / tid), flush_secs=10)
+        return self._writers[tid]
+
+    def _scalars(self, tid: str, result: dict) -> None:
+        if "progress" not in result:
+            return
+        stage = result.get("stage", "trial")
+        tag = f"{stage}_r{result['round']}" if stage == "self_distill" else stage
+        writer = self._writer(tid)
+        for key in ROW_KEYS[4:]:
+            if key in result:
+                writer.add_scalar(f"{tag}/{key}", result[key], result["progress"])
+        for key in result:
+            if key.startswith("val_") and not result.get("done"):
+                writer.add_scalar(f"{tag}/{key}", result[key], result["progress"])
+
+    def _hparams(self, tid: str, config: dict, last: dict, status: str) -> None:
+        """HParams summary in the trial's run, so TensorBoard compares trials by lambda, gamma, T'."""
+        from torch.utils.tensorboard.summary import hparams
+
+        writer = self._writer(tid)
+        params = {p.key: config[p.key] for p in self.space.params if config.get(p.key) is not None}
+        params["status"] = status
+        finals = {f"final/{k}": float(v) for k, v in last.items()
+                  if k.startswith(("val_", "test_")) and isinstance(v, (int, float))}
+        for summary in hparams(params, finals):
+            writer.file_writer.add_summary(summary)
+        for key, value in finals.items():
+            writer.add_scalar(key, value, int(last.get("progress", 0)))
+        writer.flush()
+        if self.staging:
+            self.store.upload(self.tb_root / tid, "tensorboard", tid)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        for writer in self._writers.values():
+            writer.close()
+
+    def __getstate__(self) -> dict:  # Tune pickles callbacks with the experiment state
+        state = self.__dict__.copy()
+        for key in ("store", "trials", "history", "_writers"):
+            state.pop(key, None)
+        state["_writers"] = {}
+        return state
+
+
+def error_line(trial) -> str:
+    """The root cause of a failed trial as one line (the last line of Tune's error file)."""
+    try:
+        text = Path(trial.error_file).read_text() if trial.error_file else ""
+    except OSError:
+        text = ""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "failed (no error message)"
+
+
+def staging_dir(study_uri: str) -> str | None:
+    """Local TensorBoard folder for remote storage (TensorBoard writers need a local path)."""
+    if isinstance(pafs.FileSystem.from_uri(study_uri)[0], pafs.LocalFileSystem):
+        return None
+    return tempfile.mkdtemp(prefix="raysd-tb-")

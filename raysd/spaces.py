@@ -1,0 +1,341 @@
+"""Search spaces: YAML -> a validated Space (trial defaults, study settings, searched params).
+
+Everything is checked before Ray starts; a problem is one ConfigError naming file and key.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import operator
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raysd import models
+from raysd.config import METHODS, StageConfig, TrialConfig
+from raysd.errors import ConfigError
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+
+STAGE_KEYS = {f.name for f in dataclasses.fields(StageConfig)}
+SCHEMA: dict[str, Any] = {
+    "description": str, "model": str, "weights": str, "data": str, "method": str, "seed": int,
+    "mask_ratio": float, "max_length": int,
+    "further_pretrain": STAGE_KEYS,
+    "self_distill": STAGE_KEYS | {"rounds", "mae_weight"},
+    "finetune": STAGE_KEYS,
+    "evaluation": {"batch_size", "every"},
+    "resources": {"workers", "use_gpu", "cpus_per_worker", "loader_workers"},
+    "logging": {"log_every", "checkpoint_every"},
+    "study": {"num_samples", "metric", "mode", "seed", "n_startup_trials", "max_concurrent",
+              "max_failures", "scheduler"},
+    "search": dict,
+}
+SCHEDULER_KEYS = {"type", "metric", "mode", "grace_period", "reduction_factor", "max_t"}
+PARAM_KEYS = {"type", "low", "high", "log", "step", "choices", "when"}
+_OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le,
+        "==": operator.eq, "!=": operator.ne}
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    key: str  # dotted key of the space file, e.g. "self_distill.mae_weight"
+    type: str  # float | int | choice
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple = ()
+    when: tuple[str, str, float] | None = None  # (other key, operator, value)
+
+    def active(self, values: dict) -> bool:
+        if self.when is None:
+            return True
+        key, op, value = self.when
+        return key in values and _OPS[op](values[key], value)
+
+    def suggest(self, trial) -> Any:
+        """Ask an Optuna trial (or Tune's captor of one) for this parameter."""
+        if self.type == "float":
+            return trial.suggest_float(self.key, self.low, self.high, log=self.log, step=self.step)
+        if self.type == "int":
+            return trial.suggest_int(self.key, int(self.low), int(self.high), log=self.log,
+                                     step=int(self.step or 1))
+        return trial.suggest_categorical(self.key, list(self.choices))
+
+
+@dataclasses.dataclass(frozen=True)
+class StudySettings:
+    num_samples: int = 8
+    metric: str = "val_accuracy"
+    mode: str = "max"
+    seed: int = 0
+    n_startup_trials: int = 10
+    max_concurrent: int = 0  # 0 = as many as the cluster fits
+    max_failures: int = 0  # retries of a failed trial
+    scheduler: dict | None = None  # {"type": "asha", "metric": ..., "grace_period": ...}
+
+
+@dataclasses.dataclass(frozen=True)
+class Space:
+    name: str
+    path: Path
+    doc: dict  # the resolved file (overrides applied), without "search" and "study"
+    study: StudySettings
+    params: tuple[Param, ...]
+
+    @property
+    def description(self) -> str:
+        return self.doc.get("description", "")
+
+    def trial_config(self, values: dict | None = None) -> TrialConfig:
+        """The TrialConfig of the file's defaults with searched `values` (dotted keys) applied."""
+        doc = copy.deepcopy(self.doc)
+        for key, value in (values or {}).items():
+            _set(doc, key, value)
+        return trial_config(doc, str(self.path))
+
+
+def _set(doc: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        doc = doc.setdefault(part, {})
+    doc[leaf] = value
+
+
+def _get(doc: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        doc = doc[part]
+    return doc
+
+
+def available() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(SPACES_DIR.glob("*.yaml"))}
+
+
+def resolve_path(name_or_path: str) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"space file {name_or_path} does not exist")
+        return path.resolve()
+    spaces = available()
+    if name_or_path not in spaces:
+        raise ConfigError(f"unknown space {name_or_path!r} (known: {', '.join(spaces)})")
+    return spaces[name_or_path]
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` pairs; VALUE is read as YAML (numbers, booleans, lists)."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def load_space(name_or_path: str, overrides: dict[str, Any] | None = None) -> Space:
+    path = resolve_path(name_or_path)
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    for key, value in (overrides or {}).items():
+        _check_key(key, f"--set {key}")
+        _set(doc, key, value)
+    where = str(path)
+    for key, value in doc.items():
+        if key not in SCHEMA:
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(SCHEMA)})")
+        if isinstance(SCHEMA[key], set):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: {key}: expected a mapping")
+            for sub in value:
+                if sub not in SCHEMA[key]:
+                    raise ConfigError(f"{where}: unknown key {key}.{sub} (known: {', '.join(sorted(SCHEMA[key]))})")
+    search = doc.pop("search", None) or {}
+    study = _study(doc.pop("study", None) or {}, where)
+    params = _params(search, where)
+    space = Space(path.stem, path, doc, study, params)
+    space.trial_config()  # defaults must be valid on their own
+    for param in params:  # and so must every searched value's extremes
+        for value in _extremes(param):
+            try:
+                space.trial_config({param.key: value})
+            except ConfigError as err:
+                raise ConfigError(f"{where}: search.{param.key}: value {value!r} in its range is "
+                                  f"invalid: {str(err).split(': ', 2)[-1]}") from None
+    return space
+
+
+def _check_key(dotted: str, where: str) -> None:
+    head, _, rest = dotted.partition(".")
+    spec = SCHEMA.get(head)
+    ok = spec is not None and ((not rest and head != "search") or
+                               (isinstance(spec, set) and rest in spec) or spec is dict)
+    if not ok:
+        raise ConfigError(f"{where}: unknown key {dotted!r}")
+
+
+def _extremes(param: Param) -> list:
+    if param.type == "choice":
+        return list(param.choices)
+    return [int(param.low), int(param.high)] if param.type == "int" else [param.low, param.high]
+
+
+def _study(raw: dict, where: str) -> StudySettings:
+    fields = {f.name: f.type for f in dataclasses.fields(StudySettings)}
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key study.{key}")
+    settings = StudySettings(**raw)
+    _require(isinstance(settings.num_samples, int) and settings.num_samples >= 1, where,
+             "study.num_samples", "an integer >= 1", settings.num_samples)
+    _require(settings.mode in ("max", "min"), where, "study.mode", "max or min", settings.mode)
+    _require(isinstance(settings.metric, str) and bool(re.fullmatch(r"(val|train)_\w+", settings.metric)),
+             where, "study.metric", "a validation metric such as val_accuracy or val_macro_f1 "
+             "(test metrics are recorded, never used to choose)", settings.metric)
+    sched = settings.scheduler
+    if sched is not None:
+        _require(isinstance(sched, dict) and sched.get("type") == "asha", where, "study.scheduler.type",
+                 "asha", sched.get("type") if isinstance(sched, dict) else sched)
+        for key in sched:
+            if key not in SCHEDULER_KEYS:
+                raise ConfigError(f"{where}: unknown key study.scheduler.{key}")
+    return settings
+
+
+def _params(search: dict, where: str) -> tuple[Param, ...]:
+    if not isinstance(search, dict):
+        raise ConfigError(f"{where}: search: expected a mapping of key -> parameter")
+    params: list[Param] = []
+    for key, spec in search.items():
+        at = f"{where}: search.{key}"
+        _check_key(key, f"{where}: search")
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{at}: expected a mapping with type and range")
+        for sub in spec:
+            if sub not in PARAM_KEYS:
+                raise ConfigError(f"{at}: unknown key {sub!r} (known: {', '.join(sorted(PARAM_KEYS))})")
+        kind = spec.get("type")
+        when = _when(spec.get("when"), params, at)
+        if kind == "choice":
+            choices = spec.get("choices")
+            if not isinstance(choices, list) or not choices:
+                raise ConfigError(f"{at}: choices must be a non-empty list")
+            params.append(Param(key, kind, choices=tuple(choices), when=when))
+            continue
+        if kind not in ("float", "int"):
+            raise ConfigError(f"{at}: type must be float, int or choice (got {kind!r})")
+        low, high = spec.get("low"), spec.get("high")
+        for name, value in (("low", low), ("high", high)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ConfigError(f"{at}: {name} must be a number (got {value!r})")
+        if kind == "int" and (low != int(low) or high != int(high)):
+            raise ConfigError(f"{at}: an int parameter needs integer low and high")
+        if not low < high:
+            raise ConfigError(f"{at}: low must be below high (got {low} >= {high})")
+        log = bool(spec.get("log", False))
+        if log and low <= 0:
+            raise ConfigError(f"{at}: a log range needs low > 0 (got {low})")
+        params.append(Param(key, kind, float(low), float(high), log, spec.get("step"), when=when))
+    return tuple(params)
+
+
+def _when(raw, earlier: list[Param], at: str) -> tuple[str, str, float] | None:
+    if raw is None:
+        return None
+    match = re.fullmatch(r"\s*([\w.]+)\s*(>=|<=|==|!=|>|<)\s*(-?[\d.eE+-]+)\s*", str(raw))
+    if not match:
+        raise ConfigError(f"{at}: when must read 'KEY OP NUMBER', e.g. 'self_distill.rounds > 0' (got {raw!r})")
+    key, op, value = match.groups()
+    if key not in {p.key for p in earlier}:
+        raise ConfigError(f"{at}: when refers to {key!r}, which is not a searched parameter above it")
+    return key, op, float(value)
+
+
+def _require(ok: bool, where: str, key: str, what: str, got: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{where}: {key}: must be {what} (got {got!r})")
+
+
+def _stage(doc: dict, name: str, where: str) -> StageConfig:
+    raw = {k: v for k, v in doc.get(name, {}).items() if k in STAGE_KEYS}
+    defaults = getattr(TrialConfig, name)
+    stage = dataclasses.replace(defaults, **raw)
+    for key, ok, what in (
+        ("steps", isinstance(stage.steps, int) and stage.steps >= 1, "an integer >= 1"),
+        ("batch_size", isinstance(stage.batch_size, int) and stage.batch_size >= 1, "an integer >= 1"),
+        ("lr", _number(stage.lr) and stage.lr > 0, "a number > 0"),
+        ("weight_decay", _number(stage.weight_decay) and stage.weight_decay >= 0, "a number >= 0"),
+        ("warmup_steps", isinstance(stage.warmup_steps, int) and 0 <= stage.warmup_steps, "an integer >= 0"),
+        ("beta2", _number(stage.beta2) and 0 < stage.beta2 < 1, "a number in (0, 1)"),
+        ("grad_clip", _number(stage.grad_clip) and stage.grad_clip >= 0, "a number >= 0"),
+    ):
+        _require(ok, where, f"{name}.{key}", what, getattr(stage, key))
+    return stage
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def trial_config(doc: dict, where: str) -> TrialConfig:
+    """Validate a resolved space document and build the TrialConfig it describes."""
+    sd, ev = doc.get("self_distill", {}), doc.get("evaluation", {})
+    res, log = doc.get("resources", {}), doc.get("logging", {})
+    model = doc.get("model")
+    _require(model in models.names(), where, "model", f"one of {', '.join(models.names())}", model)
+    _require(isinstance(doc.get("data"), str), where, "data", "a data source such as builtin:digits",
+             doc.get("data"))
+    method = doc.get("method", "self_distill")
+    _require(method in METHODS, where, "method", " | ".join(METHODS), method)
+    mask_ratio = doc.get("mask_ratio", 0.75)
+    _require(_number(mask_ratio) and 0 < mask_ratio < 1, where, "mask_ratio", "a number in (0, 1)", mask_ratio)
+    rounds = sd.get("rounds", 1)
+    _require(isinstance(rounds, int) and not isinstance(rounds, bool) and rounds >= 0, where,
+             "self_distill.rounds", "an integer >= 0", rounds)
+    mae_weight = sd.get("mae_weight", 1.0)
+    _require(_number(mae_weight) and mae_weight >= 0, where, "self_distill.mae_weight", "a number >= 0", mae_weight)
+    workers = res.get("workers", 1)
+    _require(isinstance(workers, int) and workers >= 1, where, "resources.workers", "an integer >= 1", workers)
+    cfg = TrialConfig(
+        model=model, weights=str(doc.get("weights", "none")), data=doc["data"], method=method,
+        mask_ratio=float(mask_ratio), rounds=rounds, mae_weight=float(mae_weight),
+        further_pretrain=_stage(doc, "further_pretrain", where),
+        self_distill=_stage(doc, "self_distill", where), finetune=_stage(doc, "finetune", where),
+        eval_batch_size=ev.get("batch_size", 256), eval_every=ev.get("every", 0),
+        max_length=doc.get("max_length", 128), seed=doc.get("seed", 0),
+        log_every=log.get("log_every", 10), checkpoint_every=log.get("checkpoint_every", 100),
+        num_workers=workers, use_gpu=bool(res.get("use_gpu", False)),
+        cpus_per_worker=res.get("cpus_per_worker", 1), loader_workers=res.get("loader_workers", 0),
+    )
+    for key, value in (("evaluation.batch_size", cfg.eval_batch_size), ("logging.log_every", cfg.log_every),
+                       ("logging.checkpoint_every", cfg.checkpoint_every), ("max_length", cfg.max_length)):
+        _require(isinstance(value, int) and value >= 1, where, key, "an integer >= 1", value)
+    for key, value in (("evaluation.every", cfg.eval_every), ("resources.loader_workers", cfg.loader_workers),
+                       ("seed", cfg.seed)):
+        _require(isinstance(value, int) and value >= 0, where, key, "an integer >= 0", value)
+    for stage in ("further_pretrain", "self_distill", "finetune"):
+        batch = getattr(cfg, stage).batch_size
+        _require(batch % workers == 0, where, f"{stage}.batch_size",
+                 f"divisible by resources.workers={workers} (it is the global batch)", batch)
+    return cfg
+
+
+def check_data(cfg: TrialConfig) -> None:
+    """Cheap existence check of a data directory, before anything starts."""
+    kind, _, arg = cfg.data.partition(":")
+    if kind in ("imagefolder", "jsonl", "hfdisk") and not Path(arg).expanduser().is_dir():
+        raise ConfigError(f"data {cfg.data!r}: directory {arg} does not exist")
+    if kind == "builtin" and arg not in ("digits", "text"):
+        raise ConfigError(f"data {cfg.data!r}: unknown builtin set (builtin:digits, builtin:text)")
+    if kind not in ("builtin", "imagefolder", "jsonl", "hfdisk"):
+        raise ConfigError(f"data {cfg.data!r}: unknown source (builtin:, imagefolder:, jsonl:, hfdisk:)")

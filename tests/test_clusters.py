@@ -1,0 +1,146 @@
+"""clusters/: launcher configs pass Ray's own validation; nothing exposes the dashboard."""
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Dict, Iterator, List
+
+import jsonschema
+import pytest
+import ray
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+CLUSTERS = Path(__file__).resolve().parents[1] / "clusters"
+
+
+def _load(path: Path) -> Dict[str, Any]:
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def _is_k8s_manifest(doc: Dict[str, Any]) -> bool:
+    return "apiVersion" in doc and "kind" in doc
+
+
+LAUNCHER_CONFIGS = sorted(
+    p for p in CLUSTERS.glob("*.yaml") if not _is_k8s_manifest(_load(p))
+)
+RAYJOB = CLUSTERS / "kuberay-rayjob.yaml"
+
+
+def _ray_up_validate(config: Dict[str, Any]) -> Dict[str, Any]:
+    """What `ray up` checks before it calls the cloud: merge defaults, then schema."""
+    merged = prepare_config(copy.deepcopy(config))
+    validate_config(merged)
+    return merged
+
+
+def _strings(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield str(key)
+            yield from _strings(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _strings(item)
+    elif node is not None:
+        yield str(node)
+
+
+def _public_binds(config: Dict[str, Any]) -> List[str]:
+    """Every string that would bind a Ray server to all interfaces."""
+    return [s for s in _strings(config) if "0.0.0.0" in s or "dashboard-host=::" in s]
+
+
+def test_both_clouds_have_a_launcher_config():
+    assert {p.name for p in LAUNCHER_CONFIGS} >= {"aws-gpu.yaml", "gcp-gpu.yaml"}
+
+
+@pytest.mark.parametrize("path", LAUNCHER_CONFIGS, ids=lambda p: p.name)
+def test_launcher_config_passes_ray_validation(path):
+    merged = _ray_up_validate(_load(path))
+    workers = [
+        name
+        for name, node_type in merged["available_node_types"].items()
+        if name != merged["head_node_type"] and node_type["max_workers"] > 0
+    ]
+    assert workers, "no worker node type can be launched"
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        lambda c: c.update(dashbord_host="127.0.0.1"),
+        lambda c: next(iter(c["available_node_types"].values())).update(resourcez={}),
+        lambda c: c["docker"].update(imag="rayproject/ray"),
+        lambda c: c.update(max_workers="many"),
+    ],
+    ids=["top-level typo", "node-type typo", "docker typo", "wrong type"],
+)
+@pytest.mark.parametrize("path", LAUNCHER_CONFIGS, ids=lambda p: p.name)
+def test_validation_rejects_a_broken_config(path, breakage):
+    config = _load(path)
+    breakage(config)
+    with pytest.raises(jsonschema.ValidationError):
+        _ray_up_validate(config)
+
+
+@pytest.mark.parametrize("path", LAUNCHER_CONFIGS, ids=lambda p: p.name)
+def test_dashboard_stays_on_loopback_with_token_auth(path):
+    merged = _ray_up_validate(_load(path))
+    assert _public_binds(merged) == []
+    head_start = " ".join(merged["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        assert "RAY_AUTH_MODE=token" in " ".join(merged[key]), key
+    assert "~/.ray/auth_token" in merged["file_mounts"].values()
+
+
+def test_loopback_check_catches_rays_default_start_command():
+    # Dropping our head_start_ray_commands would inherit Ray's default, which binds
+    # the dashboard to 0.0.0.0; the check above must notice.
+    config = _load(LAUNCHER_CONFIGS[0])
+    del config["head_start_ray_commands"]
+    assert _public_binds(_ray_up_validate(config))
+
+
+@pytest.mark.parametrize("path", LAUNCHER_CONFIGS, ids=lambda p: p.name)
+def test_launcher_image_matches_installed_ray(path):
+    image = _load(path)["docker"]["image"]
+    assert image.startswith(f"rayproject/ray:{ray.__version__}-"), image
+
+
+def test_dockerfile_base_matches_installed_ray():
+    base = re.search(r"^FROM\s+(\S+)", (CLUSTERS / "Dockerfile").read_text(), re.M)
+    assert base and base.group(1).startswith(f"rayproject/ray:{ray.__version__}-")
+
+
+def test_rayjob_runs_raysd_on_gpu_workers():
+    job = _load(RAYJOB)
+    assert job["apiVersion"] == "ray.io/v1"
+    assert job["kind"] == "RayJob"
+    spec = job["spec"]
+    assert "raysd tune" in spec["entrypoint"]
+    assert spec["shutdownAfterJobFinishes"] is True
+    cluster = spec["rayClusterSpec"]
+    assert cluster["rayVersion"] == ray.__version__
+    assert cluster["headGroupSpec"]["template"]["spec"]["containers"]
+    workers = cluster["workerGroupSpecs"]
+    assert len(workers) >= 1
+    for group in workers:
+        for container in group["template"]["spec"]["containers"]:
+            assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+
+
+def test_rayjob_dashboard_is_cluster_internal_with_token_auth():
+    job = _load(RAYJOB)
+    cluster = job["spec"]["rayClusterSpec"]
+    head = cluster["headGroupSpec"]
+    assert head["serviceType"] == "ClusterIP"
+    assert not head.get("enableIngress", False)
+    assert cluster["authOptions"]["mode"] == "token"
+    assert _public_binds(job) == []
+    assert head["rayStartParams"].get("dashboard-host") not in ("0.0.0.0", "::")
+    with open(RAYJOB) as f:
+        assert len(list(yaml.safe_load_all(f))) == 1, "no extra Services / Ingresses"

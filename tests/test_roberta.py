@@ -1,0 +1,181 @@
+"""RoBERTa family and text data: transformers equivalence, masking, loaders, CPU trials."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from transformers import RobertaConfig, RobertaForMaskedLM
+
+from raysd import models
+from raysd.config import StageConfig, TrialConfig
+from raysd.data import load_task
+from raysd.data.text import BUILTIN_PACKAGES, builtin_splits
+from raysd.errors import ConfigError
+from raysd.losses import distill_loss
+from raysd.models.weights import load_backbone, save_backbone
+from raysd.recipe import Hooks, run_trial
+
+TEXTS = ["Run the event loop until a Future is done.", "Return a logger with the given name.",
+         "Parse an XML document."]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return models.build("roberta_tiny")
+
+
+def _batch(backbone, texts=TEXTS, max_length=24) -> dict:
+    enc = backbone.tokenizer(texts, padding="max_length", truncation=True, max_length=max_length,
+                             return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def _saved_hf(tiny, path, **changes) -> RobertaForMaskedLM:
+    torch.manual_seed(1)
+    hf = RobertaForMaskedLM(RobertaConfig(**{**tiny.config.to_dict(), **changes}))
+    hf.save_pretrained(str(path))
+    tiny.tokenizer.save_pretrained(str(path))
+    return hf.eval()
+
+
+def test_matches_transformers(tiny, tmp_path):
+    hf = _saved_hf(tiny, tmp_path)
+    ours = load_backbone("roberta_tiny", str(tmp_path)).eval()
+    batch = _batch(ours)
+    assert (batch["attention_mask"] == 0).any()  # padding is part of what must agree
+    with torch.no_grad():
+        expected = hf(**batch, output_hidden_states=True).hidden_states[-1][:, 0]
+        torch.testing.assert_close(ours.represent(batch), expected, atol=1e-5, rtol=1e-5)
+
+        torch.manual_seed(2)
+        corrupted, labels = ours.mask_tokens(batch["input_ids"], batch["attention_mask"], 0.3)
+        theirs = hf(input_ids=corrupted, attention_mask=batch["attention_mask"], labels=labels).loss
+        mine = ours.mlm_loss(corrupted, batch["attention_mask"], labels)
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+        torch.manual_seed(2)  # mae_loss draws the same mask from the same global RNG state
+        torch.testing.assert_close(ours.mae_loss(batch, 0.3), mine)
+
+    # Untied: the head has its own copy of the word embeddings, equal on load.
+    head, words = ours.decoder.decoder.weight, ours.encoder.embeddings.word_embeddings.weight
+    assert head is not words and torch.equal(head, words)
+
+
+def test_checkpoint_that_does_not_fit_is_a_config_error(tiny, tmp_path):
+    _saved_hf(tiny, tmp_path, num_hidden_layers=3)
+    with pytest.raises(ConfigError, match="num_hidden_layers 3"):
+        load_backbone("roberta_tiny", str(tmp_path))
+
+
+def test_raysd_format_round_trip(tiny, tmp_path):
+    save_backbone(tiny, tmp_path, "roberta_tiny")
+    loaded = load_backbone("roberta_tiny", str(tmp_path)).eval()
+    batch = _batch(loaded)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.represent(batch), copy.deepcopy(tiny).eval().represent(batch))
+    assert loaded.tokenizer(TEXTS)["input_ids"] == tiny.tokenizer(TEXTS)["input_ids"]
+
+
+def test_masking_follows_the_bert_recipe(tiny):
+    texts = builtin_splits()["train"][0]  # ~3,800 chosen tokens at 0.15
+    batch = _batch(tiny, texts, max_length=64)
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    special = torch.isin(ids, torch.tensor(tiny.tokenizer.all_special_ids)) | (attn == 0)
+    torch.manual_seed(0)
+    corrupted, labels = tiny.mask_tokens(ids, attn, 0.15)
+    chosen = labels != -100
+    assert not (chosen & special).any()
+    assert torch.equal(labels[chosen], ids[chosen])
+    assert torch.equal(corrupted[~chosen], ids[~chosen])
+    assert abs(chosen.sum().item() / (~special).sum().item() - 0.15) < 0.01
+    as_mask = (corrupted[chosen] == tiny.tokenizer.mask_token_id).float().mean().item()
+    kept = (corrupted[chosen] == ids[chosen]).float().mean().item()
+    assert abs(as_mask - 0.8) < 0.02 and abs(kept - 0.1) < 0.02
+
+    _, labels = tiny.mask_tokens(ids[:2], attn[:2], 1e-9)
+    assert (labels != -100).sum() == 1  # never an empty mask
+
+
+def _write_jsonl(path, name, rows) -> None:
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in rows]
+    (path / name).write_text("\n".join(lines) + "\n")
+
+
+def test_jsonl_task(tiny, tmp_path):
+    rows = [{"text": f"example {i}", "label": ["neg", "pos", "mid"][i % 3]} for i in range(9)]
+    for name in ("train.jsonl", "dev.jsonl", "test.jsonl"):
+        _write_jsonl(tmp_path, name, rows)
+    task = load_task(f"jsonl:{tmp_path}", tokenizer=tiny.tokenizer, max_length=16)
+    assert (task.num_classes, task.modality, task.metrics) == (3, "text", ("macro_f1", "micro_f1"))
+    sample = task.train[1]
+    assert sample["input_ids"].shape == sample["attention_mask"].shape == (16,)
+    assert sample["y"] == 2  # sorted labels: mid, neg, pos
+    assert task.unlabelled is task.train
+
+    _write_jsonl(tmp_path, "dev.jsonl", [rows[0], '{"text": "broken"', rows[1]])
+    with pytest.raises(ConfigError, match=r"dev\.jsonl line 2"):
+        load_task(f"jsonl:{tmp_path}", tokenizer=tiny.tokenizer)
+    _write_jsonl(tmp_path, "dev.jsonl", [rows[0], {"text": "x", "label": "unseen"}])
+    with pytest.raises(ConfigError, match=r"dev\.jsonl line 2: label 'unseen'"):
+        load_task(f"jsonl:{tmp_path}", tokenizer=tiny.tokenizer)
+    (tmp_path / "test.jsonl").unlink()
+    with pytest.raises(ConfigError, match=r"test\.jsonl"):
+        load_task(f"jsonl:{tmp_path}", tokenizer=tiny.tokenizer)
+    with pytest.raises(ConfigError, match="no tokenizer"):
+        load_task(f"jsonl:{tmp_path}", tokenizer=None)
+
+
+def test_builtin_text_task(tiny):
+    task = load_task("builtin:text", tokenizer=tiny.tokenizer, max_length=32)
+    sizes = (len(task.train), len(task.val), len(task.test))
+    assert task.num_classes == len(BUILTIN_PACKAGES) and min(sizes) > 100
+    assert {int(y) for y in task.train.labels} == set(range(task.num_classes))
+    assert task.train[0]["input_ids"][0] == tiny.tokenizer.bos_token_id
+    with pytest.raises(ConfigError, match="no tokenizer"):
+        load_task("builtin:text", tokenizer=None)
+
+
+def test_distill_loss_is_zero_between_equal_models(tiny):
+    student = copy.deepcopy(tiny).eval()
+    teacher = copy.deepcopy(tiny).eval().requires_grad_(False)
+    batch = _batch(student)
+    loss = distill_loss(student.represent(batch), teacher.represent(batch))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in student.parameters())
+
+
+def _cfg(method: str, **overrides) -> TrialConfig:
+    stage = StageConfig(steps=5, batch_size=8, lr=1e-3)
+    return TrialConfig(model="roberta_tiny", weights="none", data="builtin:text", method=method,
+                       mask_ratio=0.15, further_pretrain=stage, self_distill=stage,
+                       finetune=stage, max_length=64, log_every=5, **overrides)
+
+
+@pytest.mark.parametrize("method", ["finetune", "further_pretrain", "self_distill"])
+def test_tiny_trial(method):
+    cfg = _cfg(method)
+    init = load_backbone(cfg.model, cfg.weights)
+    task = load_task(cfg.data, tokenizer=init.tokenizer, max_length=cfg.max_length)
+    torch.manual_seed(cfg.seed)
+    summary = run_trial(cfg, task, init, Hooks())
+    for key in ("val_macro_f1", "test_macro_f1"):
+        assert math.isfinite(summary[key]) and 0.0 <= summary[key] <= 1.0
+
+
+def test_decoder_stays_put_when_mae_weight_is_zero():
+    cfg = _cfg("self_distill", mae_weight=0.0)
+    init = load_backbone(cfg.model, cfg.weights)
+    task = load_task(cfg.data, tokenizer=init.tokenizer, max_length=cfg.max_length)
+    carries = []
+    hooks = Hooks(report=lambda metrics, state: carries.append(state and state.get("carry")))
+    start = copy.deepcopy(init.state_dict())
+    run_trial(cfg, task, init, hooks)
+    student = carries[1]  # the boundary checkpoint after self-distillation round 1
+    for key, value in start.items():
+        moved = not torch.equal(student[key], value)
+        # The head (phi) is frozen; the word embeddings it was tied to are theta and train.
+        assert moved == (not key.startswith("decoder.")), key
