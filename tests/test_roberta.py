@@ -128,6 +128,16 @@ def test_jsonl_task(tiny, tmp_path):
         load_task(f"jsonl:{tmp_path}", tokenizer=None)
 
 
+def test_hfdisk_without_datasets_is_a_config_error(tiny, tmp_path):
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="datasets"):
+            load_task(f"hfdisk:{tmp_path}", tokenizer=tiny.tokenizer)
+    else:
+        pytest.skip("datasets is installed")
+
+
 def test_builtin_text_task(tiny):
     task = load_task("builtin:text", tokenizer=tiny.tokenizer, max_length=32)
     sizes = (len(task.train), len(task.val), len(task.test))

@@ -96,7 +96,8 @@ def _docstrings(module_name: str) -> list[str]:
 def builtin_corpus() -> tuple[tuple[str, ...], tuple[int, ...]]:
     """(texts, labels): each docstring labelled with its package; texts found under two
     packages are dropped, repeats within one are kept once."""
-    by_label = [dict.fromkeys(d for m in _submodules(p) for d in _docstrings(m)) for p in BUILTIN_PACKAGES]
+    by_label = [dict.fromkeys(d for m in _submodules(package) for d in _docstrings(m))
+                for package in BUILTIN_PACKAGES]
     seen: dict[str, int] = {}
     for docs in by_label:
         for text in docs:
@@ -125,7 +126,8 @@ def builtin_tokenizer():
     train_texts = builtin_splits()["train"][0]
     # Keyed by everything that determines the result, so a new Python (new docstrings) or a
     # new tokenizers release trains a fresh tokenizer instead of reusing a stale one.
-    fingerprint = json.dumps([TOKENIZER_VERSION, VOCAB_SIZE, SPECIAL_TOKENS, tokenizers.__version__, train_texts])
+    fingerprint = json.dumps([TOKENIZER_VERSION, VOCAB_SIZE, SPECIAL_TOKENS, tokenizers.__version__,
+                              train_texts])
     key = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
     target = cache_root() / "tokenizers" / f"builtin-text-{key}"
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -215,7 +217,8 @@ def hfdisk_task(path: Path, tokenizer: Any, max_length: int, source: str) -> Tas
     try:
         from datasets import DatasetDict, load_from_disk
     except ImportError:
-        raise ConfigError(f"data {source!r}: needs the `datasets` package (pip install datasets)") from None
+        raise ConfigError(f"data {source!r}: needs the `datasets` package "
+                          "(pip install datasets)") from None
     try:
         saved = load_from_disk(str(path))
     except (FileNotFoundError, ValueError) as err:

@@ -44,7 +44,8 @@ class MaskedLMRoberta(nn.Module):
         # the decoder when lambda = 0 would also freeze the encoder's word embeddings. The cost
         # is one more vocab x hidden matrix (38.6M numbers for roberta-base) while pre-training.
         # The head's bias stays tied to lm_head.decoder.bias: both are phi.
-        self.decoder.decoder.weight = nn.Parameter(self.encoder.embeddings.word_embeddings.weight.detach().clone())
+        words = self.encoder.embeddings.word_embeddings.weight
+        self.decoder.decoder.weight = nn.Parameter(words.detach().clone())
         self.tokenizer = tokenizer
 
     @property
@@ -121,9 +122,10 @@ class MaskedLMRoberta(nn.Module):
                   for k in ARCHITECTURE if getattr(hf.config, k, None) != getattr(self.config, k)]
         if differ:
             raise ConfigError(f"weights {name_or_path!r}: do not fit this model ({', '.join(differ)})")
-        if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        if missing:
             raise ConfigError(f"weights {name_or_path!r}: not a masked-LM checkpoint (missing "
-                              f"{sorted(info['missing_keys'])[0]} and {len(info['missing_keys']) - 1} more)")
+                              f"{missing[0]} and {len(missing) - 1} more)")
         self.encoder.load_state_dict(hf.roberta.state_dict())
         self.decoder.load_state_dict(hf.lm_head.state_dict())  # copies the tied matrix into ours
         self.load_tokenizer(name_or_path)
@@ -134,7 +136,8 @@ class MaskedLMRoberta(nn.Module):
         try:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         except (OSError, ValueError) as err:
-            raise ConfigError(f"weights {name_or_path!r}: no tokenizer ({str(err).splitlines()[0]})") from None
+            first = str(err).splitlines()[0]
+            raise ConfigError(f"weights {name_or_path!r}: no tokenizer ({first})") from None
         if tokenizer.pad_token_id != self.config.pad_token_id or tokenizer.mask_token_id is None:
             raise ConfigError(f"weights {name_or_path!r}: tokenizer needs <pad> = id "
                               f"{self.config.pad_token_id} and a <mask> token")

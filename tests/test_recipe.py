@@ -1,0 +1,137 @@
+"""The method itself, without Ray: stages, restarts, the decoder rule, resume, evaluation."""
+import copy
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from raysd import models
+from raysd.losses import distill_loss
+from raysd.recipe import Hooks, NonFiniteLoss, metrics_from_confusion, run_trial
+
+
+def _init(seed=0):
+    torch.manual_seed(seed)
+    return models.build("vit_tiny")
+
+
+class Recorder:
+    """Hooks that remember what the recipe showed them."""
+
+    def __init__(self, resume=None):
+        self.wrapped, self.rows, self.states = [], [], []
+        self.hooks = Hooks(wrap=self.wrap, report=self.report, resume=resume)
+
+    def wrap(self, model):
+        self.wrapped.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return model
+
+    def report(self, metrics, state):
+        self.rows.append(dict(metrics))
+        if state is not None:
+            self.states.append(copy.deepcopy(state))
+
+
+@pytest.mark.parametrize("method,stages", [
+    ("finetune", ["finetune"]),
+    ("further_pretrain", ["further_pretrain", "finetune"]),
+    ("self_distill", ["further_pretrain", "self_distill", "finetune"]),
+])
+def test_each_method_runs_its_stages_and_reports_real_metrics(digits, method, stages):
+    rec = Recorder()
+    out = run_trial(tiny_config(method=method), digits, _init(), rec.hooks)
+    assert [r["stage"] for r in rec.rows if not r.get("done")][::2] == stages
+    for split in ("val", "test", "train"):
+        assert 0.0 <= out[f"{split}_accuracy"] <= 1.0
+        assert math.isfinite(out[f"{split}_loss"])
+    assert rec.rows[-1]["done"] and rec.rows[-1]["val_accuracy"] == out["val_accuracy"]
+    assert out["init_distance"] > 0
+    assert all(f"seconds_{s}" in out or f"seconds_{s}_1" in out for s in stages)
+
+
+def test_every_round_restarts_from_theta_init(digits):
+    init = _init()
+    theta_init = {k: v.clone() for k, v in init.state_dict().items()}
+    rec = Recorder()
+    run_trial(tiny_config(rounds=3), digits, init, rec.hooks)
+    # further pre-training, then three rounds: each student is wrapped at theta_init, phi_init
+    assert len(rec.wrapped) == 5
+    for state in rec.wrapped[:4]:
+        assert all(torch.equal(state[k], theta_init[k]) for k in theta_init)
+    # ... and the teachers of consecutive rounds differ (each round trains a new student)
+    carries = [s["carry"] for s in rec.states if s["step"] == 0]
+    assert len(carries) == 4
+    assert not torch.equal(carries[1]["encoder.blocks.0.mlp.fc1.weight"],
+                           carries[2]["encoder.blocks.0.mlp.fc1.weight"])
+
+
+def test_fine_tuning_starts_from_the_methods_weights(digits):
+    rec = Recorder()
+    run_trial(tiny_config(method="further_pretrain"), digits, _init(), rec.hooks)
+    theta_0 = rec.states[-1]["carry"]
+    start = rec.wrapped[-1]
+    assert all(torch.equal(start[f"backbone.{k}"], v) for k, v in theta_0.items() if k.startswith("encoder."))
+    assert not any(k.startswith("backbone.decoder") for k in start)  # decoder dropped
+
+
+def test_zero_mae_weight_leaves_the_decoder_untouched(digits):
+    init = _init()
+    decoder_init = {k: v.clone() for k, v in init.state_dict().items() if k.startswith("decoder.")}
+    rec = Recorder()
+    run_trial(tiny_config(mae_weight=0.0, rounds=1), digits, init, rec.hooks)
+    after_round = [s["carry"] for s in rec.states if s["step"] == 0][1]
+    assert all(torch.equal(after_round[k], v) for k, v in decoder_init.items())
+    encoder_moved = any(not torch.equal(after_round[k], init.state_dict()[k])
+                        for k in after_round if k.startswith("encoder.blocks"))
+    assert encoder_moved
+    assert "mae_loss" not in [r for r in rec.rows if r["stage"] == "self_distill"][0]
+
+
+def test_distillation_gradient_never_reaches_the_decoder(digits):
+    student, teacher = _init(0), _init(1).eval()
+    batch = {"x": torch.stack([digits.unlabelled[i]["x"] for i in range(8)])}
+    with torch.no_grad():
+        target = teacher.represent(batch)
+    distill_loss(student(batch, represent=True)["repr"], target).backward()
+    assert all(p.grad is None for p in student.decoder.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.encoder.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_resume_mid_stage_gives_the_same_weights_as_an_uninterrupted_run(digits):
+    cfg = tiny_config(rounds=1, checkpoint_every=2, log_every=1)
+    full = Recorder()
+    out_full = run_trial(cfg, digits, _init(), full.hooks)
+    mid = [s for s in full.states if s["step"] == 2 and s["position"] == 1]  # inside round 1
+    assert len(mid) == 1
+    resumed = Recorder(resume=mid[0])
+    out_resumed = run_trial(cfg, digits, _init(), resumed.hooks)
+    final_carry = lambda rec: [s for s in rec.states if s["step"] == 0][-1]["carry"]  # noqa: E731
+    a, b = final_carry(full), final_carry(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for key in ("val_loss", "test_loss", "init_distance"):
+        assert out_full[key] == out_resumed[key]
+    # the resumed run did not repeat further pre-training
+    assert "further_pretrain" not in {r["stage"] for r in resumed.rows}
+
+
+def test_divergence_is_caught_with_stage_and_step(digits):
+    cfg = tiny_config(method="further_pretrain", further_pretrain=tiny_config().further_pretrain.__class__(
+        steps=50, batch_size=16, lr=1e30))
+    with pytest.raises(NonFiniteLoss, match=r"further_pretrain round 0 step \d+: loss is (nan|inf)"):
+        run_trial(cfg, digits, _init(), Hooks())
+
+
+def test_metrics_from_confusion_match_sklearn():
+    from sklearn.metrics import f1_score
+
+    y_true = [0, 0, 1, 1, 2, 2, 2, 3]
+    y_pred = [0, 1, 1, 1, 2, 0, 2, 2]
+    confusion = torch.zeros(4, 4, dtype=torch.float64)
+    for t, p in zip(y_true, y_pred):
+        confusion[t, p] += 1
+    out = metrics_from_confusion(confusion, 4.0, ("macro_f1", "micro_f1"))
+    assert out["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro"))
+    assert out["micro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="micro"))
+    assert out["loss"] == 0.5

@@ -1,0 +1,117 @@
+"""Every search space validates without building a model; bad input is one line, exit 2."""
+import subprocess
+import sys
+
+import pytest
+
+from raysd import cli, models
+from raysd.spaces import available, load_space, parse_overrides
+
+PAPER_PARAMS = ("mae_weight", "mask_ratio", "rounds")
+
+
+@pytest.mark.parametrize("name", sorted(available()))
+def test_every_space_validates_and_searches_lambda_gamma_rounds(name):
+    space = load_space(name)
+    cfg = space.trial_config()
+    assert cfg.model in models.names()
+    leaves = {p.key.rsplit(".", 1)[-1] for p in space.params}
+    assert set(PAPER_PARAMS) <= leaves
+    assert space.study.metric.startswith("val_")
+    assert space.description
+
+
+def test_required_spaces_exist():
+    assert {"demo", "vit_small", "vit_base_mae", "roberta_base"} <= set(available())
+
+
+def test_vit_base_mae_matches_the_papers_table_9():
+    cfg = load_space("vit_base_mae").trial_config()
+    assert cfg.weights == "hf:facebook/vit-mae-base"
+    assert (cfg.further_pretrain.lr, cfg.further_pretrain.batch_size, cfg.further_pretrain.steps) == (1.5e-4, 64, 20000)
+    assert (cfg.finetune.lr, cfg.finetune.batch_size, cfg.finetune.steps) == (1e-4, 32, 10000)
+    assert (cfg.finetune.warmup_steps, cfg.finetune.grad_clip, cfg.finetune.weight_decay) == (500, 1.0, 0.01)
+    assert cfg.mask_ratio == 0.75 and cfg.further_pretrain.beta2 == 0.95
+
+
+def test_overrides_and_searched_values_reach_the_trial_config():
+    space = load_space("demo", parse_overrides(["self_distill.rounds=2", "finetune.lr=3e-4"]))
+    cfg = space.trial_config({"mask_ratio": 0.6})
+    assert (cfg.rounds, cfg.finetune.lr, cfg.mask_ratio) == (2, 3e-4, 0.6)
+
+
+def test_conditional_parameter_only_when_it_applies():
+    space = load_space("demo")
+    mae_weight = next(p for p in space.params if p.key.endswith("mae_weight"))
+    assert not mae_weight.active({"self_distill.rounds": 0})
+    assert mae_weight.active({"self_distill.rounds": 2})
+
+
+BAD_FILES = {
+    "unknown top key": ("modle: vit_tiny\n", "unknown key 'modle'"),
+    "unknown stage key": ("finetune: {stpes: 3}\n", "unknown key finetune.stpes"),
+    "mask ratio out of range": ("mask_ratio: 1.5\n", "mask_ratio: must be a number in (0, 1)"),
+    "negative rounds": ("self_distill: {rounds: -1}\n", "self_distill.rounds: must be an integer >= 0"),
+    "negative steps": ("further_pretrain: {steps: -3}\n", "further_pretrain.steps: must be an integer >= 1"),
+    "unknown model": ("model: vit_gigantic\n", "model: must be one of"),
+    "bad range": ("search:\n  mask_ratio: {type: float, low: 0.9, high: 0.5}\n", "search.mask_ratio: low must be below high"),
+    "range leaves the valid set": ("search:\n  mask_ratio: {type: float, low: 0.5, high: 1.2}\n",
+                                   "search.mask_ratio: value 1.2 in its range is invalid"),
+    "unknown search key": ("search:\n  self_distill.lambda: {type: float, low: 0, high: 1}\n", "unknown key 'self_distill.lambda'"),
+    "test metric": ("study: {metric: test_accuracy}\n", "study.metric: must be a validation metric"),
+    "bad yaml": ("model: [vit\n", "not valid YAML"),
+}
+
+
+def _space_file(tmp_path, extra: str):
+    """The demo space with one top-level section (and its indented lines) replaced by `extra`."""
+    key = extra.split(":")[0] + ":"
+    kept, skipping = [], False
+    for line in available()["demo"].read_text().splitlines():
+        if not line.startswith(" "):
+            skipping = line.startswith(key)
+        if not skipping:
+            kept.append(line)
+    path = tmp_path / "space.yaml"
+    path.write_text("\n".join(kept) + "\n" + extra)
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_space_file_is_one_line_exit_2_nothing_written(tmp_path, capsys, case):
+    extra, message = BAD_FILES[case]
+    path = _space_file(tmp_path, extra)
+    storage = tmp_path / "out"
+    code = cli.main(["tune", "--space", str(path), "--storage", str(storage)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and str(path) in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not storage.exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["run", "--space", "nope"], "unknown space 'nope'"),
+    (["run", "--space", "demo", "--set", "self_distill.lamda=1"], "--set self_distill.lamda: unknown key"),
+    (["run", "--space", "demo", "--set", "novalue"], "expected KEY=VALUE"),
+    (["run", "--space", "demo", "--data", "imagefolder:/no/such/dir"], "directory /no/such/dir does not exist"),
+    (["run", "--space", "demo", "--data", "ftp:x"], "unknown source"),
+    (["run", "--space", "demo", "--set", "mask_ratio=0"], "mask_ratio: must be a number in (0, 1)"),
+    (["tune", "--resume", "/no/such/study"], "not a raysd study"),
+])
+def test_bad_flags_are_one_line_exit_2(tmp_path, capsys, argv, message):
+    code = cli.main(argv + ["--storage", str(tmp_path / "out")] if argv[0] != "tune" else argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_console_script_exit_code_and_spaces_listing():
+    out = subprocess.run([sys.executable, "-m", "raysd.cli", "spaces"], capture_output=True, text=True)
+    assert out.returncode == 0
+    assert {line.split()[0] for line in out.stdout.splitlines()} == set(available())
+    bad = subprocess.run([sys.executable, "-m", "raysd.cli", "run", "--space", "nope"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("raysd: error: unknown space")
