@@ -57,7 +57,9 @@ class Store:
         return pq.read_table(self.path(*parts), filesystem=self.fs).to_pylist()
 
     def write_rows(self, rows: list[dict], *parts: str) -> None:
-        table = pa.Table.from_pylist(rows) if rows else pa.table({})
+        # from_pylist takes its columns from the first row: give every row every key.
+        keys = dict.fromkeys(k for row in rows for k in row)
+        table = pa.Table.from_pylist([{k: row.get(k) for k in keys} for row in rows]) if rows else pa.table({})
         target = self.path(*parts)
         self.fs.create_dir(self.path(*parts[:-1]), recursive=True)
         if self.local:  # write beside, then rename: atomic on POSIX

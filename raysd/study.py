@@ -46,6 +46,9 @@ class DefineByRun:
 def trial_driver(config: dict, space: Space, train_storage: str) -> None:
     """A Tune trial: build this trial's TrialConfig and run it as one TorchTrainer."""
     cfg = space.trial_config({p.key: config[p.key] for p in space.params if p.key in config})
+    # Capacity is checked before the study starts, so a slow start is slowness, not infeasibility:
+    # worker processes importing torch on a busy node can take over Ray's 60 s default.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     per_worker = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
         train_worker,
@@ -106,8 +109,13 @@ def ensure_ray(address: str | None, verbose: bool) -> None:
     if address:
         ray.init(address=address, **kwargs)
         return
-    # Local Ray: one extra logical CPU for the trial drivers, which only wait on their runs.
-    ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False, **kwargs)
+    # Local Ray: one extra logical CPU for the trial drivers, which only wait on their runs,
+    # and every server on loopback (Ray would otherwise bind this machine's network address).
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # The dashboard (on loopback) serves the State API that Ray Train's placement-group cleaner
+    # polls; without it, finished trials' worker placement groups are never released.
+    ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=True,
+             dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **kwargs)
 
 
 def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples: int | None = None,

@@ -1,0 +1,154 @@
+"""raysd report on a synthetic study folder: ranking, per-parameter effects, failures, PNGs, CLI."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.image
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raysd.errors import ConfigError
+from raysd.report import param_effect, ranked, write_report
+from raysd.spaces import SPACES_DIR
+
+NAN_ERROR = "NonFiniteLoss: self_distill round 1 step 3: loss is nan"
+# trial_id, status, rounds, mae_weight, mask_ratio, val_accuracy, test_accuracy (completion order).
+# Test accuracy ranks differently from validation on purpose: t3 is best on test, t1 on val.
+TRIALS = [
+    ("t0", "completed", 0, None, 0.60, 0.80, 0.90),
+    ("t1", "completed", 1, 0.5, 0.75, 0.90, 0.70),
+    ("t2", "failed", 2, 0.2, 0.80, None, None),
+    ("t3", "completed", 2, 1.0, 0.55, 0.85, 0.95),
+    ("t4", "completed", 1, 0.1, 0.70, 0.70, 0.60),
+    ("t5", "stopped", 0, None, 0.85, 0.99, None),  # ended early by ASHA: never ranked
+    ("t6", "completed", 0, None, 0.65, 0.75, 0.80),
+]
+
+
+def _trial_row(tid, status, rounds, mae, mask, val, test) -> dict:
+    done = status == "completed"
+    return {
+        "trial_id": tid, "status": status, "error": NAN_ERROR if status == "failed" else None,
+        "param.self_distill.rounds": rounds, "param.self_distill.mae_weight": mae,
+        "param.mask_ratio": mask, "cfg.model": "vit_tiny", "cfg.method": "self_distill",
+        "cfg.rounds": rounds, "cfg.mae_weight": 1.0 if mae is None else mae, "cfg.mask_ratio": mask,
+        "val_accuracy": val, "test_accuracy": test, "val_loss": 0.5 if done else None,
+        "test_loss": 0.6 if done else None, "train_loss": 0.3 if done else None,
+        "gen_gap": 0.3 if done else None, "init_distance": 1.5 if done else None,
+        "seconds_further_pretrain": 4.0, "steps_further_pretrain": 60,
+        "seconds_finetune": 6.0 if done else None, "steps_finetune": 150 if done else None,
+        "wall_seconds": 12.5, "raysd_version": "0.1.0",
+    }
+
+
+def _history(tid: str, final: float) -> list[dict]:
+    rows = [{"trial_id": tid, "stage": "further_pretrain", "round": 0, "step": s, "progress": s,
+             "loss": 1.0 / s, "mae_loss": 1.0 / s, "val_accuracy": None} for s in (30, 60)]
+    rows += [{"trial_id": tid, "stage": "finetune", "round": 0, "step": s, "progress": 60 + s,
+              "loss": 1.0 / s, "ce_loss": 1.0 / s, "val_accuracy": final * s / 150}
+             for s in (50, 100, 150)]
+    return rows
+
+
+def _write(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pandas(pd.DataFrame(rows), preserve_index=False), path)
+
+
+def make_study(root: Path, trials=TRIALS) -> Path:
+    study = root / "demo-20240101-000000"
+    study.mkdir(parents=True)
+    (study / "space.yaml").write_text((SPACES_DIR / "demo.yaml").read_text())
+    _write([_trial_row(*t) for t in trials], study / "results" / "trials.parquet")
+    history = [r for t in trials if t[1] == "completed" for r in _history(t[0], t[5])]
+    if history:
+        _write(history, study / "results" / "history.parquet")
+    return study
+
+
+@pytest.fixture
+def study(tmp_path) -> Path:
+    return make_study(tmp_path)
+
+
+def _trials(study: Path) -> pd.DataFrame:
+    return pd.read_parquet(study / "results" / "trials.parquet")
+
+
+def test_ranks_by_validation_metric_not_test(study):
+    text = write_report(str(study), top=3)
+    table = text.split("top 3 of 5 completed trials:\n")[1].split("\n\n")[0].splitlines()
+    assert [line.split()[0] for line in table[1:]] == ["t1", "t3", "t0"]
+    assert "t5" not in ranked(_trials(study), "val_accuracy", "max")["trial_id"].tolist()
+    assert "trials: 7 (5 completed, 1 stopped, 1 failed)" in text
+
+
+def test_effect_of_rounds_matches_hand_computation(study):
+    from raysd.study import load_study_space
+
+    space = load_study_space(str(study))
+    done = ranked(_trials(study), "val_accuracy", "max")
+    rounds = next(p for p in space.params if p.key == "self_distill.rounds")
+    effect = param_effect(done, rounds, "val_accuracy", "max")
+    # completed trials: rounds 0 -> 0.80, 0.75; rounds 1 -> 0.90, 0.70; rounds 2 -> 0.85
+    assert effect.index.tolist() == [0, 1, 2]
+    assert effect["best"].tolist() == pytest.approx([0.80, 0.90, 0.85])
+    assert effect["mean"].tolist() == pytest.approx([0.775, 0.80, 0.85])
+    assert effect["count"].tolist() == [2, 2, 1]
+    text = write_report(str(study))
+    assert "effect of self_distill.rounds (per value):" in text
+    assert "0.775" in text.split("effect of self_distill.rounds")[1]
+
+
+def test_float_params_binned_and_unsampled_row(study):
+    from raysd.study import load_study_space
+
+    space = load_study_space(str(study))
+    done = ranked(_trials(study), "val_accuracy", "max")
+    params = {p.key: p for p in space.params}
+    mae = param_effect(done, params["self_distill.mae_weight"], "val_accuracy", "max")
+    assert mae.loc["n/a", "count"] == 2  # rounds == 0: mae_weight never sampled
+    assert mae.loc["n/a", "mean"] == pytest.approx(0.775)
+    assert mae["count"].sum() == 5
+    mask = param_effect(done, params["mask_ratio"], "val_accuracy", "max")
+    assert len(mask) == 3 and mask["count"].sum() == 5
+
+
+def test_failed_error_and_pngs(study):
+    text = write_report(str(study))
+    assert f"t2: {NAN_ERROR}" in text
+    report = study / "results" / "report"
+    names = {"param_self_distill.rounds.png", "param_self_distill.mae_weight.png",
+             "param_mask_ratio.png", "history.png", "finetune_curves.png"}
+    assert {p.name for p in report.iterdir()} == names
+    for name in names:
+        assert str(report / name) in text
+        data = (report / name).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n")
+        height, width, _ = matplotlib.image.imread(report / name).shape
+        assert (width, height) == (500, 400)
+
+
+def test_no_completed_trials_still_reports(tmp_path):
+    study = make_study(tmp_path, [t for t in TRIALS if t[1] != "completed"])
+    text = write_report(str(study))
+    assert "trials: 2 (0 completed, 1 stopped, 1 failed)" in text
+    assert NAN_ERROR in text and "nothing to rank or plot" in text
+    assert not (study / "results" / "report").exists()
+
+
+def test_not_a_study(tmp_path):
+    with pytest.raises(ConfigError, match="not a raysd study"):
+        write_report(str(tmp_path))
+
+
+def test_cli(study, tmp_path, capsys):
+    from raysd.cli import main
+
+    assert main(["report", str(study), "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "top 2 of 5 completed trials:" in out and "val_accuracy" in out
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    assert "not a raysd study" in capsys.readouterr().err

@@ -1,0 +1,135 @@
+"""A real study on a real local Ray: Parquet read back with pyarrow, TensorBoard with its reader."""
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import TINY, kill_processes_mentioning
+from raysd import cli
+
+
+@pytest.fixture(scope="module")
+def demo_study(ray_local, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("storage")
+    code = cli.main(["tune", "--space", "demo", *TINY, "--num-samples", "3",
+                     "--storage", str(storage), "--name", "demo"])
+    return code, storage / "demo"
+
+
+def test_study_writes_one_row_per_trial_with_params_metrics_and_cost(demo_study):
+    code, study = demo_study
+    assert code == 0
+    trials = pq.read_table(study / "results" / "trials.parquet").to_pandas()
+    assert len(trials) == 3 and trials.trial_id.is_unique
+    assert set(trials.status) == {"completed"}
+    for column in ("param.self_distill.rounds", "param.mask_ratio", "val_accuracy", "test_accuracy",
+                   "seconds_finetune", "steps_finetune", "cfg.seed", "raysd_version", "wall_seconds"):
+        assert column in trials.columns, column
+    assert trials["param.mask_ratio"].nunique() == 3  # the search did vary gamma
+    assert trials["cfg.mask_ratio"].tolist() == trials["param.mask_ratio"].tolist()
+    assert trials.val_accuracy.between(0, 1).all() and trials.test_accuracy.between(0, 1).all()
+    # mae_weight is searched only when rounds > 0: empty exactly where rounds == 0
+    rounds0 = trials["param.self_distill.rounds"] == 0
+    assert trials.loc[rounds0, "param.self_distill.mae_weight"].isna().all()
+    assert trials.loc[~rounds0, "param.self_distill.mae_weight"].notna().all()
+
+
+def test_history_has_every_stage_and_round_of_every_trial(demo_study):
+    _, study = demo_study
+    trials = pq.read_table(study / "results" / "trials.parquet").to_pandas()
+    history = pq.read_table(study / "results" / "history.parquet").to_pandas()
+    assert set(history.trial_id) == set(trials.trial_id)
+    for _, trial in trials.iterrows():
+        rows = history[history.trial_id == trial.trial_id]
+        rounds = int(trial["param.self_distill.rounds"])
+        assert set(rows.stage) == {"further_pretrain", "finetune"} | ({"self_distill"} if rounds else set())
+        assert set(rows[rows.stage == "self_distill"]["round"]) == set(range(1, rounds + 1))
+        assert rows.progress.is_monotonic_increasing
+        assert rows.val_accuracy.notna().any()
+
+
+def test_tensorboard_scalars_and_hparams_read_back(demo_study):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, study = demo_study
+    history = pq.read_table(study / "results" / "history.parquet").to_pandas()
+    trials = pq.read_table(study / "results" / "trials.parquet").to_pandas()
+    for _, trial in trials.iterrows():
+        acc = EventAccumulator(str(study / "tensorboard" / trial.trial_id))
+        acc.Reload()
+        tags = acc.Tags()["scalars"]
+        assert "further_pretrain/mae_loss" in tags and "finetune/ce_loss" in tags
+        assert "final/val_accuracy" in tags and "final/test_accuracy" in tags
+        ce = history[(history.trial_id == trial.trial_id) & (history.stage == "finetune")]
+        logged = {e.step: e.value for e in acc.Scalars("finetune/ce_loss")}
+        assert logged == pytest.approx(dict(zip(ce.progress, ce.ce_loss)), rel=1e-5)
+        assert acc.Scalars("final/val_accuracy")[-1].value == pytest.approx(trial.val_accuracy, rel=1e-6)
+        plugins = acc.PluginTagToContent("hparams")
+        assert "_hparams_/session_start_info" in plugins and "_hparams_/experiment" in plugins
+        assert b"mask_ratio" in plugins["_hparams_/session_start_info"]
+
+
+def test_failed_trial_is_recorded_with_its_reason(ray_local, tmp_path, capsys):
+    code = cli.main(["run", "--space", "demo", *TINY, "--set", "further_pretrain.lr=1e30",
+                     "--set", "further_pretrain.steps=40", "--storage", str(tmp_path), "--name", "nan"])
+    assert code == 1
+    row = pq.read_table(tmp_path / "nan" / "results" / "trials.parquet").to_pylist()[0]
+    assert row["status"] == "failed"
+    assert "NonFiniteLoss" in row["error"] and "further_pretrain round 0 step" in row["error"]
+    assert "FAILED" in capsys.readouterr().out
+
+
+def test_single_run_with_two_ddp_workers(ray_local, tmp_path):
+    code = cli.main(["run", "--space", "demo", *TINY, "--method", "further_pretrain", "--workers", "2",
+                     "--storage", str(tmp_path), "--name", "ddp"])
+    assert code == 0
+    row = pq.read_table(tmp_path / "ddp" / "results" / "trials.parquet").to_pylist()[0]
+    assert row["status"] == "completed" and row["cfg.num_workers"] == 2
+    assert row["cfg.method"] == "further_pretrain" and "seconds_self_distill_1" not in row
+
+
+def _raysd(*args, env):
+    return subprocess.Popen([sys.executable, "-m", "raysd.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def test_resume_after_the_driver_is_killed(tmp_path):
+    ray_tmp = tempfile.mkdtemp(prefix="rsd", dir="/tmp")  # short: Ray's socket paths are length-limited
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    storage, study = tmp_path / "s", tmp_path / "s" / "resume"
+    args = ["tune", "--space", "demo", *TINY, "--num-samples", "3", "--max-concurrent", "1",
+            "--storage", str(storage), "--name", "resume"]
+    try:
+        driver = _raysd(*args, env=env)
+        deadline = time.time() + 400
+        trials = study / "results" / "trials.parquet"
+        while not trials.exists() and time.time() < deadline and driver.poll() is None:
+            time.sleep(1)
+        assert trials.exists(), driver.communicate()[0][-3000:] if driver.poll() is not None else "timeout"
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and its process group, mid-study
+        driver.wait()
+        kill_processes_mentioning(ray_tmp)
+        done_before = pq.read_table(trials).to_pandas()
+        assert 1 <= len(done_before) < 3
+
+        resumed = _raysd("tune", "--resume", str(study), env=env)
+        out, _ = resumed.communicate(timeout=600)
+        assert resumed.returncode == 0, out[-3000:]
+    finally:
+        kill_processes_mentioning(ray_tmp)
+    after = pq.read_table(trials).to_pandas()
+    assert len(after) == 3 and after.trial_id.is_unique
+    assert set(after.status) == {"completed"}
+    # the trials that finished before the kill were not rerun
+    for _, row in done_before.iterrows():
+        again = after[after.trial_id == row.trial_id].iloc[0]
+        assert again.wall_seconds == row.wall_seconds and again.val_accuracy == row.val_accuracy
+    history = pq.read_table(study / "results" / "history.parquet").to_pandas()
+    assert set(history.trial_id) == set(after.trial_id)
