@@ -1,0 +1,119 @@
+"""A real `ray job submit` against a two-node `ray start` cluster with token auth, and S3 storage
+against a local moto server. Every process started here is ended here, by its marker."""
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import TINY, kill_processes_mentioning
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def marked_env():
+    """An environment whose RAY_TMPDIR marks every process started with it."""
+    marker = tempfile.mkdtemp(prefix="rsj", dir="/tmp")  # short: socket paths are length-limited
+    env = {**os.environ, "RAY_TMPDIR": marker, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    yield env
+    kill_processes_mentioning(marker)
+
+
+def _run(args, env, timeout=120):
+    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{args}: {out.stdout[-2000:]}{out.stderr[-2000:]}"
+    return out
+
+
+def test_ray_job_submit_to_a_two_node_cluster_with_token_auth(marked_env, tmp_path):
+    env = {**marked_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    gcs, dash = _port(), _port()
+    _run([BIN / "ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
+          "--ray-client-server-port", str(_port()), "--disable-usage-stats"], env)
+    _run([BIN / "ray", "start", "--address", f"127.0.0.1:{gcs}", "--node-ip-address", "127.0.0.1",
+          "--num-cpus", "2", "--disable-usage-stats"], env)
+    address = f"http://127.0.0.1:{dash}"
+
+    # token auth is on: a wrong token is turned away
+    wrong = subprocess.run([BIN / "ray", "job", "list", "--address", address],
+                           env={**env, "RAY_AUTH_TOKEN": "0" * 32}, capture_output=True, text=True,
+                           timeout=60)
+    assert wrong.returncode != 0
+
+    storage = tmp_path / "storage"
+    started = time.time()
+    job = subprocess.run(
+        [BIN / "ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+         "python", "-m", "raysd.cli", "tune", "--space", "demo", *TINY, "--num-samples", "2",
+         "--storage", str(storage), "--name", "job"],
+        env=env, capture_output=True, text=True, timeout=900)
+    elapsed = time.time() - started
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-2000:]
+    assert "succeeded" in job.stdout
+    rows = pq.read_table(storage / "job" / "results" / "trials.parquet").to_pylist()
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"completed"}
+    nodes = json.loads(_run([BIN / "ray", "list", "nodes", "--address", address, "--format", "json"],
+                            env).stdout)
+    assert len([n for n in nodes if n["state"] == "ALIVE"]) == 2
+    print(f"ray job submit -> finished study: {elapsed:.0f} s")
+
+
+@pytest.fixture
+def moto_server(marked_env):
+    port = _port()
+    server = subprocess.Popen([BIN / "moto_server", "-H", "127.0.0.1", "-p", str(port)],
+                              env=marked_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    aws = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.3)
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket="raysd")
+    yield {**marked_env, **aws}
+    server.kill()
+    server.wait()
+
+
+def test_study_on_s3_storage(moto_server):
+    env = moto_server
+    out = subprocess.run(
+        [sys.executable, "-m", "raysd.cli", "run", "--space", "demo", *TINY,
+         "--storage", "s3://raysd/studies", "--name", "s3"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    s3 = pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key="testing",
+                           secret_key="testing", region="us-east-1")
+    rows = pq.read_table("raysd/studies/s3/results/trials.parquet", filesystem=s3).to_pylist()
+    assert len(rows) == 1 and rows[0]["status"] == "completed"
+    history = pq.read_table("raysd/studies/s3/results/history.parquet", filesystem=s3)
+    assert history.num_rows > 0
+    listed = [info.path for info in s3.get_file_info(pafs.FileSelector("raysd/studies/s3", recursive=True))]
+    assert any("/tensorboard/" in p and "tfevents" in p for p in listed)
+    assert any("/train/" in p and p.endswith("state.pt") for p in listed)  # Ray Train checkpoints
+    assert any(p.endswith("space.yaml") for p in listed)
