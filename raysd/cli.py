@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -122,6 +124,10 @@ def _prepare(args, single: bool):
 def cmd_tune(args, single: bool = False) -> int:
     space, study_uri = _prepare(args, single)
     from raysd.study import ensure_ray, run_study
+
+    # Every path is absolute by now. Work from a folder that outlives the run: Ray can garbage-
+    # collect a job's working_dir package under a still-running driver (seen with Ray 2.60).
+    os.chdir(tempfile.gettempdir())
 
     ensure_ray(args.address, args.verbose)
     print(f"raysd: study {study_uri}")

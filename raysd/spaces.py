@@ -99,7 +99,7 @@ class StudySettings:
 @dataclasses.dataclass(frozen=True)
 class Space:
     name: str
-    path: Path
+    source: str  # file path or URI, for messages
     doc: dict  # the resolved file (overrides applied), without "search" and "study"
     study: StudySettings
     params: tuple[Param, ...]
@@ -113,7 +113,7 @@ class Space:
         doc = copy.deepcopy(self.doc)
         for key, value in (values or {}).items():
             _set(doc, key, value)
-        return trial_config(doc, str(self.path))
+        return trial_config(doc, self.source)
 
 
 def _set(doc: dict, dotted: str, value: Any) -> None:
@@ -158,16 +158,21 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def load_space(name_or_path: str, overrides: dict[str, Any] | None = None) -> Space:
     path = resolve_path(name_or_path)
+    return load_space_text(path.read_text(), str(path), path.stem, overrides)
+
+
+def load_space_text(text: str, where: str, name: str,
+                    overrides: dict[str, Any] | None = None) -> Space:
+    """Parse and validate a space; `where` names its source in every error."""
     try:
-        doc = _yaml(path.read_text()) or {}
+        doc = _yaml(text) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        raise ConfigError(f"{where}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(doc, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+        raise ConfigError(f"{where}: expected a mapping at the top level")
     for key, value in (overrides or {}).items():
         _check_key(key, f"--set {key}")
         _set(doc, key, value)
-    where = str(path)
     for key, value in doc.items():
         if key not in SCHEMA:
             raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(SCHEMA)})")
@@ -180,7 +185,7 @@ def load_space(name_or_path: str, overrides: dict[str, Any] | None = None) -> Sp
     search = doc.pop("search", None) or {}
     study = _study(doc.pop("study", None) or {}, where)
     params = _params(search, where)
-    space = Space(path.stem, path, doc, study, params)
+    space = Space(name, where, doc, study, params)
     space.trial_config()  # defaults must be valid on their own
     for param in params:  # and so must every searched value's extremes
         for value in _extremes(param):

@@ -15,8 +15,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from raysd.errors import ConfigError
 from raysd.progress import ProgressPrinter
-from raysd.results import HISTORY, TRIALS, StudyRecorder, Store, staging_dir
-from raysd.spaces import Param, Space, load_space
+from raysd.results import TRIALS, StudyRecorder, Store, staging_dir
+from raysd.spaces import Param, Space, load_space_text
 from raysd.train import train_worker
 
 DRIVER_CPU = 0.01  # a trial's driver only waits on trainer.fit(); Tune rejects 0
@@ -218,14 +218,8 @@ def load_study_space(study_uri: str) -> Space:
     store = Store(study_uri)
     if not store.exists(SPACE_FILE):
         raise ConfigError(f"{study_uri}: not a raysd study (no {SPACE_FILE})")
-    with_local = store.read_text(SPACE_FILE)
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{study_uri.rstrip('/').rsplit('/', 1)[-1]}.yaml"
-        path.write_text(with_local)
-        return load_space(str(path))
+    return load_space_text(store.read_text(SPACE_FILE), f"{study_uri}/{SPACE_FILE}",
+                           name=study_uri.rstrip("/").rsplit("/", 1)[-1])
 
 
 def summarize(study_uri: str, space: Space) -> StudyOutcome:
@@ -237,5 +231,3 @@ def summarize(study_uri: str, space: Space) -> StudyOutcome:
     best = max(scored, key=lambda r: sign * r[metric]) if scored else None
     return StudyOutcome(study_uri, best, counts)
 
-
-__all__ = ["run_study", "ensure_ray", "load_study_space", "summarize", "StudyOutcome", "HISTORY"]

@@ -43,7 +43,9 @@ def _run(args, env, timeout=120):
 
 
 def test_ray_job_submit_to_a_two_node_cluster_with_token_auth(marked_env, tmp_path):
-    env = {**marked_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    # Multi-node needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1; --node-ip-address keeps it on loopback.
+    env = {**marked_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
     gcs, dash = _port(), _port()
     _run([BIN / "ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
@@ -59,12 +61,15 @@ def test_ray_job_submit_to_a_two_node_cluster_with_token_auth(marked_env, tmp_pa
     assert wrong.returncode != 0
 
     storage = tmp_path / "storage"
-    started = time.time()
-    job = subprocess.run(
-        [BIN / "ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-         "python", "-m", "raysd.cli", "tune", "--space", "demo", *TINY, "--num-samples", "2",
-         "--storage", str(storage), "--name", "job"],
-        env=env, capture_output=True, text=True, timeout=900)
+    submit = [BIN / "ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+              sys.executable, "-m", "raysd.cli", "tune", "--space", "demo", *TINY, "--num-samples", "2",
+              "--storage", str(storage), "--name", "job"]
+    for _ in range(30):  # the head's job agent comes up a few seconds after `ray start` returns
+        started = time.time()
+        job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
+        if "No available agent" not in job.stdout + job.stderr:
+            break
+        time.sleep(2)
     elapsed = time.time() - started
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-2000:]
     assert "succeeded" in job.stdout
