@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import socket
 
 import ray
 import yaml
@@ -112,10 +113,32 @@ def ensure_ray(address: str | None, verbose: bool) -> None:
     # Local Ray: one extra logical CPU for the trial drivers, which only wait on their runs,
     # and every server on loopback (Ray would otherwise bind this machine's network address).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    # The dashboard (on loopback) serves the State API that Ray Train's placement-group cleaner
-    # polls; without it, finished trials' worker placement groups are never released.
-    ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=True,
-             dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **kwargs)
+    start_local_ray(num_cpus=(os.cpu_count() or 1) + 1, **kwargs)
+
+
+def start_local_ray(**kwargs) -> None:
+    """A private local Ray whose own processes know its address.
+
+    Ray Train's placement-group cleaner asks the State API (served by the dashboard, kept on
+    loopback) whether a run's controller is alive. Without an address it searches the host and
+    fails when another Ray runs there, and finished trials' placement groups are never freed.
+    Pinning the GCS port and exporting RAY_ADDRESS to the processes Ray spawns avoids that.
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    pinned = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    saved = {key: os.environ.get(key) for key in pinned}
+    os.environ.update(pinned)
+    try:
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+                 _node_ip_address="127.0.0.1", **kwargs)
+    finally:  # Ray's processes keep the pinned values; this process's later children do not
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples: int | None = None,

@@ -37,9 +37,8 @@ def ray_local(tmp_path_factory):
     """One isolated local Ray for every test that needs it (starting Ray costs seconds)."""
     import ray
 
-    # The dashboard serves the State API that Ray Train's placement-group cleaner needs.
-    ray.init(address="local", num_cpus=3, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=0, _node_ip_address="127.0.0.1", log_to_driver=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    from raysd.study import start_local_ray
+
+    start_local_ray(num_cpus=3, log_to_driver=False, _temp_dir=str(tmp_path_factory.mktemp("ray")))
     yield ray
     ray.shutdown()

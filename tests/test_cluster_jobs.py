@@ -36,7 +36,7 @@ def marked_env():
     kill_processes_mentioning(marker)
 
 
-def _run(args, env, timeout=120):
+def _run(args, env, timeout=300):
     out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, f"{args}: {out.stdout[-2000:]}{out.stderr[-2000:]}"
     return out
