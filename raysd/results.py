@@ -114,6 +114,7 @@ class StudyRecorder(Callback):
         self.trials = self.store.read_rows("results", TRIALS)
         self.history = self.store.read_rows("results", HISTORY)
         self.tb_root = Path(self.staging) if self.staging else Path(self.store.path("tensorboard"))
+        self._dirty = False  # rows changed since the last write
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self._started.setdefault(trial.trial_id, time.time())
@@ -139,9 +140,16 @@ class StudyRecorder(Callback):
         self.trials.append(trial_row(self.space, tid, trial.config, trial.last_result or {},
                                      status, error, wall))
         self.history += self._pending.pop(tid, [])
-        self.store.write_rows(self.history, "results", HISTORY)
-        self.store.write_rows(self.trials, "results", TRIALS)
+        self._dirty = True
         self._hparams(tid, trial.config, trial.last_result or {}, status)
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        # Tune saves its experiment state just before this hook: a trial that appears in
+        # trials.parquet is then also finished for `--resume`, which never reruns it.
+        if self._dirty:
+            self.store.write_rows(self.history, "results", HISTORY)
+            self.store.write_rows(self.trials, "results", TRIALS)
+            self._dirty = False
 
     def _writer(self, tid: str):
         if tid not in self._writers:
@@ -181,6 +189,7 @@ class StudyRecorder(Callback):
             self.store.upload(self.tb_root / tid, "tensorboard", tid)
 
     def on_experiment_end(self, trials, **info) -> None:
+        self.on_step_end(0, trials)
         for writer in self._writers.values():
             writer.close()
 

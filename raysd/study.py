@@ -146,6 +146,9 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
     """Run (or resume) a study; results land under study_uri. Ray must be initialised."""
     # Stage rows carry losses, not the validation metric, which comes with fine-tuning.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    # Save Tune's experiment state every step (it is small), so the results recorder, which
+    # writes right after a save, never lists a trial that --resume would run again.
+    os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "0"
     if not verbose:  # our ProgressPrinter replaces Tune's tables
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     store = Store(study_uri)
