@@ -12,6 +12,7 @@ from torch import nn
 from transformers import RobertaConfig, RobertaForMaskedLM
 
 from raysd.errors import ConfigError
+from raysd.models.base import Backbone
 
 IGNORE = -100  # label of an unmasked position (transformers' convention)
 
@@ -27,7 +28,7 @@ ARCHITECTURE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention
                 "layer_norm_eps", "hidden_act", "pad_token_id")
 
 
-class MaskedLMRoberta(nn.Module):
+class MaskedLMRoberta(Backbone):
     """Encoder f_theta + LM head g_phi. forward() serves both DDP-wrapped training passes."""
 
     family = "roberta"
@@ -102,15 +103,6 @@ class MaskedLMRoberta(nn.Module):
     def mae_loss(self, batch: dict, mask_ratio: float) -> torch.Tensor:
         corrupted, labels = self.mask_tokens(batch["input_ids"], batch["attention_mask"], mask_ratio)
         return self.mlm_loss(corrupted, batch["attention_mask"], labels)
-
-    def forward(self, batch: dict, mask_ratio: float | None = None, represent: bool = False) -> dict:
-        """One call for what a training step needs, so DDP sees a single forward."""
-        out = {}
-        if mask_ratio is not None:
-            out["mae"] = self.mae_loss(batch, mask_ratio)
-        if represent:
-            out["repr"] = self.represent(batch)
-        return out
 
     def load_hf(self, name_or_path: str) -> None:
         """Encoder, LM head and tokenizer from a transformers RobertaForMaskedLM (hub id or dir)."""

@@ -13,6 +13,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from raysd.losses import mae_loss, patchify, shuffle_mask
+from raysd.models.base import Backbone
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +92,7 @@ def build_encoder(spec: ViTSpec) -> VisionTransformer:
     return encoder
 
 
-class MaeViT(nn.Module):
+class MaeViT(Backbone):
     """Encoder f_theta + decoder g_phi. forward() serves both DDP-wrapped training passes."""
 
     family = "vit"
@@ -127,12 +128,3 @@ class MaeViT(nn.Module):
         )
         pred = self.decoder(self.encode(images, ids_keep), ids_restore)
         return mae_loss(pred, patchify(images, self.spec.patch_size), mask)
-
-    def forward(self, batch: dict, mask_ratio: float | None = None, represent: bool = False) -> dict:
-        """One call for what a training step needs, so DDP sees a single forward."""
-        out = {}
-        if mask_ratio is not None:
-            out["mae"] = self.mae_loss(batch, mask_ratio)
-        if represent:
-            out["repr"] = self.represent(batch)
-        return out
