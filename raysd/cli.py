@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 import tempfile
 import time
@@ -95,9 +96,13 @@ def cmd_spaces(args) -> int:
     return 0
 
 
+# Flags that --resume cannot take: the study keeps the space, data and size it started with.
+RESUME_CONFLICTS = ("space", "data", "set", "name", "workers", "gpu", "num_samples", "max_concurrent")
+
+
 def _prepare(args, single: bool):
     """Validate everything that can be validated before Ray starts."""
-    from raysd.spaces import check_data, load_space
+    from raysd.spaces import check_inputs, load_space
 
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent must be >= 1 (got {args.max_concurrent})")
@@ -106,6 +111,10 @@ def _prepare(args, single: bool):
     if getattr(args, "resume", None):
         from raysd.study import load_study_space
 
+        given = [f"--{flag.replace('_', '-')}" for flag in RESUME_CONFLICTS
+                 if getattr(args, flag, None) is not None]
+        if given:
+            raise ConfigError(f"--resume continues the study as it was started; drop {', '.join(given)}")
         study_uri = _absolute_uri(args.resume)
         space = load_study_space(study_uri)
         return space, study_uri
@@ -114,11 +123,32 @@ def _prepare(args, single: bool):
     space = load_space(args.space, _overrides(args))
     if single:
         space = dataclasses.replace(space, params=())
-    check_data(space.trial_config())
     name = args.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if "/" in name:
-        raise ConfigError(f"--name {name!r}: must not contain '/'")
-    return space, f"{_absolute_uri(args.storage).rstrip('/')}/{name}"
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name in (".", ".."):
+        raise ConfigError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only "
+                          "(and not '.' or '..')")
+    storage = _absolute_uri(args.storage).rstrip("/")
+    check_storage(storage)
+    check_inputs(space)
+    return space, f"{storage}/{name}"
+
+
+def check_storage(storage: str) -> None:
+    """A local --storage must be (or be creatable as) a writable folder; URIs must parse."""
+    if "://" in storage:
+        import pyarrow.fs as pafs
+
+        try:
+            pafs.FileSystem.from_uri(storage)
+        except (ValueError, OSError) as err:
+            raise ConfigError(f"--storage {storage}: {str(err).splitlines()[0]}") from None
+        return
+    path = Path(storage)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"--storage {storage}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--storage {storage}: {existing} is not writable")
 
 
 def cmd_tune(args, single: bool = False) -> int:
@@ -136,6 +166,9 @@ def cmd_tune(args, single: bool = False) -> int:
                         max_concurrent=args.max_concurrent, verbose=args.verbose)
     counts = ", ".join(f"{n} {s}" for s, n in outcome.counts.items())
     print(f"raysd: {counts}")
+    if not outcome.finished:  # Ctrl-C: Tune saved its state; no "best" of a study half run
+        print(f"raysd: interrupted; finish it with raysd tune --resume {study_uri}", file=sys.stderr)
+        return 130
     if outcome.best:
         best = outcome.best
         params = {k[len("param."):]: v for k, v in best.items() if k.startswith("param.")}

@@ -4,6 +4,9 @@ from __future__ import annotations
 import dataclasses
 
 METHODS = ("finetune", "further_pretrain", "self_distill")
+# Ray Train's placement strategies: pack ranks on few nodes (fast all-reduce) or spread them.
+PLACEMENTS = {"pack": "PACK", "spread": "SPREAD", "strict_pack": "STRICT_PACK",
+              "strict_spread": "STRICT_SPREAD"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +44,15 @@ class TrialConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     loader_workers: int = 0  # DataLoader processes per rank
+    placement: str = "pack"  # a key of PLACEMENTS
+    custom_resources: tuple[tuple[str, float], ...] = ()  # per worker, e.g. (("a100", 1),)
+    accelerator_type: str | None = None  # e.g. "A100": only nodes with that GPU
+    keep_checkpoints: bool = False  # keep a completed trial's Ray Train checkpoints
+
+    def worker_resources(self) -> dict[str, float]:
+        """What one Ray Train worker asks of a node."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {}),
+                **dict(self.custom_resources)}
 
     def stages(self) -> list[tuple[str, int]]:
         """The trial's plan as (stage, round) pairs, in order."""

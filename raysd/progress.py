@@ -31,12 +31,12 @@ class ProgressPrinter(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         last = trial.last_result or {}
         value = last.get(self.metric)
-        if value is not None and last.get("done"):
+        if value is not None and last.get("trial_done"):
             better = self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0])
             if better:
                 self.best = (value, trial.trial_id)
         self.finished += 1
-        shown = "stopped early" if not last.get("done") else f"{self.metric} {_fmt(value)}"
+        shown = "stopped early" if not last.get("trial_done") else f"{self.metric} {_fmt(value)}"
         self._print(f"trial {trial.trial_id} {shown} | {self._counts(trials, trial)}")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:

@@ -61,6 +61,10 @@ def run_trial(cfg: TrialConfig, task: Task, init: nn.Module, hooks: Hooks) -> di
     position = resume.get("position", 0)
     carry = resume.get("carry")  # output of the last finished stage: teacher or fine-tune start
     summary: dict = resume.get("summary", {})
+    if hooks.resume is not None:  # a restarted worker group: say where it picked up
+        stage, rnd = plan[position]
+        summary["restarts"] = summary.get("restarts", 0) + 1
+        summary["resumed_from"] = f"{stage} round {rnd} step {resume.get('step', 0)}"
 
     for index in range(position, len(plan)):
         stage, rnd = plan[index]
@@ -78,7 +82,7 @@ def run_trial(cfg: TrialConfig, task: Task, init: nn.Module, hooks: Hooks) -> di
         if index + 1 < len(plan):
             # Stage boundary: checkpoint so a restart never repeats a finished stage.
             hooks.report(last, {"position": index + 1, "step": 0, "carry": carry, "summary": summary})
-    hooks.report({**last, **summary, "done": True}, None)
+    hooks.report({**last, **summary, "trial_done": True}, None)
     return summary
 
 
@@ -231,9 +235,12 @@ def _train(model: nn.Module, step_loss, scfg: StageConfig, dataset, ctx: _StageC
         with torch.autocast(hooks.device.type, dtype=hooks.autocast or torch.bfloat16,
                             enabled=hooks.autocast is not None):
             loss, parts = step_loss(batch)
-        value = loss.item()  # a sync point per step, the price of catching divergence at once
-        if not math.isfinite(value):
-            raise NonFiniteLoss(f"{stage} round {rnd} step {step}: loss is {value}")
+        # A sync point per step, the price of catching divergence at once. The check is summed
+        # over ranks, so every rank stops at the same step and none is left in an all-reduce.
+        value = loss.item()
+        summed = float(hooks.all_reduce(loss.detach().float().reshape(1).clone()))
+        if not math.isfinite(summed):
+            raise NonFiniteLoss(f"{stage} round {rnd} step {step}: loss is {summed}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if scfg.grad_clip > 0:
@@ -241,19 +248,19 @@ def _train(model: nn.Module, step_loss, scfg: StageConfig, dataset, ctx: _StageC
         optimizer.step()
         scheduler.step()
         window_samples += len(batch[next(iter(batch))]) * hooks.world_size
-        done = step + 1
-        if done % cfg.log_every == 0 or done == scfg.steps:
+        steps_done = step + 1
+        if steps_done % cfg.log_every == 0 or steps_done == scfg.steps:
             elapsed = time.perf_counter() - window_start
-            metrics = {**ctx.progress(stage, rnd, done), "loss": value,
+            metrics = {**ctx.progress(stage, rnd, steps_done), "loss": value,
                        **{k: float(v.detach()) for k, v in parts.items()},
                        "lr": scheduler.get_last_lr()[0], "samples_per_s": window_samples / elapsed}
-            if validate is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == scfg.steps):
-                metrics.update(validate(done))
+            if validate is not None and cfg.eval_every and (steps_done % cfg.eval_every == 0 or steps_done == scfg.steps):
+                metrics.update(validate(steps_done))
                 model.train()
-            if done == scfg.steps:
+            if steps_done == scfg.steps:
                 return metrics
-            due = done % cfg.checkpoint_every == 0
-            hooks.report(metrics, ctx.state(done, model, optimizer, scheduler) if due else None)
+            due = steps_done % cfg.checkpoint_every == 0
+            hooks.report(metrics, ctx.state(steps_done, model, optimizer, scheduler) if due else None)
             window_start, window_samples = time.perf_counter(), 0
     return metrics
 

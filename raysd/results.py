@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,12 +22,16 @@ from ray.tune import Callback
 import raysd
 from raysd.spaces import Space
 
-TRIALS, HISTORY = "trials.parquet", "history.parquet"
+TRIALS, HISTORY, PARTS = "trials.parquet", "history.parquet", "history_parts"
 # Our own keys in a reported row; Tune's bookkeeping keys (dates, pids, iterations) are dropped.
-ROW_KEYS = ("stage", "round", "step", "progress", "loss", "mae_loss", "distill_loss", "ce_loss",
-            "lr", "samples_per_s")
+# `attempt` counts the trial's worker-group restarts: a step rerun after one is a new row.
+ROW_KEYS = ("stage", "round", "step", "progress", "attempt", "loss", "mae_loss", "distill_loss",
+            "ce_loss", "lr", "samples_per_s")
+SCALAR_KEYS = ROW_KEYS[5:]
+ROW_IDENTITY = ("stage", "round", "step", "attempt")
+PART_SECONDS = float(os.environ.get("RAYSD_HISTORY_PART_SECONDS", "30"))
 FINAL_PREFIXES = ("val_", "test_", "train_", "seconds_", "steps_")
-FINAL_KEYS = ("gen_gap", "init_distance")
+FINAL_KEYS = ("gen_gap", "init_distance", "restarts", "resumed_from", "worker_nodes", "num_nodes")
 
 
 class Store:
@@ -66,8 +71,21 @@ class Store:
             tmp = f"{target}.tmp-{os.getpid()}"
             pq.write_table(table, tmp)
             os.replace(tmp, target)
-        else:  # object stores publish an object only once it is complete
-            pq.write_table(table, target, filesystem=self.fs)
+            return
+        # Object stores publish an object when its stream closes: encode the whole file first,
+        # so a failure while encoding never leaves a truncated object behind.
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table, buffer)
+        with self.fs.open_output_stream(target) as f:
+            f.write(buffer.getvalue())
+
+    def list(self, *parts: str) -> list[str]:
+        """Base names of the files in a folder (none when it does not exist)."""
+        selector = pafs.FileSelector(self.path(*parts), allow_not_found=True)
+        return sorted(info.base_name for info in self.fs.get_file_info(selector))
+
+    def delete(self, *parts: str) -> None:
+        self.fs.delete_file(self.path(*parts))
 
     def upload(self, local_dir: Path, *parts: str) -> None:
         self.fs.create_dir(self.path(*parts), recursive=True)
@@ -98,28 +116,59 @@ def trial_row(space: Space, trial_id: str, config: dict, last: dict, status: str
     return row
 
 
+def _guarded(method):
+    """A recorder error is one line on stderr and never ends the study (Tune would abort it)."""
+
+    def call(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - the study matters more than one write
+            print(f"raysd: could not record results ({method.__name__}): "
+                  f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}",
+                  file=sys.stderr, flush=True)
+    call.__name__ = method.__name__
+    return call
+
+
 class StudyRecorder(Callback):
-    """Appends every reported row to history, one row per finished trial, and TensorBoard."""
+    """Every reported row to history, one row per finished trial, and TensorBoard.
+
+    Rows of running trials go to history_parts/ every PART_SECONDS, so a driver crash loses at
+    most that much; a trial's parts are folded into history.parquet when it ends."""
 
     def __init__(self, space: Space, study_uri: str, tensorboard_staging: str | None):
         self.space, self.study_uri = space, study_uri
         self.staging = tensorboard_staging  # local folder mirrored to storage when remote
         self._writers: dict[str, Any] = {}
-        self._pending: dict[str, list[dict]] = {}
+        self._pending: dict[str, list[dict]] = {}  # rows not yet in a part
+        self._parted: dict[str, list[dict]] = {}  # rows already in parts, per running trial
         self._started: dict[str, float] = {}
 
     def setup(self, **info) -> None:
         self.store = Store(self.study_uri)
-        # On --resume the files already hold the trials that finished before the crash.
+        # On --resume the files already hold the trials that finished before the crash,
+        # and the parts hold the rows of those that were running.
         self.trials = self.store.read_rows("results", TRIALS)
         self.history = self.store.read_rows("results", HISTORY)
+        finished = {row["trial_id"] for row in self.trials}
+        self._parted, self._parts = {}, {}
+        for name in self.store.list("results", PARTS):
+            tid = name.rsplit("-", 1)[0]
+            self._parts.setdefault(tid, []).append(name)
+            if tid not in finished:
+                self._parted.setdefault(tid, []).extend(self.store.read_rows("results", PARTS, name))
         self.tb_root = Path(self.staging) if self.staging else Path(self.store.path("tensorboard"))
         self._dirty = False  # rows changed since the last write
+        self._parted_at = time.time()
+        self._drop_parts(finished)  # left by a crash between a trial's write and its clean-up
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self._started.setdefault(trial.trial_id, time.time())
 
+    @_guarded
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if "progress" not in result:  # a worker's fatal-error report carries no row
+            return
         row = {"trial_id": trial.trial_id, **{k: result[k] for k in ROW_KEYS if k in result}}
         row.update({k: result[k] for k in result if k.startswith(("val_", "test_"))})
         self._pending.setdefault(trial.trial_id, []).append(row)
@@ -127,22 +176,26 @@ class StudyRecorder(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         last = trial.last_result or {}
-        status = "completed" if last.get("done") else "stopped"  # stopped: ended early by ASHA
+        status = "completed" if last.get("trial_done") else "stopped"  # stopped: ended early by ASHA
         self._finish(trial, status, None)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._finish(trial, "failed", error_line(trial))
 
+    @_guarded
     def _finish(self, trial, status: str, error: str | None) -> None:
         tid = trial.trial_id
         wall = time.time() - self._started.get(tid, time.time())
         self.trials = [r for r in self.trials if r["trial_id"] != tid]
         self.trials.append(trial_row(self.space, tid, trial.config, trial.last_result or {},
                                      status, error, wall))
-        self.history += self._pending.pop(tid, [])
+        rows = self._parted.pop(tid, []) + self._pending.pop(tid, [])
+        unique = {tuple(row.get(k) for k in ROW_IDENTITY): row for row in rows}  # last one wins
+        self.history += list(unique.values())
         self._dirty = True
         self._hparams(tid, trial.config, trial.last_result or {}, status)
 
+    @_guarded
     def on_step_end(self, iteration, trials, **info) -> None:
         # Tune saves its experiment state just before this hook: a trial that appears in
         # trials.parquet is then also finished for `--resume`, which never reruns it.
@@ -150,6 +203,24 @@ class StudyRecorder(Callback):
             self.store.write_rows(self.history, "results", HISTORY)
             self.store.write_rows(self.trials, "results", TRIALS)
             self._dirty = False
+            self._drop_parts({row["trial_id"] for row in self.trials})
+        if time.time() - self._parted_at >= PART_SECONDS:
+            self._write_parts()
+
+    def _write_parts(self) -> None:
+        for tid, rows in list(self._pending.items()):
+            if rows:
+                name = f"{tid}-{len(self._parts.get(tid, [])):05d}.parquet"
+                self.store.write_rows(rows, "results", PARTS, name)
+                self._parts.setdefault(tid, []).append(name)
+                self._parted.setdefault(tid, []).extend(rows)
+                self._pending[tid] = []
+        self._parted_at = time.time()
+
+    def _drop_parts(self, finished: set[str]) -> None:
+        for tid in finished & set(self._parts):
+            for name in self._parts.pop(tid):
+                self.store.delete("results", PARTS, name)
 
     def _writer(self, tid: str):
         if tid not in self._writers:
@@ -164,11 +235,11 @@ class StudyRecorder(Callback):
         stage = result.get("stage", "trial")
         tag = f"{stage}_r{result['round']}" if stage == "self_distill" else stage
         writer = self._writer(tid)
-        for key in ROW_KEYS[4:]:
+        for key in SCALAR_KEYS:
             if key in result:
                 writer.add_scalar(f"{tag}/{key}", result[key], result["progress"])
         for key in result:
-            if key.startswith("val_") and not result.get("done"):
+            if key.startswith("val_") and not result.get("trial_done"):
                 writer.add_scalar(f"{tag}/{key}", result[key], result["progress"])
 
     def _hparams(self, tid: str, config: dict, last: dict, status: str) -> None:
@@ -188,16 +259,18 @@ class StudyRecorder(Callback):
         if self.staging:
             self.store.upload(self.tb_root / tid, "tensorboard", tid)
 
+    @_guarded
     def on_experiment_end(self, trials, **info) -> None:
         self.on_step_end(0, trials)
+        self._write_parts()  # trials still running (Ctrl-C): their rows wait for --resume
         for writer in self._writers.values():
             writer.close()
 
     def __getstate__(self) -> dict:  # Tune pickles callbacks with the experiment state
         state = self.__dict__.copy()
-        for key in ("store", "trials", "history", "_writers"):
+        for key in ("store", "trials", "history", "_writers", "_parted", "_parts", "_pending"):
             state.pop(key, None)
-        state["_writers"] = {}
+        state.update(_writers={}, _pending={}, _parted={})
         return state
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.resources
 import math
 import operator
 import re
@@ -15,10 +16,11 @@ from typing import Any
 import yaml
 
 from raysd import models
-from raysd.config import METHODS, StageConfig, TrialConfig
+from raysd.config import METHODS, PLACEMENTS, StageConfig, TrialConfig
 from raysd.errors import ConfigError
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+# The repository's search_spaces/ folder, installed as the package raysd.search_spaces.
+SPACES_DIR = Path(str(importlib.resources.files("raysd.search_spaces")))
 
 STAGE_KEYS = {f.name for f in dataclasses.fields(StageConfig)}
 SCHEMA: dict[str, Any] = {
@@ -28,8 +30,9 @@ SCHEMA: dict[str, Any] = {
     "self_distill": STAGE_KEYS | {"rounds", "mae_weight"},
     "finetune": STAGE_KEYS,
     "evaluation": {"batch_size", "every"},
-    "resources": {"workers", "use_gpu", "cpus_per_worker", "loader_workers"},
-    "logging": {"log_every", "checkpoint_every"},
+    "resources": {"workers", "use_gpu", "cpus_per_worker", "loader_workers", "placement", "custom",
+                  "accelerator_type"},
+    "logging": {"log_every", "checkpoint_every", "keep_checkpoints"},
     "study": {"num_samples", "metric", "mode", "seed", "n_startup_trials", "max_concurrent",
               "max_failures", "scheduler"},
     "search": dict,
@@ -91,8 +94,10 @@ class StudySettings:
     mode: str = "max"
     seed: int = 0
     n_startup_trials: int = 10
-    max_concurrent: int = 0  # 0 = as many as the cluster fits
-    max_failures: int = 0  # retries of a failed trial
+    max_concurrent: int = 0  # 0 = as many as the search proposes at once (see study.py)
+    # Ray Train restarts of a trial's workers (a lost node, a preempted GPU), each resuming from
+    # the latest step checkpoint; errors that would recur fail the trial at once instead.
+    max_failures: int = 2
     scheduler: dict | None = None  # {"type": "asha", "metric": ..., "grace_period": ...}
 
 
@@ -152,7 +157,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        out[key.strip()] = _yaml(raw) if raw.strip() else ""
+        try:
+            out[key.strip()] = _yaml(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: VALUE is not valid YAML "
+                              f"({str(err).splitlines()[0]})") from None
     return out
 
 
@@ -207,9 +216,13 @@ def _check_key(dotted: str, where: str) -> None:
 
 
 def _extremes(param: Param) -> list:
+    """The values a constraint must hold for: every choice, every int (up to a bound), float ends."""
     if param.type == "choice":
         return list(param.choices)
-    return [int(param.low), int(param.high)] if param.type == "int" else [param.low, param.high]
+    if param.type == "int":
+        values = range(int(param.low), int(param.high) + 1, int(param.step or 1))
+        return list(values) if len(values) <= 4096 else [values[0], values[-1]]
+    return [param.low, param.high]
 
 
 def _study(raw: dict, where: str) -> StudySettings:
@@ -218,8 +231,10 @@ def _study(raw: dict, where: str) -> StudySettings:
         if key not in fields:
             raise ConfigError(f"{where}: unknown key study.{key}")
     settings = StudySettings(**raw)
-    _require(isinstance(settings.num_samples, int) and settings.num_samples >= 1, where,
-             "study.num_samples", "an integer >= 1", settings.num_samples)
+    for key, low in (("num_samples", 1), ("seed", 0), ("n_startup_trials", 0), ("max_concurrent", 0),
+                     ("max_failures", -1)):
+        value = getattr(settings, key)
+        _require(_integer(value) and value >= low, where, f"study.{key}", f"an integer >= {low}", value)
     _require(settings.mode in ("max", "min"), where, "study.mode", "max or min", settings.mode)
     _require(isinstance(settings.metric, str) and bool(re.fullmatch(r"(val|train)_\w+", settings.metric)),
              where, "study.metric", "a validation metric such as val_accuracy or val_macro_f1 "
@@ -231,6 +246,10 @@ def _study(raw: dict, where: str) -> StudySettings:
         for key in sched:
             if key not in SCHEDULER_KEYS:
                 raise ConfigError(f"{where}: unknown key study.scheduler.{key}")
+        for key in ("grace_period", "reduction_factor", "max_t"):
+            if key in sched:
+                _require(_integer(sched[key]) and sched[key] >= 1, where, f"study.scheduler.{key}",
+                         "an integer >= 1", sched[key])
     return settings
 
 
@@ -252,6 +271,10 @@ def _params(search: dict, where: str) -> tuple[Param, ...]:
             choices = spec.get("choices")
             if not isinstance(choices, list) or not choices:
                 raise ConfigError(f"{at}: choices must be a non-empty list")
+            kinds = {_kind(c) for c in choices}
+            if len(kinds) != 1 or None in kinds:
+                raise ConfigError(f"{at}: choices must all be numbers, all strings or all booleans "
+                                  f"(got {choices!r})")
             params.append(Param(key, kind, choices=tuple(choices), when=when))
             continue
         if kind not in ("float", "int"):
@@ -264,11 +287,38 @@ def _params(search: dict, where: str) -> tuple[Param, ...]:
             raise ConfigError(f"{at}: an int parameter needs integer low and high")
         if not low < high:
             raise ConfigError(f"{at}: low must be below high (got {low} >= {high})")
-        log = bool(spec.get("log", False))
-        if log and low <= 0:
-            raise ConfigError(f"{at}: a log range needs low > 0 (got {low})")
-        params.append(Param(key, kind, float(low), float(high), log, spec.get("step"), when=when))
+        log, step = spec.get("log", False), spec.get("step")
+        if not isinstance(log, bool):
+            raise ConfigError(f"{at}: log must be true or false (got {log!r})")
+        if step is not None and not (_number(step) and step > 0):
+            raise ConfigError(f"{at}: step must be a number > 0 (got {step!r})")
+        param = Param(key, kind, float(low), float(high), log, step, when=when)
+        _optuna_accepts(param, at)
+        params.append(param)
     return tuple(params)
+
+
+def _kind(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return "bool"
+    if _number(value):
+        return "number"
+    return "string" if isinstance(value, str) else None
+
+
+def _optuna_accepts(param: Param, at: str) -> None:
+    """Optuna's own rules (a step with log, an int step...), checked before Ray starts."""
+    from optuna.distributions import FloatDistribution, IntDistribution
+
+    try:
+        if param.type == "float":
+            FloatDistribution(param.low, param.high, log=param.log, step=param.step)
+        else:
+            IntDistribution(int(param.low), int(param.high), log=param.log, step=int(param.step or 1))
+    except ValueError as err:
+        raise ConfigError(f"{at}: {err}") from None
+    if param.type == "int" and param.step is not None and param.step != int(param.step):
+        raise ConfigError(f"{at}: an int parameter needs an integer step (got {param.step})")
 
 
 def _when(raw, earlier: list[Param], at: str) -> tuple[str, str, float] | None:
@@ -293,16 +343,20 @@ def _stage(doc: dict, name: str, where: str) -> StageConfig:
     defaults = getattr(TrialConfig, name)
     stage = dataclasses.replace(defaults, **raw)
     for key, ok, what in (
-        ("steps", isinstance(stage.steps, int) and stage.steps >= 1, "an integer >= 1"),
-        ("batch_size", isinstance(stage.batch_size, int) and stage.batch_size >= 1, "an integer >= 1"),
+        ("steps", _integer(stage.steps) and stage.steps >= 1, "an integer >= 1"),
+        ("batch_size", _integer(stage.batch_size) and stage.batch_size >= 1, "an integer >= 1"),
         ("lr", _number(stage.lr) and stage.lr > 0, "a number > 0"),
         ("weight_decay", _number(stage.weight_decay) and stage.weight_decay >= 0, "a number >= 0"),
-        ("warmup_steps", isinstance(stage.warmup_steps, int) and 0 <= stage.warmup_steps, "an integer >= 0"),
+        ("warmup_steps", _integer(stage.warmup_steps) and 0 <= stage.warmup_steps, "an integer >= 0"),
         ("beta2", _number(stage.beta2) and 0 < stage.beta2 < 1, "a number in (0, 1)"),
         ("grad_clip", _number(stage.grad_clip) and stage.grad_clip >= 0, "a number >= 0"),
     ):
         _require(ok, where, f"{name}.{key}", what, getattr(stage, key))
     return stage
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _number(value: Any) -> bool:
@@ -327,7 +381,26 @@ def trial_config(doc: dict, where: str) -> TrialConfig:
     mae_weight = sd.get("mae_weight", 1.0)
     _require(_number(mae_weight) and mae_weight >= 0, where, "self_distill.mae_weight", "a number >= 0", mae_weight)
     workers = res.get("workers", 1)
-    _require(isinstance(workers, int) and workers >= 1, where, "resources.workers", "an integer >= 1", workers)
+    _require(_integer(workers) and workers >= 1, where, "resources.workers", "an integer >= 1", workers)
+    use_gpu, keep = res.get("use_gpu", False), log.get("keep_checkpoints", False)
+    _require(isinstance(use_gpu, bool), where, "resources.use_gpu", "true or false", use_gpu)
+    _require(isinstance(keep, bool), where, "logging.keep_checkpoints", "true or false", keep)
+    cpus = res.get("cpus_per_worker", 1)
+    _require(_number(cpus) and cpus > 0, where, "resources.cpus_per_worker", "a number > 0", cpus)
+    placement = res.get("placement", "pack")
+    _require(placement in PLACEMENTS, where, "resources.placement", " | ".join(PLACEMENTS), placement)
+    custom = res.get("custom") or {}
+    _require(isinstance(custom, dict) and all(isinstance(k, str) and _number(v) and v > 0
+                                              for k, v in custom.items()),
+             where, "resources.custom", "a mapping of resource name -> amount > 0", custom)
+    reserved = {"CPU", "GPU", "memory", "object_store_memory"} & set(custom)
+    _require(not reserved, where, "resources.custom", "free of CPU/GPU/memory (they have their own "
+             "keys)", custom)
+    accelerator = res.get("accelerator_type")
+    _require(accelerator is None or (isinstance(accelerator, str) and accelerator), where,
+             "resources.accelerator_type", "a GPU type such as A100 or H100", accelerator)
+    _require(accelerator is None or use_gpu, where, "resources.accelerator_type",
+             "set only with resources.use_gpu: true", accelerator)
     cfg = TrialConfig(
         model=model, weights=str(doc.get("weights", "none")), data=doc["data"], method=method,
         mask_ratio=float(mask_ratio), rounds=rounds, mae_weight=float(mae_weight),
@@ -336,15 +409,17 @@ def trial_config(doc: dict, where: str) -> TrialConfig:
         eval_batch_size=ev.get("batch_size", 256), eval_every=ev.get("every", 0),
         max_length=doc.get("max_length", 128), seed=doc.get("seed", 0),
         log_every=log.get("log_every", 10), checkpoint_every=log.get("checkpoint_every", 100),
-        num_workers=workers, use_gpu=bool(res.get("use_gpu", False)),
-        cpus_per_worker=res.get("cpus_per_worker", 1), loader_workers=res.get("loader_workers", 0),
+        num_workers=workers, use_gpu=use_gpu, cpus_per_worker=cpus,
+        loader_workers=res.get("loader_workers", 0), placement=placement,
+        custom_resources=tuple(sorted((k, float(v)) for k, v in custom.items())),
+        accelerator_type=accelerator, keep_checkpoints=keep,
     )
     for key, value in (("evaluation.batch_size", cfg.eval_batch_size), ("logging.log_every", cfg.log_every),
                        ("logging.checkpoint_every", cfg.checkpoint_every), ("max_length", cfg.max_length)):
-        _require(isinstance(value, int) and value >= 1, where, key, "an integer >= 1", value)
+        _require(_integer(value) and value >= 1, where, key, "an integer >= 1", value)
     for key, value in (("evaluation.every", cfg.eval_every), ("resources.loader_workers", cfg.loader_workers),
                        ("seed", cfg.seed)):
-        _require(isinstance(value, int) and value >= 0, where, key, "an integer >= 0", value)
+        _require(_integer(value) and value >= 0, where, key, "an integer >= 0", value)
     for stage in ("further_pretrain", "self_distill", "finetune"):
         batch = getattr(cfg, stage).batch_size
         _require(batch % workers == 0, where, f"{stage}.batch_size",
@@ -352,12 +427,14 @@ def trial_config(doc: dict, where: str) -> TrialConfig:
     return cfg
 
 
-def check_data(cfg: TrialConfig) -> None:
-    """Cheap existence check of a data directory, before anything starts."""
-    kind, _, arg = cfg.data.partition(":")
-    if kind in ("imagefolder", "jsonl", "hfdisk") and not Path(arg).expanduser().is_dir():
-        raise ConfigError(f"data {cfg.data!r}: directory {arg} does not exist")
-    if kind == "builtin" and arg not in ("digits", "text"):
-        raise ConfigError(f"data {cfg.data!r}: unknown builtin set (builtin:digits, builtin:text)")
-    if kind not in ("builtin", "imagefolder", "jsonl", "hfdisk"):
-        raise ConfigError(f"data {cfg.data!r}: unknown source (builtin:, imagefolder:, jsonl:, hfdisk:)")
+def check_inputs(space: Space) -> None:
+    """The weights and data of every trial the space can run, checked before Ray starts."""
+    from raysd.data import check_source
+    from raysd.models.weights import check_weights
+
+    cfgs = [space.trial_config()] + [space.trial_config({p.key: v}) for p in space.params
+                                     if p.key in ("model", "weights", "data") for v in p.choices]
+    for cfg in cfgs:
+        check_weights(cfg.model, cfg.weights)
+        batches = [getattr(cfg, stage).batch_size for stage, _ in cfg.stages()]
+        check_source(cfg.data, min_train=max(batches))

@@ -5,7 +5,10 @@ import dataclasses
 import math
 import os
 import socket
+import uuid
+from pathlib import Path
 
+import pyarrow.fs as pafs
 import ray
 import yaml
 from ray import tune
@@ -17,10 +20,13 @@ from ray.tune.search.optuna import OptunaSearch
 from raysd.errors import ConfigError
 from raysd.progress import ProgressPrinter
 from raysd.results import TRIALS, StudyRecorder, Store, staging_dir
+from raysd.config import PLACEMENTS, TrialConfig
 from raysd.spaces import Param, Space, load_space_text
-from raysd.train import train_worker
+from raysd.train import FATAL, train_worker
 
-DRIVER_CPU = 0.01  # a trial's driver only waits on trainer.fit(); Tune rejects 0
+# A trial's driver only waits on trainer.fit(): it takes no CPU and runs on the head, the one
+# node an autoscaler never removes and a spot market never preempts.
+DRIVER_BUNDLE = {"node:__internal_head__": 0.001}
 SPACE_FILE = "space.yaml"
 
 
@@ -29,6 +35,7 @@ class StudyOutcome:
     study_uri: str
     best: dict | None  # the best completed trial's row of trials.parquet
     counts: dict[str, int]
+    finished: bool  # every trial ended; False after Ctrl-C
 
 
 class DefineByRun:
@@ -47,28 +54,34 @@ class DefineByRun:
 def trial_driver(config: dict, space: Space, train_storage: str) -> None:
     """A Tune trial: build this trial's TrialConfig and run it as one TorchTrainer."""
     cfg = space.trial_config({p.key: config[p.key] for p in space.params if p.key in config})
-    # Capacity is checked before the study starts, so a slow start is slowness, not infeasibility:
-    # worker processes importing torch on a busy node can take over Ray's 60 s default.
+    # A worker group that cannot start in time is retried without limit (Ray's default
+    # controller_failure_limit): on an autoscaling cluster the nodes are still coming.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
-    per_worker = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    name = tune.get_context().get_trial_id()
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"trial": cfg},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                               resources_per_worker=per_worker),
+        train_loop_config={"trial": cfg, "study_marker": study_marker(train_storage)},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+            resources_per_worker=cfg.worker_resources(), accelerator_type=cfg.accelerator_type,
+            placement_strategy=PLACEMENTS[cfg.placement]),
         # Named after the Tune trial: a retried or restored trial finds its own checkpoints.
         run_config=ray.train.RunConfig(
-            name=tune.get_context().get_trial_id(), storage_path=train_storage,
-            callbacks=[TuneReportCallback()],
+            name=name, storage_path=train_storage, callbacks=[TuneReportCallback()],
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            failure_config=ray.train.FailureConfig(max_failures=space.study.max_failures,
-                                                   controller_failure_limit=1),
+            failure_config=ray.train.FailureConfig(max_failures=space.study.max_failures),
         ),
     )
     try:
-        trainer.fit()
+        result = trainer.fit()
     except ray.train.TrainingFailedError as err:
         raise TrialFailed(_root_cause(err)) from None
+    if FATAL in (result.metrics or {}):
+        raise TrialFailed(result.metrics[FATAL])
+    if not cfg.keep_checkpoints:  # the trial is recorded; its step checkpoints have no further use
+        fs, root = pafs.FileSystem.from_uri(f"{train_storage}/{name}")
+        if fs.get_file_info(root).type != pafs.FileType.NotFound:
+            fs.delete_dir(root)
 
 
 class TrialFailed(RuntimeError):
@@ -82,22 +95,80 @@ def _root_cause(err: Exception) -> str:
     return f"{type(cause).__name__}: {text[-1] if text else ''}"
 
 
-def cluster_capacity(space: Space, max_concurrent: int | None) -> int:
-    """How many trials fit at once; ConfigError when not even one does (Ray would wait forever)."""
+def study_marker(train_storage: str) -> str | None:
+    """The study's space file, which every worker must see when storage is a local path."""
+    return None if "://" in train_storage else f"{train_storage.rsplit('/', 1)[0]}/{SPACE_FILE}"
+
+
+def worker_bundle(cfg: TrialConfig) -> dict[str, float]:
+    """One Ray Train worker's resources as a node must offer them."""
+    need = cfg.worker_resources()
+    if cfg.accelerator_type:
+        need[f"accelerator_type:{cfg.accelerator_type}"] = 0.001
+    return need
+
+
+def slots(node: dict, need: dict) -> int:
+    """How many workers needing `need` fit on a node with resources `node`."""
+    return min(math.floor(node.get(k, 0) / v + 1e-9) for k, v in need.items())
+
+
+def trials_that_fit(cfg: TrialConfig, nodes: list[dict]) -> int:
+    """Trials whose worker groups fit on these nodes at once, under the trial's placement."""
+    per_node = [slots(node, worker_bundle(cfg)) for node in nodes]
+    if cfg.placement == "strict_pack":
+        return sum(n // cfg.num_workers for n in per_node)
+    if cfg.placement == "strict_spread":  # each trial's workers on distinct nodes
+        trials = 0
+        while sum(min(n, trials + 1) for n in per_node) >= (trials + 1) * cfg.num_workers \
+                and sum(n > 0 for n in per_node) >= cfg.num_workers:
+            trials += 1
+        return trials
+    return sum(per_node) // cfg.num_workers
+
+
+def autoscaler_node_types() -> list[dict] | None:
+    """Resources of each node type an autoscaler may start; [] when it does not say which,
+    None when the cluster has no autoscaler (it is what is up now)."""
+    from ray._private import state
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    config = state.state.get_cluster_config()  # autoscaler v2 publishes its node types
+    if config is not None:
+        return [dict(group.resources) for group in config.node_group_configs]
+    return [] if _internal_kv_get("__autoscaling_status") else None
+
+
+def plan_concurrency(space: Space, max_concurrent: int | None, num_samples: int) -> int:
+    """How many trials run at once; ConfigError for a trial no node of the cluster can ever run.
+
+    A fixed cluster runs what fits on it. On an autoscaling cluster the search decides (its
+    n_startup_trials independent draws), and trials that do not fit yet wait while their
+    pending worker groups ask the autoscaler for nodes."""
     cfg = space.trial_config()
-    have = ray.cluster_resources()
-    cpu_need = cfg.num_workers * cfg.cpus_per_worker + DRIVER_CPU
-    gpu_need = cfg.num_workers if cfg.use_gpu else 0
-    fits = math.floor(have.get("CPU", 0) / cpu_need + 1e-9)
-    if gpu_need:
-        fits = min(fits, math.floor(have.get("GPU", 0) / gpu_need + 1e-9))
-    if fits < 1:
-        raise ConfigError(
-            f"a trial needs {cpu_need:g} CPUs and {gpu_need} GPUs ({cfg.num_workers} workers), "
-            f"the cluster has {have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs "
-            "(set resources.workers / resources.use_gpu / resources.cpus_per_worker)")
-    limit = max_concurrent or space.study.max_concurrent or fits
-    return min(limit, fits)
+    alive = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    node_types = autoscaler_node_types()
+    need = worker_bundle(cfg)
+    what = ", ".join(f"{k} {v:g}" for k, v in need.items())
+    if node_types is None or node_types:
+        candidates = alive + (node_types or [])
+        if not any(slots(node, need) for node in candidates):
+            raise ConfigError(
+                f"no node of this cluster can run a trial's worker ({what}); set resources.workers, "
+                "resources.use_gpu, resources.cpus_per_worker or resources.custom to what its "
+                "nodes offer")
+    fits_now = trials_that_fit(cfg, alive)
+    limit = max_concurrent or space.study.max_concurrent
+    if node_types is None:  # nothing will be added: run what fits
+        if fits_now < 1:
+            raise ConfigError(
+                f"this cluster cannot hold one trial's {cfg.num_workers} workers ({what} each, "
+                f"placement {cfg.placement}); lower resources.workers or change resources.placement")
+        return min(limit or fits_now, fits_now)
+    if fits_now < 1:
+        print(f"raysd: no node can take a trial's {cfg.num_workers} worker(s) ({what}) yet; "
+              "waiting for the autoscaler to add nodes", flush=True)
+    return limit or max(1, min(num_samples, space.study.n_startup_trials or num_samples))
 
 
 def ensure_ray(address: str | None, verbose: bool) -> None:
@@ -110,10 +181,9 @@ def ensure_ray(address: str | None, verbose: bool) -> None:
     if address:
         ray.init(address=address, **kwargs)
         return
-    # Local Ray: one extra logical CPU for the trial drivers, which only wait on their runs,
-    # and every server on loopback (Ray would otherwise bind this machine's network address).
+    # Local Ray, every server on loopback (Ray would otherwise bind the network address).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    start_local_ray(num_cpus=(os.cpu_count() or 1) + 1, **kwargs)
+    start_local_ray(num_cpus=os.cpu_count() or 1, **kwargs)
 
 
 def start_local_ray(**kwargs) -> None:
@@ -153,25 +223,27 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     store = Store(study_uri)
     storage, name = study_uri.rstrip("/").rsplit("/", 1)
+    total = num_samples or space.study.num_samples
+    # Everything that can refuse the study runs before its folder is written.
+    if not resume and (store.exists("results", TRIALS) or store.exists("tuner.pkl")):
+        raise ConfigError(f"study {study_uri} already exists: use --resume {study_uri} or "
+                          "another --name")
+    concurrency = plan_concurrency(space, max_concurrent, total)
+    check_shared_storage(study_uri)
     if not resume:
-        if store.exists("results", TRIALS) or store.exists("tuner.pkl"):
-            raise ConfigError(f"study {study_uri} already exists: use --resume {study_uri} or "
-                              "another --name")
-        store.write_text(yaml.safe_dump({**space.doc, "search": _search_doc(space),
-                                         "study": dataclasses.asdict(space.study)}, sort_keys=False),
-                         SPACE_FILE)
-    concurrency = cluster_capacity(space, max_concurrent)
+        study = {**dataclasses.asdict(space.study), "num_samples": total}
+        store.write_text(yaml.safe_dump({**space.doc, "search": _search_doc(space), "study": study},
+                                        sort_keys=False), SPACE_FILE)
     if space.doc.get("weights") == "builtin:demo":
         from raysd.bootstrap import demo_weights_dir
 
         demo_weights_dir(space.doc["model"])  # build once here, not in every trial at once
     trainable = tune.with_resources(
         tune.with_parameters(trial_driver, space=space, train_storage=f"{study_uri}/train"),
-        {"cpu": DRIVER_CPU},
+        tune.PlacementGroupFactory([DRIVER_BUNDLE]),
     )
     callbacks = [StudyRecorder(space, study_uri, staging_dir(study_uri)),
-                 ProgressPrinter(space.study.metric, space.study.mode,
-                                 num_samples or space.study.num_samples)]
+                 ProgressPrinter(space.study.metric, space.study.mode, total)]
     if resume:
         tuner = tune.Tuner.restore(study_uri, trainable=trainable, resume_errored=True,
                                    resume_unfinished=True)
@@ -180,14 +252,13 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
             trainable,
             tune_config=tune.TuneConfig(search_alg=_searcher(space),
                                         scheduler=_scheduler(space),
-                                        num_samples=num_samples or space.study.num_samples,
-                                        max_concurrent_trials=concurrency),
+                                        num_samples=total, max_concurrent_trials=concurrency),
             run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks,
                                       verbose=1 if verbose else 0,
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
-    tuner.fit()
-    return summarize(study_uri, space)
+    tuner.fit()  # on Ctrl-C, Tune saves its state and returns early
+    return summarize(study_uri, space, total)
 
 
 class StageAwareOptunaSearch(OptunaSearch):
@@ -239,6 +310,41 @@ def _search_doc(space: Space) -> dict:
     return out
 
 
+def check_shared_storage(study_uri: str) -> None:
+    """A local storage path must be the same folder on every node (NFS and the like).
+
+    A marker written here must be visible from each alive node; trials on nodes that join
+    later are checked by their workers (train.py) before they train."""
+    if "://" in study_uri or len([n for n in ray.nodes() if n["Alive"]]) < 2:
+        return
+    probe = Path(study_uri).parent / f".raysd-shared-{uuid.uuid4().hex}"
+    probe.parent.mkdir(parents=True, exist_ok=True)
+    probe.write_text("raysd")
+    try:
+        unseen = [node for node, seen in nodes_seeing(str(probe)).items() if not seen]
+    finally:
+        probe.unlink()
+    if unseen:
+        raise ConfigError(
+            f"--storage {Path(study_uri).parent}: a local folder that node {unseen[0]} cannot see; "
+            "a multi-node cluster needs shared storage: an NFS/EFS/Filestore mount present on "
+            "every node, or s3://bucket/path, gs://bucket/path")
+
+
+def nodes_seeing(path: str) -> dict[str, bool]:
+    """node id -> whether `path` exists there, asked of every alive node."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def exists(p: str) -> bool:
+        return os.path.exists(p)
+
+    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    refs = [exists.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+            .remote(path) for node in nodes]
+    return dict(zip(nodes, ray.get(refs, timeout=120)))
+
+
 def load_study_space(study_uri: str) -> Space:
     """The space a study was started with (saved beside its results), for --resume and report."""
     store = Store(study_uri)
@@ -248,12 +354,12 @@ def load_study_space(study_uri: str) -> Space:
                            name=study_uri.rstrip("/").rsplit("/", 1)[-1])
 
 
-def summarize(study_uri: str, space: Space) -> StudyOutcome:
+def summarize(study_uri: str, space: Space, total: int) -> StudyOutcome:
     store = Store(study_uri)
     rows = store.read_rows("results", TRIALS)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "stopped", "failed")}
     metric, sign = space.study.metric, (1 if space.study.mode == "max" else -1)
     scored = [r for r in rows if r["status"] == "completed" and r.get(metric) is not None]
     best = max(scored, key=lambda r: sign * r[metric]) if scored else None
-    return StudyOutcome(study_uri, best, counts)
+    return StudyOutcome(study_uri, best, counts, finished=len(rows) >= total)
 

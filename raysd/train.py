@@ -1,6 +1,7 @@
 """Ray Train glue: one worker of one trial. DDP, reports, checkpoints; the method is in recipe.py."""
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -10,32 +11,68 @@ import torch
 import torch.distributed as dist
 
 from raysd.config import TrialConfig
-from raysd.data import load_task
+from raysd.data import DataError, load_task
+from raysd.errors import ConfigError
 from raysd.models.weights import load_backbone
-from raysd.recipe import Hooks, run_trial
+from raysd.recipe import Hooks, NonFiniteLoss, run_trial
 
 STATE_FILE = "state.pt"
+# A worker's report of an error that a retry would only repeat; the trial driver fails on it.
+FATAL = "raysd_fatal_error"
 
 
 def train_worker(config: dict) -> None:
-    """Ray Train's train_loop_per_worker: resume if a checkpoint exists, then run every stage."""
-    cfg: TrialConfig = config["trial"]
+    """Ray Train's train_loop_per_worker: resume if a checkpoint exists, then run every stage.
+
+    Errors that every rank meets alike and that would recur on a retry (bad data or weights, a
+    diverged loss, which all ranks see through an all-reduce) end the run with a FATAL report
+    instead of an exception, because Ray Train retries every exception a worker raises."""
     ctx = ray.train.get_context()
+    try:
+        _run(config["trial"], config.get("study_marker"), ctx)
+    except (ConfigError, NonFiniteLoss) as err:
+        ray.train.report({FATAL: f"{type(err).__name__}: {err}"})
+    except DataError as err:
+        if ctx.get_world_size() > 1:  # met by this rank alone: the others wait in an all-reduce
+            raise
+        ray.train.report({FATAL: f"{type(err).__name__}: {str(err).strip().splitlines()[-1]}"})
+
+
+def _run(cfg: TrialConfig, study_marker: str | None, ctx) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if study_marker and not os.path.exists(study_marker):
+        raise ConfigError(f"storage {Path(study_marker).parent.parent} is not visible on node "
+                          f"{ray.get_runtime_context().get_node_id()[:12]}: a multi-node cluster "
+                          "needs shared storage (an NFS mount on every node, s3://, gs://)")
 
     resume = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            resume = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+            # Tensors and plain values only: a checkpoint on shared storage cannot run code.
+            resume = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
 
-    init = load_backbone(cfg.model, cfg.weights)
+    # Hub downloads (hf:, timm:) and the demo's cache are made once per node: its local rank 0
+    # loads first while the node's other ranks wait, then read the cache it filled.
+    first = ctx.get_local_rank() == 0
+    if first:
+        init = load_backbone(cfg.model, cfg.weights)
+    if world > 1:
+        dist.barrier()
+    if not first:
+        init = load_backbone(cfg.model, cfg.weights)
     spec = getattr(init, "spec", None)
     task = load_task(cfg.data, image_size=spec.img_size if spec else None,
                      tokenizer=getattr(init, "tokenizer", None), max_length=cfg.max_length)
+    nodes = _node_ids(world)
+    # Worker-group restarts so far; recipe.run_trial counts the same in its summary.
+    attempt = resume["summary"].get("restarts", 0) + 1 if resume else 0
 
     def report(metrics: dict, state: dict | None) -> None:
+        metrics = {**metrics, "attempt": attempt}
+        if metrics.get("trial_done"):  # the trial's last row: where its ranks ran
+            metrics = {**metrics, "worker_nodes": ",".join(nodes), "num_nodes": len(set(nodes))}
         # ray.train.report is a barrier: every rank calls it; rank 0 alone writes the state.
         if state is None or rank != 0:
             ray.train.report(metrics)
@@ -55,3 +92,13 @@ def train_worker(config: dict) -> None:
         autocast=torch.bfloat16 if device.type == "cuda" else None,
     )
     run_trial(cfg, task, init, hooks)
+
+
+def _node_ids(world: int) -> list[str]:
+    """The Ray node id of every rank, in rank order."""
+    mine = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return [mine]
+    nodes: list = [None] * world
+    dist.all_gather_object(nodes, mine)
+    return nodes

@@ -41,11 +41,11 @@ class Recorder:
 def test_each_method_runs_its_stages_and_reports_real_metrics(digits, method, stages):
     rec = Recorder()
     out = run_trial(tiny_config(method=method), digits, _init(), rec.hooks)
-    assert [r["stage"] for r in rec.rows if not r.get("done")][::2] == stages
+    assert [r["stage"] for r in rec.rows if not r.get("trial_done")][::2] == stages
     for split in ("val", "test", "train"):
         assert 0.0 <= out[f"{split}_accuracy"] <= 1.0
         assert math.isfinite(out[f"{split}_loss"])
-    assert rec.rows[-1]["done"] and rec.rows[-1]["val_accuracy"] == out["val_accuracy"]
+    assert rec.rows[-1]["trial_done"] and rec.rows[-1]["val_accuracy"] == out["val_accuracy"]
     assert out["init_distance"] > 0
     assert all(f"seconds_{s}" in out or f"seconds_{s}_1" in out for s in stages)
 

@@ -10,6 +10,10 @@ from torch.utils.data import Dataset
 from raysd.errors import ConfigError
 
 
+class DataError(RuntimeError):
+    """An example that cannot be read (a corrupt image): found while training, not before."""
+
+
 @dataclasses.dataclass
 class Task:
     """A labelled target task; `unlabelled` is D_u (train without labels or augmentation)."""
@@ -48,7 +52,38 @@ def load_task(source: str, *, image_size: int | None = None, tokenizer: Any = No
 
         loader = jsonl_task if kind == "jsonl" else hfdisk_task
         return loader(path, tokenizer, max_length, source)
-    raise ConfigError(
-        f"data {source!r}: unknown source (use builtin:digits, builtin:text, imagefolder:DIR, "
-        "jsonl:DIR or hfdisk:DIR)"
-    )
+    raise _unknown(source)
+
+
+def _unknown(source: str) -> ConfigError:
+    return ConfigError(f"data {source!r}: unknown source (use builtin:digits, builtin:text, "
+                       "imagefolder:DIR, jsonl:DIR or hfdisk:DIR)")
+
+
+def check_source(source: str, min_train: int) -> None:
+    """What can be known of a data source without decoding it, before Ray starts: it exists,
+    every split has the same classes (at least 2), and train holds at least `min_train`
+    examples (the largest global batch). ConfigError names the file, line or folder."""
+    kind, _, arg = source.partition(":")
+    if kind == "builtin":
+        if arg not in ("digits", "text"):
+            raise ConfigError(f"data {source!r}: unknown builtin set (builtin:digits, builtin:text)")
+        return
+    if kind not in ("imagefolder", "jsonl", "hfdisk"):
+        raise _unknown(source)
+    path = Path(arg).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"data {source!r}: directory {path} does not exist")
+    if kind == "hfdisk":
+        return  # the splits are read by `datasets` in the worker
+    if kind == "imagefolder":
+        from raysd.data.images import scan_imagefolder as scan
+    else:
+        from raysd.data.text import scan_jsonl as scan
+    train_size, num_classes = scan(path, source)
+    if num_classes < 2:
+        raise ConfigError(f"data {source!r}: train has {num_classes} class; a classification task "
+                          "needs at least 2")
+    if train_size < min_train:
+        raise ConfigError(f"data {source!r}: train has {train_size} examples, fewer than the global "
+                          f"batch of {min_train}")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
-from raysd.data import Task
+from raysd.data import DataError, Task
 from raysd.errors import ConfigError
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -84,18 +84,20 @@ def imagefolder_task(root: Path, image_size: int, source: str) -> Task:
         transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
         transforms.ToTensor(), transforms.Normalize(MEAN.flatten().tolist(), STD.flatten().tolist()),
     ])
-    for split in ("train", "test"):
-        if not (root / split).is_dir():
-            raise ConfigError(f"data {source!r}: missing folder {root / split}")
+    classes = _class_folders(root, source)
+
+    class TrainIndexed(datasets.ImageFolder):
+        """Every split takes train's class indices, so a class missing from one is an error
+        (scan_imagefolder) and never a silent relabelling."""
+
+        def find_classes(self, directory):
+            return classes["train"], {name: i for i, name in enumerate(classes["train"])}
 
     def folder(split: str, transform) -> Dataset:
-        try:
-            return _Labelled(datasets.ImageFolder(str(root / split), transform=transform))
-        except (FileNotFoundError, RuntimeError) as err:
-            raise ConfigError(f"data {source!r}: {root / split} has no class folders with images ({err})") from None
+        return _Labelled(TrainIndexed(str(root / split), transform=transform))
 
     train_plain, train_aug = folder("train", plain), folder("train", augment)
-    num_classes = len(train_plain.inner.classes)
+    num_classes = len(classes["train"])
     test = folder("test", plain)
     if (root / "val").is_dir():
         val = folder("val", plain)
@@ -104,6 +106,38 @@ def imagefolder_task(root: Path, image_size: int, source: str) -> Task:
         val = Subset(train_plain, val_idx.tolist())
         train_plain, train_aug = Subset(train_plain, train_idx.tolist()), Subset(train_aug, train_idx.tolist())
     return Task(source, "image", num_classes, train_aug, train_plain, val, test, ("accuracy",))
+
+
+def _class_folders(root: Path, source: str) -> dict[str, list[str]]:
+    """Sorted class folders (those holding at least one image) of each split; all must agree."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    classes = {}
+    for split in ("train", "val", "test"):
+        folder = root / split
+        if not folder.is_dir():
+            if split == "val":
+                continue
+            raise ConfigError(f"data {source!r}: missing folder {folder}")
+        classes[split] = sorted(d.name for d in folder.iterdir() if d.is_dir() and any(
+            f.suffix.lower() in IMG_EXTENSIONS for f in d.rglob("*") if f.is_file()))
+    for split, names in classes.items():
+        if names != classes["train"]:
+            missing = sorted(set(classes["train"]) ^ set(names))
+            raise ConfigError(f"data {source!r}: {root / split} and {root / 'train'} must have the "
+                              f"same class folders (differ in: {', '.join(missing) or 'none'})")
+    return classes
+
+
+def scan_imagefolder(root: Path, source: str) -> tuple[int, int]:
+    """(training examples, classes), counting files without decoding them."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    classes = _class_folders(root, source)["train"]
+    files = sum(1 for c in classes for f in (root / "train" / c).rglob("*")
+                if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS)
+    held_out = 0 if (root / "val").is_dir() else len(split_indices(files, (0.9,))[1])
+    return files - held_out, len(classes)
 
 
 class _Labelled(Dataset):
@@ -116,5 +150,8 @@ class _Labelled(Dataset):
         return len(self.inner)
 
     def __getitem__(self, i: int) -> dict:
-        x, y = self.inner[i]
+        try:
+            x, y = self.inner[i]
+        except (OSError, ValueError) as err:  # PIL: truncated or not an image
+            raise DataError(f"{self.inner.samples[i][0]}: cannot read image ({err})") from None
         return {"x": x, "y": y}

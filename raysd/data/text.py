@@ -168,11 +168,15 @@ def _read_jsonl(path: Path, source: str) -> list[tuple[str, Any, int]]:
     if not path.is_file():
         raise ConfigError(f"data {source!r}: missing file {path}")
     rows = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            where = f"data {source!r}: {path} line {number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ConfigError(f"{where}: not UTF-8 (byte {err.start})") from None
             if not line.strip():
                 continue
-            where = f"data {source!r}: {path} line {number}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
@@ -190,10 +194,8 @@ def _read_jsonl(path: Path, source: str) -> list[tuple[str, Any, int]]:
     return rows
 
 
-def jsonl_task(path: Path, tokenizer: Any, max_length: int, source: str) -> Task:
-    """DIR/train.jsonl, dev.jsonl, test.jsonl; one {"text", "label"} object per line."""
-    _need_tokenizer(tokenizer, source)
-    path = Path(path)
+def _jsonl_splits(path: Path, source: str) -> tuple[dict[str, tuple[list[str], list[int]]], int]:
+    """Every split's texts and class indices (train's sorted labels), and the class count."""
     files = {"train": path / "train.jsonl", "val": path / "dev.jsonl", "test": path / "test.jsonl"}
     rows = {split: _read_jsonl(file, source) for split, file in files.items()}
     # Sorted labels -> 0..C-1; ints sort before strings so mixed files still sort.
@@ -206,7 +208,20 @@ def jsonl_task(path: Path, tokenizer: Any, max_length: int, source: str) -> Task
                 raise ConfigError(f"data {source!r}: {files[split]} line {number}: label {label!r} "
                                   "does not occur in train.jsonl")
         splits[split] = ([t for t, _, _ in split_rows], [index[y] for _, y, _ in split_rows])
-    return _task(source, splits, len(classes), tokenizer, max_length)
+    return splits, len(classes)
+
+
+def scan_jsonl(path: Path, source: str) -> tuple[int, int]:
+    """(training examples, classes), after checking every line of every file."""
+    splits, num_classes = _jsonl_splits(Path(path), source)
+    return len(splits["train"][0]), num_classes
+
+
+def jsonl_task(path: Path, tokenizer: Any, max_length: int, source: str) -> Task:
+    """DIR/train.jsonl, dev.jsonl, test.jsonl; one {"text", "label"} object per line."""
+    _need_tokenizer(tokenizer, source)
+    splits, num_classes = _jsonl_splits(Path(path), source)
+    return _task(source, splits, num_classes, tokenizer, max_length)
 
 
 # ---- hfdisk:DIR -----------------------------------------------------------------------------

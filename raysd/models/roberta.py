@@ -104,10 +104,11 @@ class MaskedLMRoberta(Backbone):
         corrupted, labels = self.mask_tokens(batch["input_ids"], batch["attention_mask"], mask_ratio)
         return self.mlm_loss(corrupted, batch["attention_mask"], labels)
 
-    def load_hf(self, name_or_path: str) -> None:
+    def load_hf(self, name_or_path: str, revision: str | None = None) -> None:
         """Encoder, LM head and tokenizer from a transformers RobertaForMaskedLM (hub id or dir)."""
         try:
-            hf, info = RobertaForMaskedLM.from_pretrained(name_or_path, output_loading_info=True)
+            hf, info = RobertaForMaskedLM.from_pretrained(name_or_path, revision=revision,
+                                                          output_loading_info=True)
         except (OSError, ValueError) as err:
             raise ConfigError(f"weights {name_or_path!r}: {str(err).splitlines()[0]}") from None
         differ = [f"{k} {getattr(hf.config, k)} (model has {getattr(self.config, k)})"
@@ -120,13 +121,13 @@ class MaskedLMRoberta(Backbone):
                               f"{missing[0]} and {len(missing) - 1} more)")
         self.encoder.load_state_dict(hf.roberta.state_dict())
         self.decoder.load_state_dict(hf.lm_head.state_dict())  # copies the tied matrix into ours
-        self.load_tokenizer(name_or_path)
+        self.load_tokenizer(name_or_path, revision)
 
-    def load_tokenizer(self, name_or_path: str) -> None:
+    def load_tokenizer(self, name_or_path: str, revision: str | None = None) -> None:
         from transformers import AutoTokenizer
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
         except (OSError, ValueError) as err:
             first = str(err).splitlines()[0]
             raise ConfigError(f"weights {name_or_path!r}: no tokenizer ({first})") from None

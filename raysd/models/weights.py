@@ -1,15 +1,18 @@
 """Where theta_init, phi_init come from: a hub name, a local directory, the demo's cache, or none.
 
 Sources: `none` (random), `builtin:demo` (tiny ViT MAE-pre-trained by raysd on first use),
-`hf:ID` (Hugging Face ViTMAE / RoBERTa checkpoint, encoder and decoder), `timm:NAME`
+`hf:ID[@REVISION]` (Hugging Face ViTMAE / RoBERTa checkpoint, encoder and decoder; a revision
+- branch, tag or commit - pins what a study downloads), `timm:NAME`
 (timm encoder weights, fresh decoder), or a local directory saved by raysd or by transformers.
 """
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -56,7 +59,7 @@ def load_backbone(model_name: str, weights: str) -> nn.Module:
 
         return _load_dir(backbone, demo_weights_dir(model_name), model_name)
     if weights.startswith("hf:"):
-        return _load_hf(backbone, fam, weights[3:])
+        return _load_hf(backbone, fam, *hub_id(weights))
     if weights.startswith("timm:"):
         if fam != "vit":
             raise ConfigError(f"weights {weights!r}: timm weights only apply to ViT models")
@@ -65,10 +68,70 @@ def load_backbone(model_name: str, weights: str) -> nn.Module:
         source = timm.create_model(weights[5:], pretrained=True, num_classes=0)
         _load_state(backbone.encoder, source.state_dict(), weights, strict=False)
         return backbone
+    return _load_dir(backbone, _local_dir(weights), model_name)
+
+
+def _local_dir(weights: str) -> Path:
     path = Path(weights).expanduser()
     if not path.is_dir():
         raise ConfigError(f"weights {weights!r}: not a directory, and not none/builtin:demo/hf:/timm:")
-    return _load_dir(backbone, path, model_name)
+    return path
+
+
+def hub_id(weights: str) -> tuple[str, str | None]:
+    """`hf:ID@REVISION` -> (ID, REVISION or None)."""
+    name, _, revision = weights[3:].partition("@")
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) and not Path(name).expanduser().is_dir():
+        raise ConfigError(f"weights {weights!r}: expected hf:OWNER/NAME[@REVISION] or hf:DIR")
+    if "@" in weights and not re.fullmatch(r"[\w./-]+", revision):
+        raise ConfigError(f"weights {weights!r}: empty or malformed revision after '@'")
+    return name, revision or None
+
+
+def check_weights(model_name: str, weights: str) -> None:
+    """Everything knowable about a weights source without the network or loading tensors:
+    the source exists, is in a known format, and fits `model_name`. ConfigError otherwise."""
+    fam = models.family(model_name)
+    if weights in ("", "none"):
+        return
+    if weights == "builtin:demo":
+        if fam != "vit":
+            raise ConfigError(f"weights 'builtin:demo' exist for ViT models only, not {model_name!r}")
+        return
+    if weights.startswith("hf:"):
+        hub_id(weights)
+        return
+    if weights.startswith("timm:"):
+        import timm
+
+        if fam != "vit":
+            raise ConfigError(f"weights {weights!r}: timm weights only apply to ViT models")
+        if not timm.is_model(weights[5:].split(".")[0]):
+            raise ConfigError(f"weights {weights!r}: timm has no model {weights[5:].split('.')[0]!r}")
+        return
+    path = _local_dir(weights)
+    if (path / RAYSD_META).exists():
+        meta = json.loads((path / RAYSD_META).read_text())
+        if meta.get("model") != model_name:
+            raise ConfigError(f"weights {path}: saved for model {meta.get('model')!r}, not {model_name!r}")
+        if not (path / WEIGHTS_FILE).is_file():
+            raise ConfigError(f"weights {path}: {WEIGHTS_FILE} is missing")
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in models.build(model_name).state_dict().items()}
+        with safe_open(str(path / WEIGHTS_FILE), "pt") as saved:
+            found = {k: tuple(saved.get_slice(k).get_shape()) for k in saved.keys()}
+        differ = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+        if differ:
+            raise ConfigError(f"weights {path}: do not fit {model_name} ({differ[0]}: saved "
+                              f"{found.get(differ[0])}, model {expected.get(differ[0])})")
+        return
+    if (path / "config.json").exists():
+        kind = json.loads((path / "config.json").read_text()).get("model_type")
+        wanted = {"vit": "vit_mae", "roberta": "roberta"}[fam]
+        if kind != wanted:
+            raise ConfigError(f"weights {path}: a {kind!r} checkpoint, {model_name} needs {wanted!r}")
+        return
+    raise ConfigError(f"weights {path}: no {RAYSD_META} or config.json inside")
 
 
 def _load_dir(backbone: nn.Module, path: Path, model_name: str) -> nn.Module:
@@ -85,14 +148,15 @@ def _load_dir(backbone: nn.Module, path: Path, model_name: str) -> nn.Module:
     raise ConfigError(f"weights {path}: no {RAYSD_META} or config.json inside")
 
 
-def _load_hf(backbone: nn.Module, fam: str, name_or_path: str) -> nn.Module:
+def _load_hf(backbone: nn.Module, fam: str, name_or_path: str,
+             revision: str | None = None) -> nn.Module:
     if fam == "vit":
         from transformers import ViTMAEForPreTraining
 
-        hf = ViTMAEForPreTraining.from_pretrained(name_or_path)
+        hf = ViTMAEForPreTraining.from_pretrained(name_or_path, revision=revision)
         _load_state(backbone, vit_state_from_hf(hf.state_dict()), name_or_path)
     else:
-        backbone.load_hf(name_or_path)
+        backbone.load_hf(name_or_path, revision)
     return backbone
 
 

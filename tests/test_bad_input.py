@@ -1,0 +1,153 @@
+"""Bad input found before Ray starts: one line naming what is wrong, exit 2, no traceback,
+nothing written. Every case points at an unreachable Ray address, so an input that slipped
+through would fail to connect (exit 1) instead of passing quietly."""
+import json
+
+import pytest
+from PIL import Image
+
+from raysd import cli, models
+from raysd.models.weights import save_backbone
+
+NOWHERE = ["--address", "127.0.0.1:1"]
+
+
+def _images(root, split, classes, per_class=2):
+    for name in classes:
+        folder = root / split / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(folder / f"{i}.png")
+
+
+def _jsonl(root, lines: dict[str, list]):
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("train", "dev", "test"):
+        rows = lines.get(name, [{"text": "a b c", "label": "x"}, {"text": "d e f", "label": "y"}])
+        (root / f"{name}.jsonl").write_bytes(
+            b"\n".join(r if isinstance(r, bytes) else json.dumps(r).encode() for r in rows) + b"\n")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Data folders, weights folders and a space file, each wrong in one way."""
+    root = tmp_path_factory.mktemp("inputs")
+    _images(root / "one_class", "train", ["a"])
+    _images(root / "one_class", "test", ["a"])
+    _images(root / "val_lacks_class", "train", ["a", "b"])
+    _images(root / "val_lacks_class", "val", ["a"])
+    _images(root / "val_lacks_class", "test", ["a", "b"])
+    _images(root / "tiny", "train", ["a", "b"], per_class=3)
+    _images(root / "tiny", "test", ["a", "b"])
+    _jsonl(root / "no_label", {"train": [{"text": "a"}, {"text": "b", "label": "y"}]})
+    _jsonl(root / "not_utf8", {"dev": [{"text": "a", "label": "x"}, b'{"text": "\xff\xfe", "label": "x"}']})
+    _jsonl(root / "bad_json", {"test": [b"{not json"]})
+    _jsonl(root / "unseen_label", {"dev": [{"text": "a", "label": "z"}]})
+    _jsonl(root / "one_label", {n: [{"text": "a", "label": "x"}] * 2 for n in ("train", "dev", "test")})
+    save_backbone(models.build("vit_tiny"), root / "vit_tiny_weights", "vit_tiny")
+    shapes = root / "renamed_model"
+    save_backbone(models.build("vit_tiny"), shapes, "vit_tiny")
+    meta = json.loads((shapes / "raysd.json").read_text())
+    (shapes / "raysd.json").write_text(json.dumps({**meta, "model": "vit_small"}))
+    (root / "empty_dir").mkdir()
+    (root / "hf_bert").mkdir()
+    (root / "hf_bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (root / "a_file").write_text("not a folder")
+    (root / "mixed.yaml").write_text(
+        (cli_space_text() + "search:\n  finetune.lr: {type: choice, choices: [none, 0.001]}\n"))
+    (root / "step_log.yaml").write_text(
+        (cli_space_text() + "search:\n  mask_ratio: {type: float, low: 0.5, high: 0.9, step: 0.1, log: true}\n"))
+    (root / "workers_range.yaml").write_text(
+        (cli_space_text() + "search:\n  resources.workers: {type: int, low: 1, high: 3}\n"))
+    (root / "gpu_string.yaml").write_text(cli_space_text().replace("use_gpu: false", 'use_gpu: "false"'))
+    (root / "bad_scheduler.yaml").write_text(
+        cli_space_text().replace("study:\n", "study:\n  scheduler: {type: asha, grace_period: 0}\n"))
+    return root
+
+
+def cli_space_text() -> str:
+    """The demo space without its search section (cases append their own)."""
+    from raysd.spaces import available
+
+    text = available()["demo"].read_text()
+    return text[: text.index("search:")]
+
+
+D = "{root}"  # replaced by the fixture's folder
+CASES = {
+    # from issue 7's measurements
+    "weights dir missing": (["--set", "weights=/no/such/dir"], "weights '/no/such/dir': not a directory"),
+    "image folder with one class": (["--data", f"imagefolder:{D}/one_class"], "train has 1 class"),
+    "jsonl line without label": (["--data", f"jsonl:{D}/no_label", "--set", "model=roberta_tiny",
+                                  "--set", "weights=none"], "train.jsonl line 1: needs an object"),
+    "storage under a file": (["--storage", f"{D}/a_file/studies"], "a_file is a file, not a folder"),
+    "name dot dot": (["--name", ".."], "--name '..'"),
+    "val lacks a class": (["--data", f"imagefolder:{D}/val_lacks_class"], "must have the same class folders"),
+    "choices mix none and numbers": (["--space", f"{D}/mixed.yaml"], "choices must all be numbers"),
+    "set value not yaml": (["--set", "finetune.lr=["], "VALUE is not valid YAML"),
+    "step with log": (["--space", f"{D}/step_log.yaml"], "search.mask_ratio"),
+    "use_gpu as a string": (["--space", f"{D}/gpu_string.yaml"], "resources.use_gpu: must be true or false"),
+    # issue 7, item 6
+    "weights for another model": (["--set", f"weights={D}/renamed_model"], "saved for model 'vit_small'"),
+    "weights of a wrong format": (["--set", f"weights={D}/empty_dir"], "no raysd.json or config.json"),
+    "hf checkpoint of another family": (["--set", f"weights={D}/hf_bert"], "a 'bert' checkpoint"),
+    "unknown timm model": (["--set", "weights=timm:vit_nonexistent_patch3"], "timm has no model"),
+    "demo weights for text": (["--set", "model=roberta_tiny", "--data", "builtin:text"],
+                              "builtin:demo' exist for ViT models only"),
+    "hub id malformed": (["--set", "weights=hf:not a hub id"], "expected hf:OWNER/NAME"),
+    "hub revision empty": (["--set", "weights=hf:facebook/vit-mae-base@"], "malformed revision"),
+    "jsonl not utf8": (["--data", f"jsonl:{D}/not_utf8", "--set", "model=roberta_tiny",
+                        "--set", "weights=none"], "dev.jsonl line 2: not UTF-8"),
+    "jsonl not json": (["--data", f"jsonl:{D}/bad_json", "--set", "model=roberta_tiny",
+                        "--set", "weights=none"], "test.jsonl line 1: not valid JSON"),
+    "jsonl label unseen in train": (["--data", f"jsonl:{D}/unseen_label", "--set", "model=roberta_tiny",
+                                     "--set", "weights=none"], "label 'z' does not occur in train.jsonl"),
+    "jsonl with one label": (["--data", f"jsonl:{D}/one_label", "--set", "model=roberta_tiny",
+                              "--set", "weights=none"], "train has 1 class"),
+    "fewer examples than the batch": (["--data", f"imagefolder:{D}/tiny"], "fewer than the global batch of 64"),
+    "workers range breaks the batch": (["--space", f"{D}/workers_range.yaml"],
+                                       "search.resources.workers: value 3 in its range is invalid"),
+    "boolean given as number": (["--set", "logging.keep_checkpoints=1"],
+                                "logging.keep_checkpoints: must be true or false"),
+    "float where an int belongs": (["--set", "further_pretrain.steps=2.5"],
+                                   "further_pretrain.steps: must be an integer >= 1"),
+    "name with a slash": (["--name", "a/b"], "--name 'a/b'"),
+    "name dot": (["--name", "."], "--name '.'"),
+    "placement unknown": (["--set", "resources.placement=diagonal"], "resources.placement: must be pack"),
+    "custom resource reserved": (["--set", "resources.custom={GPU: 1}"], "resources.custom"),
+    "accelerator without gpu": (["--set", "resources.accelerator_type=A100"], "set only with resources.use_gpu"),
+    "scheduler grace period zero": (["--space", f"{D}/bad_scheduler.yaml"], "study.scheduler.grace_period"),
+    "max failures below -1": (["--set", "study.max_failures=-2"], "study.max_failures: must be an integer >= -1"),
+    "storage scheme unknown": (["--storage", "nosuchscheme://bucket/x"], "--storage nosuchscheme://bucket/x"),
+}
+RESUME_CASES = {
+    "resume with a space": (["tune", "--resume", "{study}", "--space", "demo"], "drop --space"),
+    "resume with a name and sets": (["tune", "--resume", "{study}", "--name", "x", "--set", "seed=1"],
+                                    "drop --set, --name"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_line_exit_2_nothing_written(inputs, tmp_path, capsys, case):
+    flags, message = CASES[case]
+    flags = [f.replace(D, str(inputs)) for f in flags]
+    storage = tmp_path / "out"
+    space = [] if "--space" in flags else ["--space", "demo"]
+    before = sorted(p.name for p in inputs.rglob("*"))
+    code = cli.main(["tune", *space, "--storage", str(storage), *NOWHERE, *flags])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message.replace(D, str(inputs)) in err, err
+    assert err.startswith("raysd: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert not storage.exists()
+    assert sorted(p.name for p in inputs.rglob("*")) == before  # nothing written beside the input
+
+
+@pytest.mark.parametrize("case", sorted(RESUME_CASES))
+def test_flags_that_conflict_with_resume(tmp_path, capsys, case):
+    argv, message = RESUME_CASES[case]
+    study = tmp_path / "study"
+    code = cli.main([a.replace("{study}", str(study)) for a in argv] + NOWHERE)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not study.exists()
