@@ -22,7 +22,7 @@ from raysd.progress import ProgressPrinter
 from raysd.results import TRIALS, StudyRecorder, Store, staging_dir
 from raysd.config import PLACEMENTS, TrialConfig
 from raysd.spaces import Param, Space, load_space_text
-from raysd.train import FATAL, train_worker
+from raysd.train import FATAL_FILE, train_worker
 
 # A trial's driver only waits on trainer.fit(): it takes no CPU and runs on the head, the one
 # node an autoscaler never removes and a spot market never preempts.
@@ -58,9 +58,13 @@ def trial_driver(config: dict, space: Space, train_storage: str) -> None:
     # controller_failure_limit): on an autoscaling cluster the nodes are still coming.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     name = tune.get_context().get_trial_id()
+    fs, run_dir = pafs.FileSystem.from_uri(f"{train_storage}/{name}")
+    fatal = f"{run_dir}/{FATAL_FILE}"
+    fs.create_dir(run_dir, recursive=True)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"trial": cfg, "study_marker": study_marker(train_storage)},
+        train_loop_config={"trial": cfg, "study_marker": study_marker(train_storage),
+                           "fatal_file": f"{train_storage}/{name}/{FATAL_FILE}"},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
             resources_per_worker=cfg.worker_resources(), accelerator_type=cfg.accelerator_type,
@@ -73,15 +77,14 @@ def trial_driver(config: dict, space: Space, train_storage: str) -> None:
         ),
     )
     try:
-        result = trainer.fit()
+        trainer.fit()
     except ray.train.TrainingFailedError as err:
         raise TrialFailed(_root_cause(err)) from None
-    if FATAL in (result.metrics or {}):
-        raise TrialFailed(result.metrics[FATAL])
+    if fs.get_file_info(fatal).type != pafs.FileType.NotFound:
+        with fs.open_input_stream(fatal) as f:
+            raise TrialFailed(f.read().decode())
     if not cfg.keep_checkpoints:  # the trial is recorded; its step checkpoints have no further use
-        fs, root = pafs.FileSystem.from_uri(f"{train_storage}/{name}")
-        if fs.get_file_info(root).type != pafs.FileType.NotFound:
-            fs.delete_dir(root)
+        fs.delete_dir(run_dir)
 
 
 class TrialFailed(RuntimeError):

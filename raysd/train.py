@@ -5,6 +5,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import ray.train
 import ray.train.torch
 import torch
@@ -17,25 +18,27 @@ from raysd.models.weights import load_backbone
 from raysd.recipe import Hooks, NonFiniteLoss, run_trial
 
 STATE_FILE = "state.pt"
-# A worker's report of an error that a retry would only repeat; the trial driver fails on it.
-FATAL = "raysd_fatal_error"
+# Where rank 0 leaves an error that a retry would only repeat; the trial driver fails on it.
+FATAL_FILE = "fatal_error.txt"
 
 
 def train_worker(config: dict) -> None:
     """Ray Train's train_loop_per_worker: resume if a checkpoint exists, then run every stage.
 
     Errors that every rank meets alike and that would recur on a retry (bad data or weights, a
-    diverged loss, which all ranks see through an all-reduce) end the run with a FATAL report
-    instead of an exception, because Ray Train retries every exception a worker raises."""
+    diverged loss, which all ranks see through an all-reduce) are written to `fatal_file` and
+    the workers return, because Ray Train retries every exception a worker raises."""
     ctx = ray.train.get_context()
     try:
         _run(config["trial"], config.get("study_marker"), ctx)
-    except (ConfigError, NonFiniteLoss) as err:
-        ray.train.report({FATAL: f"{type(err).__name__}: {err}"})
-    except DataError as err:
-        if ctx.get_world_size() > 1:  # met by this rank alone: the others wait in an all-reduce
-            raise
-        ray.train.report({FATAL: f"{type(err).__name__}: {str(err).strip().splitlines()[-1]}"})
+    except (ConfigError, NonFiniteLoss, DataError) as err:
+        if isinstance(err, DataError) and ctx.get_world_size() > 1:
+            raise  # met by this rank alone while the others wait in an all-reduce
+        if ctx.get_world_rank() == 0:
+            line = str(err).strip().splitlines()[-1] if str(err).strip() else ""
+            fs, path = pafs.FileSystem.from_uri(config["fatal_file"])
+            with fs.open_output_stream(path) as f:
+                f.write(f"{type(err).__name__}: {line}".encode())
 
 
 def _run(cfg: TrialConfig, study_marker: str | None, ctx) -> None:
@@ -56,11 +59,14 @@ def _run(cfg: TrialConfig, study_marker: str | None, ctx) -> None:
     # Hub downloads (hf:, timm:) and the demo's cache are made once per node: its local rank 0
     # loads first while the node's other ranks wait, then read the cache it filled.
     first = ctx.get_local_rank() == 0
+    # weights: none is a random theta_init: seeded, so every rank and every restart draws the same.
+    torch.manual_seed(cfg.seed)
     if first:
         init = load_backbone(cfg.model, cfg.weights)
     if world > 1:
         dist.barrier()
     if not first:
+        torch.manual_seed(cfg.seed)
         init = load_backbone(cfg.model, cfg.weights)
     spec = getattr(init, "spec", None)
     task = load_task(cfg.data, image_size=spec.img_size if spec else None,

@@ -42,3 +42,15 @@ def ray_local(tmp_path_factory):
     start_local_ray(num_cpus=3, log_to_driver=False, _temp_dir=str(tmp_path_factory.mktemp("ray")))
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def marked_env():
+    """An environment whose RAY_TMPDIR marks every process started with it; they end with the test."""
+    from helpers import kill_processes_mentioning
+
+    marker = tempfile.mkdtemp(prefix="rsj", dir="/tmp")  # short: socket paths are length-limited
+    env = {**os.environ, "RAY_TMPDIR": marker, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    yield env
+    kill_processes_mentioning(marker)

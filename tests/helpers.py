@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
+
+BIN = Path(sys.executable).parent
 
 TINY = [
     "--set", "weights=none",
@@ -31,3 +36,15 @@ def kill_processes_mentioning(marker: str) -> int:
             except ProcessLookupError:
                 pass
     return killed
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ok(args, env, timeout=300) -> subprocess.CompletedProcess:
+    out = subprocess.run([str(a) for a in args], env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{args}: {out.stdout[-2000:]}{out.stderr[-2000:]}"
+    return out

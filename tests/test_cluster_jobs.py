@@ -1,12 +1,10 @@
 """A real `ray job submit` against a two-node `ray start` cluster with token auth, and S3 storage
 against a local moto server. Every process started here is ended here, by its marker."""
 import json
-import os
 import secrets
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -14,43 +12,20 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import TINY, kill_processes_mentioning
+from helpers import BIN, TINY, free_port, run_ok
 
 REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def marked_env():
-    """An environment whose RAY_TMPDIR marks every process started with it."""
-    marker = tempfile.mkdtemp(prefix="rsj", dir="/tmp")  # short: socket paths are length-limited
-    env = {**os.environ, "RAY_TMPDIR": marker, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    env.pop("RAY_ADDRESS", None)
-    yield env
-    kill_processes_mentioning(marker)
-
-
-def _run(args, env, timeout=300):
-    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, f"{args}: {out.stdout[-2000:]}{out.stderr[-2000:]}"
-    return out
 
 
 def test_ray_job_submit_to_a_two_node_cluster_with_token_auth(marked_env, tmp_path):
     # Multi-node needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1; --node-ip-address keeps it on loopback.
     env = {**marked_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
-    gcs, dash = _port(), _port()
-    _run([BIN / "ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+    gcs, dash = free_port(), free_port()
+    run_ok([BIN / "ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
-          "--ray-client-server-port", str(_port()), "--disable-usage-stats"], env)
-    _run([BIN / "ray", "start", "--address", f"127.0.0.1:{gcs}", "--node-ip-address", "127.0.0.1",
+          "--ray-client-server-port", str(free_port()), "--disable-usage-stats"], env)
+    run_ok([BIN / "ray", "start", "--address", f"127.0.0.1:{gcs}", "--node-ip-address", "127.0.0.1",
           "--num-cpus", "2", "--disable-usage-stats"], env)
     address = f"http://127.0.0.1:{dash}"
 
@@ -76,7 +51,7 @@ def test_ray_job_submit_to_a_two_node_cluster_with_token_auth(marked_env, tmp_pa
     assert "succeeded" in job.stdout
     rows = pq.read_table(storage / "job" / "results" / "trials.parquet").to_pylist()
     assert len(rows) == 2 and {r["status"] for r in rows} == {"completed"}
-    nodes = json.loads(_run([BIN / "ray", "list", "nodes", "--address", address, "--format", "json"],
+    nodes = json.loads(run_ok([BIN / "ray", "list", "nodes", "--address", address, "--format", "json"],
                             env).stdout)
     assert len([n for n in nodes if n["state"] == "ALIVE"]) == 2
     print(f"ray job submit -> finished study: {elapsed:.0f} s")
@@ -84,7 +59,7 @@ def test_ray_job_submit_to_a_two_node_cluster_with_token_auth(marked_env, tmp_pa
 
 @pytest.fixture
 def moto_server(marked_env):
-    port = _port()
+    port = free_port()
     server = subprocess.Popen([BIN / "moto_server", "-H", "127.0.0.1", "-p", str(port)],
                               env=marked_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"

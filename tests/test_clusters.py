@@ -144,3 +144,29 @@ def test_rayjob_dashboard_is_cluster_internal_with_token_auth():
     assert head["rayStartParams"].get("dashboard-host") not in ("0.0.0.0", "::")
     with open(RAYJOB) as f:
         assert len(list(yaml.safe_load_all(f))) == 1, "no extra Services / Ingresses"
+
+
+def test_rayjob_pods_run_unprivileged_without_an_api_token():
+    cluster = _load(RAYJOB)["spec"]["rayClusterSpec"]
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [
+        group["template"]["spec"] for group in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+        for container in pod["containers"]:
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_network_policy_admits_only_the_clusters_pods_and_the_operator():
+    policy = _load(CLUSTERS / "kuberay-networkpolicy.yaml")
+    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Ingress"]
+    assert policy["spec"]["podSelector"]["matchLabels"]["ray.io/node-type"] == "head"
+    sources = policy["spec"]["ingress"][0]["from"]
+    assert all(source.get("podSelector", {}).get("matchLabels") for source in sources)  # no wildcard
+    assert len(policy["spec"]["ingress"]) == 1
+
+
+@pytest.mark.parametrize("path", LAUNCHER_CONFIGS, ids=lambda p: p.name)
+def test_nccl_uses_a_real_interface(path):
+    options = " ".join(_load(path)["docker"]["run_options"])
+    assert "NCCL_SOCKET_IFNAME=^lo,docker0" in options

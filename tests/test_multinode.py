@@ -1,0 +1,135 @@
+"""Clusters of several nodes on loopback: one trial's DDP ranks spread over two `ray start` nodes
+(equal to two ranks on one node, and resumed after its second node is killed), and a study on
+Ray's fake autoscaler that must scale up from a head that cannot run a trial.
+Every process started here is ended here, by its marker."""
+import json
+import secrets
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import BIN, TINY, free_port, kill_processes_mentioning, run_ok
+from raysd import cli
+from test_faults import SELF_DISTILL, SLOW_ROUND, checkpoint_position
+
+
+def _raysd(args, env):
+    return subprocess.Popen([sys.executable, "-m", "raysd.cli", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd="/")
+
+
+def _add_node(address: str, name: str, env: dict, cpus: int = 1) -> None:
+    """`ray start` a worker node whose processes all carry RAYSD_TEST_NODE=<name>."""
+    run_ok([BIN / "ray", "start", "--address", address, "--node-ip-address", "127.0.0.1",
+            "--num-cpus", str(cpus), "--disable-usage-stats"], {**env, "RAYSD_TEST_NODE": name})
+
+
+@pytest.fixture
+def two_nodes(marked_env):
+    """A head and one worker node, one CPU each, so a 2-worker trial needs both."""
+    env = {**marked_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}  # multi-node; --node-ip-address keeps loopback
+    gcs = free_port()
+    run_ok([BIN / "ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", gcs,
+            "--dashboard-host", "127.0.0.1", "--dashboard-port", free_port(), "--num-cpus", "1",
+            "--ray-client-server-port", free_port(), "--disable-usage-stats"], env)
+    address = f"127.0.0.1:{gcs}"
+    _add_node(address, "second", env)
+    return address, env
+
+
+def test_ranks_on_two_nodes_match_one_node_and_survive_losing_a_node(ray_local, two_nodes, tmp_path):
+    address, env = two_nodes
+    args = ["run", "--space", "demo", *TINY, *SLOW_ROUND, "--workers", "2"]
+    # Reference: the same trial with both ranks on one node (the session's local Ray).
+    assert cli.main([*args, "--storage", str(tmp_path / "one"), "--name", "pack"]) == 0
+    one = pq.read_table(tmp_path / "one" / "pack" / "results" / "trials.parquet").to_pylist()[0]
+    assert one["num_nodes"] == 1
+
+    shared = tmp_path / "shared"  # the same folder on both nodes, as NFS would be
+    started = time.time()
+    driver = _raysd([*args, "--set", "resources.placement=spread", "--address", address,
+                     "--storage", str(shared), "--name", "spread"], env)
+    killed_at = None
+    deadline = time.time() + 400
+    while killed_at is None and driver.poll() is None and time.time() < deadline:
+        position = checkpoint_position(shared / "spread" / "train")
+        if position and position[0] == SELF_DISTILL and position[1] >= 8:
+            assert kill_processes_mentioning("RAYSD_TEST_NODE=second") > 0  # raylet and its workers
+            killed_at = position
+            _add_node(address, "third", env)  # the replacement the trial waits for
+        time.sleep(0.2)
+    out, _ = driver.communicate(timeout=600)
+    assert driver.returncode == 0, out[-4000:]
+    assert killed_at is not None, "the second node was never killed"
+    wall = time.time() - started
+
+    row = pq.read_table(shared / "spread" / "results" / "trials.parquet").to_pylist()[0]
+    assert row["status"] == "completed" and row["cfg.placement"] == "spread"
+    nodes = row["worker_nodes"].split(",")
+    assert row["num_nodes"] == 2 and len(set(nodes)) == 2  # rank 0 and rank 1 on different nodes
+    assert row["restarts"] == 1 and row["resumed_from"].startswith("self_distill round 1 step ")
+    assert int(row["resumed_from"].split()[-1]) > 0
+    for metric in ("val_accuracy", "test_accuracy", "val_loss", "test_loss", "init_distance"):
+        assert row[metric] == one[metric], metric
+    print(f"two-node trial {wall:.0f} s; ranks on {nodes}; killed at {killed_at}, resumed from "
+          f"{row['resumed_from']}; val_accuracy {row['val_accuracy']:.4f} (one node "
+          f"{one['val_accuracy']:.4f})")
+
+
+def _fake_autoscaler_config(gcs: int) -> dict:
+    """Ray's fake multi-node provider: 'nodes' are raylets started on this machine on demand."""
+    return {
+        "cluster_name": "raysd-fake", "max_workers": 1, "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 5, "head_node_type": "ray.head.default",
+        "provider": {"type": "fake_multinode", "gcs_address": f"127.0.0.1:{gcs}",
+                     "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True},
+        "available_node_types": {
+            # The head can hold trial drivers (they need no CPU) but never a training worker.
+            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+            "ray.worker.trainer": {"resources": {"CPU": 2}, "node_config": {},
+                                   "min_workers": 0, "max_workers": 1},
+        },
+        "auth": {}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+    }
+
+
+def test_study_scales_an_autoscaling_cluster_up_from_zero_workers(marked_env, tmp_path):
+    gcs = free_port()
+    config = tmp_path / "autoscaler.json"
+    config.write_text(json.dumps(_fake_autoscaler_config(gcs)))
+    env = {**marked_env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    run_ok([BIN / "ray", "start", "--head", "--autoscaling-config", config, "--node-ip-address",
+            "127.0.0.1", "--port", gcs, "--num-cpus", "0", "--dashboard-host", "127.0.0.1",
+            "--dashboard-port", free_port(), "--ray-client-server-port", free_port(),
+            "--disable-usage-stats"], env)
+    address = f"127.0.0.1:{gcs}"
+    status = subprocess.run([BIN / "ray", "status", "--address", address], env=env,
+                            capture_output=True, text=True, timeout=60)
+    for _ in range(60):  # the autoscaler's monitor reports itself within seconds of the head
+        if "Autoscaler status" in status.stdout:
+            break
+        time.sleep(1)
+        status = subprocess.run([BIN / "ray", "status", "--address", address], env=env,
+                                capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-m", "raysd.cli", "tune", "--space", "demo", *TINY,
+                          "--num-samples", "2", "--address", address, "--storage", str(tmp_path),
+                          "--name", "scaled"], env=env, capture_output=True, text=True,
+                         timeout=900, cwd="/")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "waiting for the autoscaler" in out.stdout
+    rows = pq.read_table(tmp_path / "scaled" / "results" / "trials.parquet").to_pylist()
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"completed"}
+    nodes = json.loads(run_ok([BIN / "ray", "list", "nodes", "--address", address, "--format",
+                               "json"], env).stdout)
+    assert len(nodes) >= 2  # the autoscaler added the trainer node the trials ran on
+    workers = {r["worker_nodes"] for r in rows}
+    head = [n["node_id"] for n in nodes if n["is_head_node"]]
+    assert head and not workers & set(head)

@@ -1,0 +1,40 @@
+"""An installed wheel (not an editable checkout) knows its spaces and runs a trial, as the
+cluster image (`pip install .`) and KubeRay's RayJob do."""
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from helpers import TINY, run_ok
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_wheel_ships_the_spaces_and_runs_a_trial(marked_env, tmp_path):
+    run_ok([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+            "--wheel-dir", tmp_path / "dist", REPO], marked_env, timeout=600)
+    wheel = next((tmp_path / "dist").glob("raysd-*.whl"))
+    venv = tmp_path / "venv"
+    run_ok([sys.executable, "-m", "venv", venv], marked_env)
+    # The venv takes raysd from the wheel alone; its dependencies come from this environment
+    # (a .pth line adds a folder, not the editable finder that folder holds).
+    site = next((venv / "lib").glob("python*/site-packages"))
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    run_ok([venv / "bin" / "pip", "install", "--quiet", "--no-deps", "--no-index", wheel], marked_env,
+           timeout=600)
+    outside = {**marked_env, "PYTHONPATH": ""}
+    where = run_ok([venv / "bin" / "python", "-c", "import raysd.spaces as s; print(s.SPACES_DIR)"],
+                   outside).stdout.strip()
+    assert where.startswith(str(site)), where  # not the repository's folder
+
+    spaces = run_ok([venv / "bin" / "raysd", "spaces"], outside).stdout.split("\n")
+    assert {"demo", "vit_small", "vit_base_mae", "roberta_base"} <= {line.split()[0] for line in spaces if line}
+
+    out = subprocess.run([venv / "bin" / "raysd", "run", "--space", "demo", *TINY,
+                          "--storage", tmp_path / "s", "--name", "wheel"], env=outside, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    rows = pq.read_table(tmp_path / "s" / "wheel" / "results" / "trials.parquet").to_pylist()
+    assert len(rows) == 1 and rows[0]["status"] == "completed"
