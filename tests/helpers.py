@@ -44,7 +44,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ok(args, env, timeout=300) -> subprocess.CompletedProcess:
-    out = subprocess.run([str(a) for a in args], env=env, capture_output=True, text=True, timeout=timeout)
+def run_ok(args, env, timeout=300, cwd=None) -> subprocess.CompletedProcess:
+    out = subprocess.run([str(a) for a in args], env=env, capture_output=True, text=True,
+                         timeout=timeout, cwd=cwd)
     assert out.returncode == 0, f"{args}: {out.stdout[-2000:]}{out.stderr[-2000:]}"
     return out

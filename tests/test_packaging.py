@@ -26,10 +26,10 @@ def test_wheel_ships_the_spaces_and_runs_a_trial(marked_env, tmp_path):
            timeout=600)
     outside = {**marked_env, "PYTHONPATH": ""}
     where = run_ok([venv / "bin" / "python", "-c", "import raysd.spaces as s; print(s.SPACES_DIR)"],
-                   outside).stdout.strip()
+                   outside, cwd=tmp_path).stdout.strip()
     assert where.startswith(str(site)), where  # not the repository's folder
 
-    spaces = run_ok([venv / "bin" / "raysd", "spaces"], outside).stdout.split("\n")
+    spaces = run_ok([venv / "bin" / "raysd", "spaces"], outside, cwd=tmp_path).stdout.split("\n")
     assert {"demo", "vit_small", "vit_base_mae", "roberta_base"} <= {line.split()[0] for line in spaces if line}
 
     out = subprocess.run([venv / "bin" / "raysd", "run", "--space", "demo", *TINY,
