@@ -182,7 +182,11 @@ def ensure_ray(address: str | None, verbose: bool) -> None:
                   configure_logging=True)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, **kwargs)
+        try:
+            ray.init(address=address, **kwargs)
+        except ConnectionError as err:
+            raise ConfigError(f"--address {address}: no Ray cluster answers there "
+                              f"({str(err).strip().splitlines()[-1]})") from None
         return
     # Local Ray, every server on loopback (Ray would otherwise bind the network address).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

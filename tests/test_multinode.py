@@ -105,7 +105,8 @@ def test_study_scales_an_autoscaling_cluster_up_from_zero_workers(marked_env, tm
     gcs = free_port()
     config = tmp_path / "autoscaler.json"
     config.write_text(json.dumps(_fake_autoscaler_config(gcs)))
-    env = {**marked_env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    env = {**marked_env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     run_ok([BIN / "ray", "start", "--head", "--autoscaling-config", config, "--node-ip-address",
             "127.0.0.1", "--port", gcs, "--num-cpus", "0", "--dashboard-host", "127.0.0.1",
             "--dashboard-port", free_port(), "--ray-client-server-port", free_port(),
