@@ -5,7 +5,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -102,7 +101,8 @@ def _raysd(*args, env):
 
 def test_resume_after_the_driver_is_killed(tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="rsd", dir="/tmp")  # short: Ray's socket paths are length-limited
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    # history parts written at every step: the killed driver leaves the running trial's rows
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAYSD_HISTORY_PART_SECONDS": "0"}
     storage, study = tmp_path / "s", tmp_path / "s" / "resume"
     args = ["tune", "--space", "demo", *TINY, "--num-samples", "3", "--max-concurrent", "1",
             "--storage", str(storage), "--name", "resume"]
@@ -133,3 +133,28 @@ def test_resume_after_the_driver_is_killed(tmp_path):
         assert again.wall_seconds == row.wall_seconds and again.val_accuracy == row.val_accuracy
     history = pq.read_table(study / "results" / "history.parquet").to_pandas()
     assert set(history.trial_id) == set(after.trial_id)
+    identity = ["trial_id", "stage", "round", "step", "attempt"]
+    assert not history.duplicated(identity).any()  # --resume never duplicates a row
+    assert not list((study / "results" / "history_parts").glob("*"))  # parts folded in
+
+
+def test_ctrl_c_exits_130_with_the_resume_hint_and_no_best_line(tmp_path):
+    ray_tmp = tempfile.mkdtemp(prefix="rsd", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    study = tmp_path / "stopped"
+    driver = subprocess.Popen([sys.executable, "-m", "raysd.cli", "tune", "--space", "demo", *TINY,
+                               "--num-samples", "3", "--max-concurrent", "1", "--storage", str(tmp_path),
+                               "--name", "stopped"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list(study.glob("train/*/checkpoint_*")):
+            time.sleep(0.5)  # a trial is training
+        assert driver.poll() is None, driver.communicate()[1][-3000:]
+        driver.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        out, err = driver.communicate(timeout=300)
+    finally:
+        kill_processes_mentioning(ray_tmp)
+    assert driver.returncode == 130, out[-2000:] + err[-2000:]
+    assert f"raysd tune --resume {study}" in err
+    assert "best trial" not in out
