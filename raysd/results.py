@@ -167,8 +167,6 @@ class StudyRecorder(Callback):
 
     @_guarded
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        if "progress" not in result:  # a worker's fatal-error report carries no row
-            return
         row = {"trial_id": trial.trial_id, **{k: result[k] for k in ROW_KEYS if k in result}}
         row.update({k: result[k] for k in result if k.startswith(("val_", "test_"))})
         self._pending.setdefault(trial.trial_id, []).append(row)

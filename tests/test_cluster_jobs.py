@@ -85,6 +85,7 @@ def test_study_on_s3_storage(moto_server):
     env = moto_server
     out = subprocess.run(
         [sys.executable, "-m", "raysd.cli", "run", "--space", "demo", *TINY,
+         "--set", "logging.keep_checkpoints=true",  # deleted by default once the trial ends
          "--storage", "s3://raysd/studies", "--name", "s3"],
         env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
@@ -96,5 +97,5 @@ def test_study_on_s3_storage(moto_server):
     assert history.num_rows > 0
     listed = [info.path for info in s3.get_file_info(pafs.FileSelector("raysd/studies/s3", recursive=True))]
     assert any("/tensorboard/" in p and "tfevents" in p for p in listed)
-    assert any("/train/" in p and p.endswith("state.pt") for p in listed)  # Ray Train checkpoints
+    assert any("/train/" in p and p.endswith("state.pt") for p in listed)  # kept, as asked
     assert any(p.endswith("space.yaml") for p in listed)
