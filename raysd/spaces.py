@@ -180,8 +180,7 @@ def load_space_text(text: str, where: str, name: str,
     if not isinstance(doc, dict):
         raise ConfigError(f"{where}: expected a mapping at the top level")
     for key, value in (overrides or {}).items():
-        _check_key(key, f"--set {key}")
-        _set(doc, key, value)
+        _override(doc, key, value)
     for key, value in doc.items():
         if key not in SCHEMA:
             raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(SCHEMA)})")
@@ -203,7 +202,80 @@ def load_space_text(text: str, where: str, name: str,
             except ConfigError as err:
                 raise ConfigError(f"{where}: search.{param.key}: value {value!r} in its range is "
                                   f"invalid: {str(err).split(': ', 2)[-1]}") from None
+    _check_scheduler(space)
     return space
+
+
+def trial_lengths(space: Space) -> tuple[int, int]:
+    """(shortest, longest) trial in steps (the `progress` counter) over the searched range."""
+    def length(cfg: TrialConfig) -> int:
+        return sum(getattr(cfg, stage).steps for stage, _ in cfg.stages())
+
+    lengths = [length(space.trial_config())] + [length(space.trial_config({p.key: v}))
+                                                for p in space.params for v in _extremes(p)]
+    return min(lengths), max(lengths)
+
+
+def _check_scheduler(space: Space) -> None:
+    """ASHA's lengths against the trials': a trial is never stopped for being long (T')."""
+    sched = space.study.scheduler
+    if not sched:
+        return
+    _, longest = trial_lengths(space)
+    max_t, grace = sched.get("max_t", longest), sched.get("grace_period", 1)
+    if max_t < longest:
+        raise ConfigError(f"{space.source}: study.scheduler.max_t: must be at least the longest "
+                          f"trial's {longest} steps over the searched range (got {max_t}); "
+                          "longer trials would be stopped before fine-tuning ends")
+    if grace > max_t:
+        raise ConfigError(f"{space.source}: study.scheduler.grace_period: must be at most max_t "
+                          f"= {max_t} steps, the longest trial (got {grace})")
+
+
+def _off(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.lower() == "none")
+
+
+def _override(doc: dict, dotted: str, value: Any) -> None:
+    """Apply one `--set KEY=VALUE`, where KEY is any dotted key of the space file:
+    `study.scheduler.grace_period=2`, `study.scheduler=none`, `search.mask_ratio.high=0.8`,
+    `search.finetune.lr=none` (stop searching it), `search.seed={type: int, low: 0, high: 3}`."""
+    where = f"--set {dotted}"
+    head, _, rest = dotted.partition(".")
+    if head == "search" and rest:
+        search = doc.get("search") or {}
+        doc["search"] = search
+        key, _, field = rest.rpartition(".")
+        if key in search and field not in PARAM_KEYS:
+            raise ConfigError(f"{where}: {field!r} is not a field of search.{key} "
+                              f"(known: {', '.join(sorted(PARAM_KEYS))})")
+        if key and field in PARAM_KEYS:
+            if not isinstance(search.get(key), dict):
+                raise ConfigError(f"{where}: {key!r} is not searched in this space "
+                                  f"(searched: {', '.join(search) or 'none'})")
+            search[key][field] = value
+        elif _off(value):
+            if rest not in search:
+                raise ConfigError(f"{where}: {rest!r} is not searched in this space "
+                                  f"(searched: {', '.join(search) or 'none'})")
+            del search[rest]
+        else:
+            search[rest] = value  # a whole parameter, validated with the others
+        return
+    if dotted == "study.scheduler":
+        doc.setdefault("study", {})["scheduler"] = None if _off(value) else value
+        return
+    if dotted.startswith("study.scheduler."):
+        sub = dotted.split(".", 2)[2]
+        if sub not in SCHEDULER_KEYS:
+            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(SCHEDULER_KEYS))})")
+        study = doc.setdefault("study", {})
+        if not isinstance(study.get("scheduler"), dict):
+            study["scheduler"] = {"type": "asha"}  # setting a field turns ASHA on
+        study["scheduler"][sub] = value
+        return
+    _check_key(dotted, where)
+    _set(doc, dotted, value)
 
 
 def _check_key(dotted: str, where: str) -> None:
@@ -350,6 +422,7 @@ def _stage(doc: dict, name: str, where: str) -> StageConfig:
         ("warmup_steps", _integer(stage.warmup_steps) and 0 <= stage.warmup_steps, "an integer >= 0"),
         ("beta2", _number(stage.beta2) and 0 < stage.beta2 < 1, "a number in (0, 1)"),
         ("grad_clip", _number(stage.grad_clip) and stage.grad_clip >= 0, "a number >= 0"),
+        ("warmup_steps", stage.warmup_steps <= stage.steps, f"at most {name}.steps = {stage.steps}"),
     ):
         _require(ok, where, f"{name}.{key}", what, getattr(stage, key))
     return stage
@@ -420,6 +493,8 @@ def trial_config(doc: dict, where: str) -> TrialConfig:
     for key, value in (("evaluation.every", cfg.eval_every), ("resources.loader_workers", cfg.loader_workers),
                        ("seed", cfg.seed)):
         _require(_integer(value) and value >= 0, where, key, "an integer >= 0", value)
+    _require(cfg.eval_every <= cfg.finetune.steps, where, "evaluation.every",
+             f"at most finetune.steps = {cfg.finetune.steps} (0: only at the end)", cfg.eval_every)
     for stage in ("further_pretrain", "self_distill", "finetune"):
         batch = getattr(cfg, stage).batch_size
         _require(batch % workers == 0, where, f"{stage}.batch_size",

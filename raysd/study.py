@@ -17,11 +17,11 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from raysd.config import PLACEMENTS, TrialConfig
 from raysd.errors import ConfigError
 from raysd.progress import ProgressPrinter
 from raysd.results import TRIALS, StudyRecorder, Store, staging_dir
-from raysd.config import PLACEMENTS, TrialConfig
-from raysd.spaces import Param, Space, load_space_text
+from raysd.spaces import Param, Space, load_space_text, trial_lengths
 from raysd.train import FATAL_FILE, train_worker
 
 # A trial's driver only waits on trainer.fit(): it takes no CPU and runs on the head, the one
@@ -58,13 +58,16 @@ def trial_driver(config: dict, space: Space, train_storage: str) -> None:
     # controller_failure_limit): on an autoscaling cluster the nodes are still coming.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     name = tune.get_context().get_trial_id()
-    fs, run_dir = pafs.FileSystem.from_uri(f"{train_storage}/{name}")
+    run_uri = f"{train_storage}/{name}"
+    fs, run_dir = pafs.FileSystem.from_uri(run_uri)
     fatal = f"{run_dir}/{FATAL_FILE}"
     fs.create_dir(run_dir, recursive=True)
+    if fs.get_file_info(fatal).type != pafs.FileType.NotFound:
+        fs.delete_file(fatal)  # from an earlier run of this trial that --resume retries
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"trial": cfg, "study_marker": study_marker(train_storage),
-                           "fatal_file": f"{train_storage}/{name}/{FATAL_FILE}"},
+                           "fatal_file": f"{run_uri}/{FATAL_FILE}"},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
             resources_per_worker=cfg.worker_resources(), accelerator_type=cfg.accelerator_type,
@@ -291,11 +294,11 @@ def _scheduler(space: Space):
     sched = space.study.scheduler
     if not sched:
         return None
-    cfg = space.trial_config()
-    total = sum(getattr(cfg, stage).steps for stage, _ in cfg.stages())
-    # time_attr is our own trial-wide step counter: Tune's iteration restarts on retries.
+    # time_attr is our own trial-wide step counter (Tune's iteration restarts on retries), so
+    # rungs compare trials at equal work; max_t is the longest trial, so none is cut for its T'.
+    _, longest = trial_lengths(space)
     return ASHAScheduler(time_attr="progress", metric=sched.get("metric", space.study.metric),
-                         mode=sched.get("mode", space.study.mode), max_t=sched.get("max_t", total),
+                         mode=sched.get("mode", space.study.mode), max_t=sched.get("max_t", longest),
                          grace_period=sched.get("grace_period", 1),
                          reduction_factor=sched.get("reduction_factor", 2))
 

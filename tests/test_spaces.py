@@ -115,3 +115,45 @@ def test_console_script_exit_code_and_spaces_listing():
     bad = subprocess.run([sys.executable, "-m", "raysd.cli", "run", "--space", "nope"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("raysd: error: unknown space")
+
+
+def test_set_reaches_nested_keys_scheduler_and_search():
+    space = load_space("vit_small", parse_overrides([
+        "study.scheduler.grace_period=2", "search.mask_ratio.high=0.8", "search.finetune.lr=none"]))
+    assert space.study.scheduler["grace_period"] == 2 and space.study.scheduler["type"] == "asha"
+    gamma = next(p for p in space.params if p.key == "mask_ratio")
+    assert gamma.high == 0.8 and "finetune.lr" not in {p.key for p in space.params}
+    off = load_space("vit_small", parse_overrides(["study.scheduler=none"]))
+    assert off.study.scheduler is None
+    on = load_space("demo", parse_overrides(["study.scheduler.grace_period=10",
+                                             "search.seed={type: int, low: 0, high: 2}"]))
+    assert on.study.scheduler == {"type": "asha", "grace_period": 10}
+    assert "seed" in {p.key for p in on.params}
+
+
+def test_asha_max_t_is_the_longest_trial_so_no_t_prime_is_cut_short():
+    from raysd.spaces import trial_lengths
+    from raysd.study import _scheduler
+
+    space = load_space("vit_small")  # T' in 0..3: 8,000 to 23,000 steps
+    assert trial_lengths(space) == (3000 + 5000, 3000 + 5000 + 3 * 5000)
+    assert _scheduler(space)._max_t == 23000
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--set", "study.scheduler.max_t=100"], "study.scheduler.max_t: must be at least the longest"),
+    (["--set", "study.scheduler.grace_period=99999"], "study.scheduler.grace_period: must be at most"),
+    (["--set", "study.scheduler.patience=3"], "--set study.scheduler.patience: unknown key"),
+    (["--set", "search.mask_ratio.hihg=0.8"], "'hihg' is not a field of search.mask_ratio"),
+    (["--set", "search.finetune.lr.high=1e-3"], "'finetune.lr' is not searched"),
+    (["--set", "search.finetune.lr=none"], "'finetune.lr' is not searched"),
+    (["--set", "finetune.warmup_steps=500"], "finetune.warmup_steps: must be at most finetune.steps"),
+    (["--set", "evaluation.every=1000"], "evaluation.every: must be at most finetune.steps"),
+])
+def test_dependent_settings_and_nested_set_errors(tmp_path, capsys, argv, message):
+    code = cli.main(["tune", "--space", "demo", *argv, "--storage", str(tmp_path / "out"),
+                     "--address", "127.0.0.1:1"])  # an input that slipped through cannot run
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
