@@ -56,6 +56,9 @@ def _study_args(p: argparse.ArgumentParser) -> None:
     gpu.add_argument("--cpu", dest="gpu", action="store_false", help="train on CPUs")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster fits)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--smoke", action="store_true",
+                   help="a few minutes' run of the space to check data, weights and every stage "
+                        "before a cluster run (results are marked smoke, never comparable)")
     p.add_argument("-v", "--verbose", action="store_true", help="show Ray's own logs and tables")
 
 
@@ -121,9 +124,12 @@ def _prepare(args, single: bool):
     if not args.space:
         raise ConfigError("--space is required (see raysd spaces)")
     space = load_space(args.space, _overrides(args))
+    if args.smoke:
+        space = _smoke(args, space)
     if single:
         space = dataclasses.replace(space, params=())
-    name = args.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    kind = f"{space.name}-smoke" if args.smoke else space.name
+    name = args.name or f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name in (".", ".."):
         raise ConfigError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only "
                           "(and not '.' or '..')")
@@ -131,6 +137,28 @@ def _prepare(args, single: bool):
     check_storage(storage)
     check_inputs(space)
     return space, f"{storage}/{name}"
+
+
+def _smoke(args, space):
+    """The space shrunk by --smoke (flags given with --set win), and one block saying how."""
+    from raysd.spaces import current_value, load_space, smoke_overrides
+
+    remote = bool(args.address or os.environ.get("RAY_ADDRESS"))
+    cfg = space.trial_config()
+    use_gpu = cfg.use_gpu and (remote or _local_gpu())
+    user = _overrides(args)
+    changes = {k: v for k, v in smoke_overrides(space, use_gpu).items() if k not in user}
+    changes = {k: v for k, v in changes.items() if (current_value(space, k) or None) != (v or None)}
+    print("raysd: --smoke shrinks what costs time (results are marked smoke):")
+    for key, value in changes.items():
+        print(f"  {key}: {current_value(space, key)} -> {value}")
+    return load_space(args.space, {**changes, **user})
+
+
+def _local_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def check_storage(storage: str) -> None:

@@ -36,6 +36,7 @@ class TrialConfig:
     finetune: StageConfig = StageConfig(steps=100, batch_size=32, lr=1e-4, warmup_steps=10, grad_clip=1.0)
     eval_batch_size: int = 256
     eval_every: int = 0  # fine-tuning steps between validation passes (0 = only at the end)
+    eval_max_examples: int = 0  # evaluate on the first N examples of each split (0 = all)
     max_length: int = 128  # text models: tokens per example
     seed: int = 0
     log_every: int = 10

@@ -274,7 +274,7 @@ def evaluate(model: nn.Module, dataset, task: Task, cfg: TrialConfig, hooks: Hoo
     confusion = torch.zeros(c * c, dtype=torch.float64, device=hooks.device)
     loss_sum = torch.zeros(1, dtype=torch.float64, device=hooks.device)
     for batch in shard_batches(dataset, cfg.eval_batch_size, hooks.rank, hooks.world_size,
-                               cfg.loader_workers):
+                               cfg.loader_workers, cfg.eval_max_examples):
         batch = {k: v.to(hooks.device) for k, v in batch.items()}
         with torch.autocast(hooks.device.type, dtype=hooks.autocast or torch.bfloat16,
                             enabled=hooks.autocast is not None):

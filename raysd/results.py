@@ -102,7 +102,8 @@ def trial_row(space: Space, trial_id: str, config: dict, last: dict, status: str
     """One row of trials.parquet: params, resolved settings, final metrics, cost, provenance."""
     values = {p.key: config.get(p.key) for p in space.params}
     cfg = space.trial_config({k: v for k, v in values.items() if v is not None})
-    row: dict[str, Any] = {"trial_id": trial_id, "status": status, "error": error}
+    row: dict[str, Any] = {"trial_id": trial_id, "status": status, "error": error,
+                           "smoke": space.study.smoke}
     row.update({f"param.{k}": _clean(v) for k, v in values.items()})
     settings = dataclasses.asdict(cfg)
     for stage in ("further_pretrain", "self_distill", "finetune"):

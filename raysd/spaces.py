@@ -29,12 +29,12 @@ SCHEMA: dict[str, Any] = {
     "further_pretrain": STAGE_KEYS,
     "self_distill": STAGE_KEYS | {"rounds", "mae_weight"},
     "finetune": STAGE_KEYS,
-    "evaluation": {"batch_size", "every"},
+    "evaluation": {"batch_size", "every", "max_examples"},
     "resources": {"workers", "use_gpu", "cpus_per_worker", "loader_workers", "placement", "custom",
                   "accelerator_type"},
     "logging": {"log_every", "checkpoint_every", "keep_checkpoints"},
     "study": {"num_samples", "metric", "mode", "seed", "n_startup_trials", "max_concurrent",
-              "max_failures", "scheduler"},
+              "max_failures", "scheduler", "smoke"},
     "search": dict,
 }
 SCHEDULER_KEYS = {"type", "metric", "mode", "grace_period", "reduction_factor", "max_t"}
@@ -99,6 +99,7 @@ class StudySettings:
     # the latest step checkpoint; errors that would recur fail the trial at once instead.
     max_failures: int = 2
     scheduler: dict | None = None  # {"type": "asha", "metric": ..., "grace_period": ...}
+    smoke: bool = False  # a --smoke run: shrunk to check the wiring, never a result
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +141,7 @@ def available() -> dict[str, Path]:
 
 def resolve_path(name_or_path: str) -> Path:
     path = Path(name_or_path).expanduser()
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise ConfigError(f"space file {name_or_path} does not exist")
         return path.resolve()
@@ -222,7 +223,7 @@ def _check_scheduler(space: Space) -> None:
     if not sched:
         return
     _, longest = trial_lengths(space)
-    max_t, grace = sched.get("max_t", longest), sched.get("grace_period", 1)
+    max_t, grace = sched.get("max_t") or longest, sched.get("grace_period", 1)
     if max_t < longest:
         raise ConfigError(f"{space.source}: study.scheduler.max_t: must be at least the longest "
                           f"trial's {longest} steps over the searched range (got {max_t}); "
@@ -319,7 +320,7 @@ def _study(raw: dict, where: str) -> StudySettings:
             if key not in SCHEDULER_KEYS:
                 raise ConfigError(f"{where}: unknown key study.scheduler.{key}")
         for key in ("grace_period", "reduction_factor", "max_t"):
-            if key in sched:
+            if sched.get(key) is not None:
                 _require(_integer(sched[key]) and sched[key] >= 1, where, f"study.scheduler.{key}",
                          "an integer >= 1", sched[key])
     return settings
@@ -480,6 +481,7 @@ def trial_config(doc: dict, where: str) -> TrialConfig:
         further_pretrain=_stage(doc, "further_pretrain", where),
         self_distill=_stage(doc, "self_distill", where), finetune=_stage(doc, "finetune", where),
         eval_batch_size=ev.get("batch_size", 256), eval_every=ev.get("every", 0),
+        eval_max_examples=ev.get("max_examples", 0),
         max_length=doc.get("max_length", 128), seed=doc.get("seed", 0),
         log_every=log.get("log_every", 10), checkpoint_every=log.get("checkpoint_every", 100),
         num_workers=workers, use_gpu=use_gpu, cpus_per_worker=cpus,
@@ -491,6 +493,7 @@ def trial_config(doc: dict, where: str) -> TrialConfig:
                        ("logging.checkpoint_every", cfg.checkpoint_every), ("max_length", cfg.max_length)):
         _require(_integer(value) and value >= 1, where, key, "an integer >= 1", value)
     for key, value in (("evaluation.every", cfg.eval_every), ("resources.loader_workers", cfg.loader_workers),
+                       ("evaluation.max_examples", cfg.eval_max_examples),
                        ("seed", cfg.seed)):
         _require(_integer(value) and value >= 0, where, key, "an integer >= 0", value)
     _require(cfg.eval_every <= cfg.finetune.steps, where, "evaluation.every",
@@ -500,6 +503,54 @@ def trial_config(doc: dict, where: str) -> TrialConfig:
         _require(batch % workers == 0, where, f"{stage}.batch_size",
                  f"divisible by resources.workers={workers} (it is the global batch)", batch)
     return cfg
+
+
+SMOKE_STEPS = {"further_pretrain": 2, "self_distill": 2, "finetune": 4}
+
+
+def smoke_overrides(space: Space, use_gpu: bool) -> dict[str, Any]:
+    """What `--smoke` changes of a space: only what costs time. The model, weights, data and
+    search stay; every stage runs (a searched T' becomes 1); 2 trials on one worker each."""
+    cfg = space.trial_config()
+    out: dict[str, Any] = {}
+    for stage, steps in SMOKE_STEPS.items():
+        scfg = getattr(cfg, stage)
+        out.update({f"{stage}.steps": steps, f"{stage}.batch_size": min(scfg.batch_size, 2),
+                    f"{stage}.warmup_steps": min(scfg.warmup_steps, steps // 2)})
+    if models.family(cfg.model) == "roberta":
+        out["max_length"] = min(cfg.max_length, 64)
+    out.update({"evaluation.every": SMOKE_STEPS["finetune"],
+                "evaluation.batch_size": 8, "evaluation.max_examples": 8,
+                "logging.log_every": 1, "logging.checkpoint_every": 2,
+                "resources.workers": 1, "resources.use_gpu": use_gpu, "resources.cpus_per_worker": 1,
+                "resources.loader_workers": 0,
+                "resources.custom": {}, "resources.accelerator_type": None,
+                "study.num_samples": 2, "study.smoke": True})
+    rounds = next((p for p in space.params if p.key == "self_distill.rounds"), None)
+    if rounds is not None and rounds.high >= 1:
+        out["search.self_distill.rounds"] = {"type": "choice", "choices": [max(1, int(rounds.low))]}
+    elif rounds is None and cfg.method == "self_distill":
+        out["self_distill.rounds"] = max(cfg.rounds, 1)
+    if space.study.scheduler:  # ASHA stays wired, with a grace period no trial reaches
+        out["study.scheduler.max_t"] = None  # the longest smoke trial
+        out["study.scheduler.grace_period"] = sum(SMOKE_STEPS.values())
+    return out
+
+
+def current_value(space: Space, dotted: str) -> Any:
+    """The value a dotted key has in a loaded space (None where the file leaves it out)."""
+    head, _, rest = dotted.partition(".")
+    if head == "study":
+        study = dataclasses.asdict(space.study)
+        return study.get(rest) if "." not in rest else (study.get("scheduler") or {}).get(rest.split(".")[1])
+    if head == "search":
+        param = next((p for p in space.params if p.key == rest), None)
+        return None if param is None else (list(param.choices) if param.type == "choice"
+                                           else [param.low, param.high])
+    try:
+        return _get(space.doc, dotted)
+    except (KeyError, TypeError):
+        return None
 
 
 def check_inputs(space: Space) -> None:

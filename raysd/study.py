@@ -298,7 +298,7 @@ def _scheduler(space: Space):
     # rungs compare trials at equal work; max_t is the longest trial, so none is cut for its T'.
     _, longest = trial_lengths(space)
     return ASHAScheduler(time_attr="progress", metric=sched.get("metric", space.study.metric),
-                         mode=sched.get("mode", space.study.mode), max_t=sched.get("max_t", longest),
+                         mode=sched.get("mode", space.study.mode), max_t=sched.get("max_t") or longest,
                          grace_period=sched.get("grace_period", 1),
                          reduction_factor=sched.get("reduction_factor", 2))
 

@@ -39,8 +39,9 @@ def step_batches(dataset: Dataset, batch_size: int, *, seed: int, start: int, st
 
 
 def shard_batches(dataset: Dataset, batch_size: int, rank: int, world: int,
-                  workers: int = 0) -> DataLoader:
-    """Every example exactly once across ranks (for evaluation), in order."""
-    indices = list(range(rank, len(dataset), world))
+                  workers: int = 0, limit: int = 0) -> DataLoader:
+    """Every example (or the first `limit`) exactly once across ranks (for evaluation), in order."""
+    size = min(len(dataset), limit) if limit else len(dataset)
+    indices = list(range(rank, size, world))
     chunks = [indices[i: i + batch_size] for i in range(0, len(indices), batch_size)]
     return DataLoader(dataset, batch_sampler=chunks, num_workers=workers)

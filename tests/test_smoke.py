@@ -1,0 +1,65 @@
+"""`--smoke` runs every shipped space on this machine - its own model, weights (saved here)
+and search, on small generated data - through every stage, and marks the results as a smoke run."""
+import json
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from raysd import models
+from raysd.models.weights import save_backbone
+from raysd.spaces import available, load_space
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    """A 2-class image folder and a 2-label jsonl task, a few examples each."""
+    root = tmp_path_factory.mktemp("smoke_data")
+    for split, count in (("train", 8), ("test", 3)):
+        for label, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
+            folder = root / "images" / split / label
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (24, 24), tuple(c + 5 * i for c in colour)).save(folder / f"{i}.png")
+    text = root / "text"
+    text.mkdir()
+    for name, count in (("train", 8), ("dev", 3), ("test", 3)):
+        lines = [{"text": f"the {word} example number {i}", "label": word}
+                 for i in range(count) for word in ("cat", "dog")]
+        (text / f"{name}.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    return root
+
+
+def _local_weights(model: str, folder):
+    """The space's model saved by raysd (a random init): local weights, no hub."""
+    backbone = models.build(model)
+    if models.family(model) == "roberta":
+        from raysd.data.text import builtin_tokenizer
+
+        backbone.tokenizer = builtin_tokenizer()
+    return save_backbone(backbone, folder / model, model)
+
+
+@pytest.mark.parametrize("name", sorted(available()))
+def test_smoke_runs_every_shipped_space(generated, marked_env, tmp_path, name):
+    cfg = load_space(name).trial_config()
+    flags = ["--space", name, "--smoke", "--storage", str(tmp_path), "--name", "smoke"]
+    if name != "demo":  # the demo's own weights and data need no download already
+        data = "jsonl:" + str(generated / "text") if models.family(cfg.model) == "roberta" \
+            else "imagefolder:" + str(generated / "images")
+        flags += ["--data", data, "--set", f"weights={_local_weights(cfg.model, tmp_path)}"]
+    # The demo runs the whole 2-trial smoke study; the big spaces one trial each (`run`), to
+    # keep the suite within CI's time on a 2-core machine.
+    command = "tune" if name == "demo" else "run"
+    out = subprocess.run([sys.executable, "-m", "raysd.cli", command, *flags], env=marked_env,
+                         capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "--smoke shrinks what costs time" in out.stdout and "finetune.steps:" in out.stdout
+    trials = pq.read_table(tmp_path / "smoke" / "results" / "trials.parquet").to_pandas()
+    history = pq.read_table(tmp_path / "smoke" / "results" / "history.parquet").to_pandas()
+    assert len(trials) == (2 if command == "tune" else 1)
+    assert set(trials.status) == {"completed"} and trials.smoke.all()
+    if cfg.method == "self_distill":  # every stage ran, self-distillation included
+        assert {"further_pretrain", "self_distill", "finetune"} <= set(history.stage)
