@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import socket
@@ -229,8 +230,9 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
     # Save Tune's experiment state every step (it is small), so the results recorder, which
     # writes right after a save, never lists a trial that --resume would run again.
     os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "0"
-    if not verbose:  # our ProgressPrinter replaces Tune's tables
+    if not verbose:  # our ProgressPrinter replaces Tune's tables and its failed-trial tracebacks
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+        logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
     store = Store(study_uri)
     storage, name = study_uri.rstrip("/").rsplit("/", 1)
     total = num_samples or space.study.num_samples

@@ -85,7 +85,7 @@ def test_killed_worker_resumes_with_identical_metrics(ray_local, tmp_path):
           f"val_accuracy {killed['val_accuracy']:.4f} == {clean['val_accuracy']:.4f}")
 
 
-def test_diverged_trial_fails_at_once_without_retries(ray_local, tmp_path):
+def test_diverged_trial_fails_at_once_without_retries(ray_local, tmp_path, capfd):
     from ray.util.state import list_actors
 
     def workers() -> int:
@@ -98,3 +98,5 @@ def test_diverged_trial_fails_at_once_without_retries(ray_local, tmp_path):
     row = _trial(tmp_path / "nan")
     assert row["status"] == "failed" and "NonFiniteLoss" in row["error"]
     assert workers() - before == 1  # one worker group: Ray Train's default retries were not spent
+    out, err = capfd.readouterr()
+    assert "FAILED: raysd.study.TrialFailed: NonFiniteLoss" in out and "Traceback" not in err
