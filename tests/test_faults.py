@@ -83,7 +83,8 @@ def test_killed_worker_resumes_with_identical_metrics(ray_local, tmp_path):
     # a completed trial's step checkpoints are deleted (logging.keep_checkpoints: false)
     assert not any((tmp_path / "killed" / "train").glob("*/checkpoint_*"))
     print(f"worker killed at {found['killed_at']}, resumed from {killed['resumed_from']}; "
-          f"val_accuracy {killed['val_accuracy']:.4f} == {clean['val_accuracy']:.4f}")
+          f"val_accuracy {killed['val_accuracy']:.4f} == {clean['val_accuracy']:.4f}, "
+          f"val_loss {killed['val_loss']!r} == {clean['val_loss']!r}")
 
 
 def test_diverged_trial_fails_at_once_without_retries(ray_local, tmp_path, capsys, caplog):

@@ -77,7 +77,7 @@ def test_ranks_on_two_nodes_match_one_node_and_survive_losing_a_node(ray_local, 
         assert row[metric] == one[metric], metric
     print(f"two-node trial {wall:.0f} s; ranks on {nodes}; killed at {killed_at}, resumed from "
           f"{row['resumed_from']}; val_accuracy {row['val_accuracy']:.4f} (one node "
-          f"{one['val_accuracy']:.4f})")
+          f"{one['val_accuracy']:.4f}), val_loss {row['val_loss']!r} (one node {one['val_loss']!r})")
 
 
 def _fake_autoscaler_config(gcs: int) -> dict:
