@@ -59,15 +59,12 @@ def _run(cfg: TrialConfig, study_marker: str | None, ctx) -> None:
     # Hub downloads (hf:, timm:) and the demo's cache are made once per node: its local rank 0
     # loads first while the node's other ranks wait, then read the cache it filled.
     first = ctx.get_local_rank() == 0
-    # weights: none is a random theta_init: seeded, so every rank and every restart draws the same.
-    torch.manual_seed(cfg.seed)
     if first:
-        init = load_backbone(cfg.model, cfg.weights)
+        init = _theta_init(cfg)
     if world > 1:
         dist.barrier()
     if not first:
-        torch.manual_seed(cfg.seed)
-        init = load_backbone(cfg.model, cfg.weights)
+        init = _theta_init(cfg)
     spec = getattr(init, "spec", None)
     task = load_task(cfg.data, image_size=spec.img_size if spec else None,
                      tokenizer=getattr(init, "tokenizer", None), max_length=cfg.max_length)
@@ -98,6 +95,12 @@ def _run(cfg: TrialConfig, study_marker: str | None, ctx) -> None:
         autocast=torch.bfloat16 if device.type == "cuda" else None,
     )
     run_trial(cfg, task, init, hooks)
+
+
+def _theta_init(cfg: TrialConfig):
+    # weights: none is a random theta_init: seeded, so every rank and every restart draws the same.
+    torch.manual_seed(cfg.seed)
+    return load_backbone(cfg.model, cfg.weights)
 
 
 def _node_ids(world: int) -> list[str]:
