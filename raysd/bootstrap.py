@@ -2,12 +2,12 @@
 (crops of scikit-learn's sample photographs), built on first use and cached on disk."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from filelock import FileLock
 
 from raysd import models
+from raysd.cache import cache_root
 from raysd.config import StageConfig, TrialConfig
 from raysd.errors import ConfigError
 
@@ -16,10 +16,6 @@ PRETRAIN = StageConfig(steps=600, batch_size=128, lr=1.5e-3, weight_decay=0.05, 
                        beta2=0.95)
 CROPS, MASK_RATIO, SEED = 8192, 0.75, 0
 VERSION = "1"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("RAYSD_CACHE", Path.home() / ".cache" / "raysd")).expanduser()
 
 
 def demo_weights_dir(model_name: str) -> Path:

@@ -121,7 +121,7 @@ def builtin_tokenizer():
     from filelock import FileLock
     from transformers import PreTrainedTokenizerFast
 
-    from raysd.bootstrap import cache_root
+    from raysd.cache import cache_root
 
     train_texts = builtin_splits()["train"][0]
     # Keyed by everything that determines the result, so a new Python (new docstrings) or a
