@@ -39,6 +39,9 @@ def _overrides(args) -> dict:
         values["resources.use_gpu"] = args.gpu
     if getattr(args, "method", None):
         values["method"] = args.method
+    if args.artifacts:
+        values["study.artifacts"] = ("none" if args.artifacts.lower() == "none"
+                                     else _absolute_uri(args.artifacts).rstrip("/"))
     return values
 
 
@@ -54,6 +57,9 @@ def _study_args(p: argparse.ArgumentParser) -> None:
     gpu = p.add_mutually_exclusive_group()
     gpu.add_argument("--gpu", dest="gpu", action="store_true", default=None, help="one GPU per worker")
     gpu.add_argument("--cpu", dest="gpu", action="store_false", help="train on CPUs")
+    p.add_argument("--artifacts", metavar="URI",
+                   help="where pre-training stage outputs are shared, e.g. by several studies "
+                        "(default: <study>/artifacts; none: every trial trains every stage)")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster fits)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--smoke", action="store_true",

@@ -8,6 +8,10 @@ METHODS = ("finetune", "further_pretrain", "self_distill")
 PLACEMENTS = {"pack": "PACK", "spread": "SPREAD", "strict_pack": "STRICT_PACK",
               "strict_spread": "STRICT_SPREAD"}
 
+SIGNALS = ("knn", "none")
+# auto: cache f_teacher(D_u) when a round draws at least len(D_u) samples; on: always; off: never.
+TEACHER_CACHE = ("auto", "on", "off")
+
 
 @dataclasses.dataclass(frozen=True)
 class StageConfig:
@@ -37,6 +41,9 @@ class TrialConfig:
     eval_batch_size: int = 256
     eval_every: int = 0  # fine-tuning steps between validation passes (0 = only at the end)
     eval_max_examples: int = 0  # evaluate on the first N examples of each split (0 = all)
+    signal: str = "knn"  # early signal after each pre-training stage: a key of SIGNALS
+    signal_examples: int = 10000  # k-NN bank and queries: the first N of D_u and of val (0 = all)
+    teacher_cache: str = "auto"  # a key of TEACHER_CACHE
     max_length: int = 128  # text models: tokens per example
     seed: int = 0
     log_every: int = 10
@@ -54,6 +61,10 @@ class TrialConfig:
         """What one Ray Train worker asks of a node."""
         return {"CPU": self.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {}),
                 **dict(self.custom_resources)}
+
+    def pretrain_stages(self) -> int:
+        """Stages before fine-tuning: further pre-training and the T' rounds."""
+        return len(self.stages()) - 1
 
     def stages(self) -> list[tuple[str, int]]:
         """The trial's plan as (stage, round) pairs, in order."""

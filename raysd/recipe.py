@@ -1,301 +1,194 @@
-"""THE METHOD (Lee et al., ICLR 2023), free of Ray: one trial, read top to bottom.
+"""THE METHOD (Lee et al., ICLR 2023), free of Ray: one trial, read top to bottom as Algorithm 1.
 
-  further pre-training     theta_init -> theta_0 by masked auto-encoding on D_u   (Alg. 2)
-  self-distillation t=1..T' student restarts from theta_init and minimises
-                           lambda * L_MAE + ||f_student(x) - StopGrad(f_teacher(x))||^2  (Alg. 1)
-  fine-tuning              encoder + fresh linear head, cross-entropy on D_tr
-  evaluation               validation and test metrics, all ranks' shards together
+  theta_0 = further_pretrain(theta_init, D_u)                                  (Alg. 2)
+  for t in 1..T':  theta_t = self_distill_round(theta_init, teacher=theta_{t-1}, D_u)
+  metrics = finetune_and_evaluate(theta_T', D_tr)  -> val and test metrics
 
-The caller passes Hooks: the device, DDP wrapping, an all-reduce, a `report(metrics,
-state)` callback (called by every rank at the same steps) and a state to resume from.
+Every pre-training stage's output is an artifact keyed by everything that determines it
+(artifacts.py): a trial whose key exists loads it instead of training, and two trials never
+train the same key at once. After each pre-training stage an early signal (k-NN accuracy of the
+representation) is reported with `stages_done`, the clock ASHA's rungs use: trials are compared
+after equal work, and a long trial (large T') is never cut for being long.
+
+The caller passes Hooks (stages.py): the device, DDP wrapping, an all-reduce, a
+`report(metrics, state)` callback called by every rank at the same steps, a state to resume
+from, and the artifact store.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
-import math
 import time
-import zlib
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from raysd.config import StageConfig, TrialConfig
+from raysd import __version__
+from raysd.artifacts import METHOD_VERSION, digest, state_hash
+from raysd.config import TrialConfig
 from raysd.data import Task
-from raysd.data.loader import shard_batches, step_batches
-from raysd.losses import distill_loss
-from raysd.models import Classifier
+from raysd.stages import (Hooks, NonFiniteLoss, StageProgress, StageRun, finetune_and_evaluate,
+                          further_pretrain, knn_signal, self_distill_round)
 
-
-class NonFiniteLoss(RuntimeError):
-    """Training diverged; the trial is recorded as failed with this message."""
-
-
-def _identity(x):
-    return x
+__all__ = ["Hooks", "NonFiniteLoss", "TrialState", "run_trial", "init_key", "stage_key"]
+POLL_SECONDS = 5.0  # how often a trial waiting for another's artifact looks again
+DECISIONS = ("ready", "build", "wait")
 
 
 @dataclasses.dataclass
-class Hooks:
-    device: torch.device = torch.device("cpu")
-    rank: int = 0
-    world_size: int = 1
-    wrap: Callable[[nn.Module], nn.Module] = _identity  # DDP in Ray Train, identity alone
-    all_reduce: Callable[[torch.Tensor], torch.Tensor] = _identity  # in-place sum over ranks
-    report: Callable[[dict, dict | None], None] = lambda metrics, state: None
-    resume: dict | None = None  # a state previously passed to report()
-    autocast: torch.dtype | None = None  # torch.bfloat16 on GPUs
+class TrialState:
+    """Where a trial stands. Every checkpoint saves it; a restarted worker group resumes it."""
+
+    stage_index: int = 0  # the stage running, or next, in cfg.stages()
+    theta: dict | None = None  # output of the last finished pre-training stage: the next teacher
+    theta_key: str | None = None  # its artifact key (theta_init's key before any stage)
+    summary: dict = dataclasses.field(default_factory=dict)  # per-stage cost, keys, signals
+    progress: StageProgress | None = None  # the running stage's own state, mid-stage
+
+    def to_dict(self) -> dict:
+        """Tensors and plain values only, so it loads with torch.load(weights_only=True)."""
+        out = {"stage_index": self.stage_index, "theta": self.theta, "theta_key": self.theta_key,
+               "summary": self.summary}
+        if self.progress is not None:
+            out["progress"] = dataclasses.asdict(self.progress)
+        return out
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> "TrialState":
+        progress = doc.get("progress")
+        return cls(doc["stage_index"], doc["theta"], doc["theta_key"], doc["summary"],
+                   StageProgress(**progress) if progress else None)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
+def stage_name(stage: str, round_: int) -> str:
+    return f"self_distill_{round_}" if stage == "self_distill" else stage
 
 
 def run_trial(cfg: TrialConfig, task: Task, init: nn.Module, hooks: Hooks) -> dict:
-    """Run every stage of cfg.method from theta_init (`init`); return the final metrics."""
-    init_state = copy.deepcopy(init.state_dict())  # (theta_init, phi_init), restored every round
+    """Run every stage of cfg.method from theta_init (`init`, never modified); return the
+    trial's summary: final metrics, per-stage seconds, artifact keys, reuse and signals."""
     plan = cfg.stages()
-    resume = hooks.resume or {}
-    position = resume.get("position", 0)
-    carry = resume.get("carry")  # output of the last finished stage: teacher or fine-tune start
-    summary: dict = resume.get("summary", {})
     if hooks.resume is not None:  # a restarted worker group: say where it picked up
-        stage, rnd = plan[position]
-        summary["restarts"] = summary.get("restarts", 0) + 1
-        summary["resumed_from"] = f"{stage} round {rnd} step {resume.get('step', 0)}"
+        state = TrialState.from_dict(hooks.resume)
+        stage, round_ = plan[state.stage_index]
+        step = state.progress.step if state.progress else 0
+        state.summary["restarts"] = state.summary.get("restarts", 0) + 1
+        state.summary["resumed_from"] = f"{stage} round {round_} step {step}"
+    else:
+        state = TrialState(theta_key=init_key(cfg, init, task))
+    summary = state.summary
 
-    for index in range(position, len(plan)):
-        stage, rnd = plan[index]
-        mid = resume if resume.get("position") == index and resume.get("step", 0) > 0 else None
+    for index in range(state.stage_index, len(plan)):
+        stage, round_ = plan[index]
+        name = stage_name(stage, round_)
+        state.stage_index = index
+        offset = sum(getattr(cfg, s).steps for s, _ in plan[:index])
+        run = StageRun(cfg, hooks, stage, round_, offset, resume=state.progress,
+                       checkpoint=lambda p: dataclasses.replace(state, progress=p).to_dict())
+        state.progress = None
         started = time.perf_counter()
-        ctx = _StageContext(cfg, hooks, plan, index, carry, summary)
         if stage == "finetune":
-            last, final = finetune_and_evaluate(cfg, task, init, init_state, carry, ctx, mid)
+            last, final = finetune_and_evaluate(init, state.theta or init.state_dict(), task, run)
             summary.update(final)
+            trained = True
         else:
-            last, carry = pretrain_stage(cfg, task, init, init_state, carry, ctx, mid)
-        name = stage if stage != "self_distill" else f"self_distill_{rnd}"
-        summary[f"seconds_{name}"] = summary.get(f"seconds_{name}", 0.0) + time.perf_counter() - started
-        summary[f"steps_{name}"] = _stage_cfg(cfg, stage).steps
+            key, inputs = stage_key(state.theta_key, cfg, stage, round_, hooks)
+            theta, last, trained = _pretrain(init, state.theta, task, run, key, inputs)
+            state.theta, state.theta_key = theta, key
+            last["stages_done"] = index + 1
+            summary[f"key_{name}"], summary[f"reused_{name}"] = key, not trained
+            if "knn_accuracy" in last:
+                summary[f"knn_accuracy_{name}"] = last["knn_accuracy"]
+        seconds = time.perf_counter() - started
+        summary[f"seconds_{name}"] = summary.get(f"seconds_{name}", 0.0) + seconds
+        summary[f"steps_{name}"] = getattr(cfg, stage).steps
+        if trained:  # compute this trial spent on training, as opposed to loading artifacts
+            summary["trained_seconds"] = summary.get("trained_seconds", 0.0) + seconds
         if index + 1 < len(plan):
             # Stage boundary: checkpoint so a restart never repeats a finished stage.
-            hooks.report(last, {"position": index + 1, "step": 0, "carry": carry, "summary": summary})
+            state.stage_index = index + 1
+            hooks.report(last, state.to_dict())
     hooks.report({**last, **summary, "trial_done": True}, None)
     return summary
 
 
-def _stage_cfg(cfg: TrialConfig, stage: str) -> StageConfig:
-    return getattr(cfg, stage)
+def _pretrain(init: nn.Module, teacher: dict | None, task: Task, run: StageRun, key: str,
+              inputs: dict) -> tuple[dict, dict, bool]:
+    """One pre-training stage, loaded when its artifact exists. -> (theta, last row, trained)"""
+    hooks, store = run.hooks, run.hooks.artifacts
+
+    def train() -> tuple[dict, dict]:
+        if run.stage == "further_pretrain":
+            theta, last = further_pretrain(init, task.unlabelled, run)
+        else:
+            theta, last = self_distill_round(init, teacher, task.unlabelled, run)
+        return theta, {**last, **_signal(init, theta, task, run)}
+
+    if store is None:
+        return (*train(), True)
+    if _agree(store, key, run) == "ready":
+        theta, meta = store.load(key)
+        last = {**meta["row"], **run.row(getattr(run.cfg, run.stage).steps)}
+        if "knn_accuracy" not in last:  # built by a trial that had the signal off
+            last.update(_signal(init, theta, task, run))
+        return theta, last, False
+    started = time.perf_counter()
+    with store.building(key) if hooks.rank == 0 else contextlib.nullcontext():
+        theta, last = train()
+        if hooks.rank == 0:
+            store.save(key, theta, {"key": key, "inputs": inputs, "row": last,
+                                    "seconds": time.perf_counter() - started,
+                                    "built_by": store.owner, "raysd_version": __version__})
+    return theta, last, True
 
 
-@dataclasses.dataclass
-class _StageContext:
-    cfg: TrialConfig
-    hooks: Hooks
-    plan: list
-    index: int
-    carry: dict | None
-    summary: dict
+def _agree(store, key: str, run: StageRun) -> str:
+    """Rank 0 asks the store; every rank gets its answer ("ready" or "build"), waiting together
+    while another trial holds the lease."""
+    hooks = run.hooks
+    told = False
+    while True:
+        code = torch.zeros(1, device=hooks.device)
+        if hooks.rank == 0:
+            code += DECISIONS.index(store.claim(key)) + 1
+        decision = DECISIONS[int(hooks.all_reduce(code).item()) - 1]
+        if decision != "wait":
+            return decision
+        if hooks.rank == 0 and not told:
+            print(f"raysd: {stage_name(run.stage, run.round)}: waiting for "
+                  f"{store.lease_holder(key) or 'another trial'}, which trains the same stage "
+                  f"(artifact {key})", flush=True)
+            told = True
+        time.sleep(POLL_SECONDS)
 
-    def progress(self, stage: str, rnd: int, step: int) -> dict:
-        """Row identity: stage, round, step and a trial-wide step counter for schedulers."""
-        before = sum(_stage_cfg(self.cfg, s).steps for s, _ in self.plan[: self.index])
-        return {"stage": stage, "round": rnd, "step": step, "progress": before + step}
 
-    def state(self, step: int, model: nn.Module, opt, sched) -> dict:
-        return {"position": self.index, "step": step, "carry": self.carry, "summary": self.summary,
-                "model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict()}
+def _signal(init: nn.Module, theta: dict, task: Task, run: StageRun) -> dict:
+    if run.cfg.signal == "none":
+        return {}
+    model = copy.deepcopy(init)
+    model.load_state_dict(theta)
+    return knn_signal(model.to(run.hooks.device), task, run)
 
 
-def pretrain_stage(cfg: TrialConfig, task: Task, init: nn.Module, init_state: dict,
-                   teacher_state: dict | None, ctx: _StageContext, mid: dict | None
-                   ) -> tuple[dict, dict]:
-    """Further pre-training (round 0) or self-distillation round t.
+def init_key(cfg: TrialConfig, init: nn.Module, task: Task) -> str:
+    """The key of theta_init on this task: the root of every stage key of the trial."""
+    return digest({"method_version": METHOD_VERSION, "model": cfg.model, "weights": cfg.weights,
+                   "theta_init": state_hash(init.state_dict()), "data": task.source,
+                   "data_fingerprint": task.fingerprint,
+                   "max_length": cfg.max_length if task.modality == "text" else None})
 
-    Returns the last training row and the new weights (the next teacher)."""
-    stage, rnd = ctx.plan[ctx.index]
-    hooks = ctx.hooks
-    student = copy.deepcopy(init)
-    student.load_state_dict(init_state)  # every round restarts from (theta_init, phi_init)
-    teacher = None
-    use_mae = stage == "further_pretrain" or cfg.mae_weight > 0
+
+def stage_key(parent: str, cfg: TrialConfig, stage: str, round_: int, hooks: Hooks
+              ) -> tuple[str, dict]:
+    """(key, what it was made of) for a pre-training stage: everything its output depends on."""
+    inputs = {
+        "parent": parent, "stage": stage, "round": round_,
+        "settings": dataclasses.asdict(getattr(cfg, stage)),
+        "mask_ratio": cfg.mask_ratio, "seed": cfg.seed,
+        # Ranks draw their own masks, and bf16 rounds differently: both change the weights.
+        "world_size": hooks.world_size, "device": hooks.device.type, "precision": str(hooks.autocast),
+    }
     if stage == "self_distill":
-        teacher = copy.deepcopy(init)
-        teacher.load_state_dict(teacher_state)  # theta_{t-1}
-        teacher.decoder = None
-        teacher.to(hooks.device).eval().requires_grad_(False)
-    if not use_mae:
-        # lambda = 0: the decoder takes no part, so it must not move (not even by weight decay).
-        student.decoder.requires_grad_(False)
-    model = hooks.wrap(student.to(hooks.device))
-    mask_ratio = cfg.mask_ratio if use_mae else None
-
-    def step_loss(batch: dict) -> tuple[torch.Tensor, dict]:
-        out = model(batch, mask_ratio=mask_ratio, represent=teacher is not None)
-        if teacher is None:
-            return out["mae"], {"mae_loss": out["mae"]}
-        with torch.no_grad():
-            target = teacher.represent(batch)
-        distill = distill_loss(out["repr"].float(), target.float())
-        if not use_mae:
-            return distill, {"distill_loss": distill}
-        loss = cfg.mae_weight * out["mae"] + distill
-        return loss, {"mae_loss": out["mae"], "distill_loss": distill}
-
-    last = _train(model, step_loss, _stage_cfg(cfg, stage), task.unlabelled, ctx, mid)
-    return last, {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
-
-
-def finetune_and_evaluate(cfg: TrialConfig, task: Task, init: nn.Module, init_state: dict,
-                          start_state: dict | None, ctx: _StageContext, mid: dict | None
-                          ) -> tuple[dict, dict]:
-    """Drop the decoder, add a linear head, fine-tune with cross-entropy, evaluate.
-
-    Returns the last training row and the final metrics."""
-    hooks = ctx.hooks
-    backbone = copy.deepcopy(init)
-    backbone.load_state_dict(start_state if start_state is not None else init_state)
-    classifier = Classifier(backbone, task.num_classes)
-    torch.manual_seed(_seed(cfg.seed, "head"))  # same head init on every rank and every retry
-    classifier.head.reset_parameters()
-    model = hooks.wrap(classifier.to(hooks.device))
-
-    def step_loss(batch: dict) -> tuple[torch.Tensor, dict]:
-        loss = F.cross_entropy(model(batch).float(), batch["y"])
-        return loss, {"ce_loss": loss}
-
-    def validate(step: int) -> dict:
-        return {f"val_{k}": v for k, v in evaluate(unwrap(model), task.val, task, cfg, hooks).items()}
-
-    last = _train(model, step_loss, cfg.finetune, task.train, ctx, mid, validate=validate)
-    final = unwrap(model)
-    metrics = {}
-    for split in ("val", "test", "train"):
-        dataset = {"val": task.val, "test": task.test, "train": task.unlabelled}[split]
-        metrics.update({f"{split}_{k}": v for k, v in evaluate(final, dataset, task, cfg, hooks).items()})
-    metrics["gen_gap"] = metrics["test_loss"] - metrics["train_loss"]  # the paper's Figure 5
-    metrics["init_distance"] = _distance(final.backbone.encoder, init_state)
-    return last, metrics
-
-
-def _distance(encoder: nn.Module, init_state: dict) -> float:
-    """||theta_init - theta_final||_2 over the encoder's parameters."""
-    total = 0.0
-    for name, param in encoder.named_parameters():
-        ref = init_state[f"encoder.{name}"].to(param.device)
-        total += float((param.detach().float() - ref.float()).pow(2).sum())
-    return math.sqrt(total)
-
-
-def _seed(*parts) -> int:
-    return zlib.crc32(repr(parts).encode())
-
-
-def _lr_lambda(scfg: StageConfig) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < scfg.warmup_steps:
-            return (step + 1) / scfg.warmup_steps
-        rest = max(1, scfg.steps - scfg.warmup_steps)
-        return max(0.0, 1.0 - (step - scfg.warmup_steps) / rest)
-    return factor
-
-
-def _train(model: nn.Module, step_loss, scfg: StageConfig, dataset, ctx: _StageContext,
-           mid: dict | None, validate: Callable[[int], dict] | None = None) -> dict:
-    """The stage loop: AdamW, warm-up + linear decay, optional clipping, NaN guard, reports.
-
-    Reports every log_every steps; the last row is returned for the caller to report with
-    the stage's boundary checkpoint (or the trial's final metrics)."""
-    cfg, hooks = ctx.cfg, ctx.hooks
-    stage, rnd = ctx.plan[ctx.index]
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=scfg.lr, betas=(0.9, scfg.beta2),
-                                  weight_decay=scfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(scfg))
-    start = 0
-    if mid is not None:
-        unwrap(model).load_state_dict(mid["model"])
-        optimizer.load_state_dict(mid["optimizer"])
-        scheduler.load_state_dict(mid["scheduler"])
-        start = mid["step"]
-    per_rank = max(1, scfg.batch_size // hooks.world_size)
-    batches = step_batches(dataset, per_rank, seed=_seed(cfg.seed, stage, rnd), start=start,
-                           stop=scfg.steps, rank=hooks.rank, world=hooks.world_size,
-                           workers=cfg.loader_workers)
-    model.train()
-    window_start, window_samples = time.perf_counter(), 0
-    for step, batch in enumerate(batches, start=start):
-        # Per-step seeding makes masks and dropout a function of (seed, stage, round, step, rank):
-        # a resumed stage replays exactly what an uninterrupted one would have drawn.
-        torch.manual_seed(_seed(cfg.seed, stage, rnd, step, hooks.rank))
-        batch = {k: v.to(hooks.device, non_blocking=True) for k, v in batch.items()}
-        with torch.autocast(hooks.device.type, dtype=hooks.autocast or torch.bfloat16,
-                            enabled=hooks.autocast is not None):
-            loss, parts = step_loss(batch)
-        # A sync point per step, the price of catching divergence at once. The check is summed
-        # over ranks, so every rank stops at the same step and none is left in an all-reduce.
-        value = loss.item()
-        summed = float(hooks.all_reduce(loss.detach().float().reshape(1).clone()))
-        if not math.isfinite(summed):
-            raise NonFiniteLoss(f"{stage} round {rnd} step {step}: loss is {summed}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if scfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, scfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        window_samples += len(batch[next(iter(batch))]) * hooks.world_size
-        steps_done = step + 1
-        if steps_done % cfg.log_every == 0 or steps_done == scfg.steps:
-            elapsed = time.perf_counter() - window_start
-            metrics = {**ctx.progress(stage, rnd, steps_done), "loss": value,
-                       **{k: float(v.detach()) for k, v in parts.items()},
-                       "lr": scheduler.get_last_lr()[0], "samples_per_s": window_samples / elapsed}
-            if validate is not None and cfg.eval_every and (steps_done % cfg.eval_every == 0 or steps_done == scfg.steps):
-                metrics.update(validate(steps_done))
-                model.train()
-            if steps_done == scfg.steps:
-                return metrics
-            due = steps_done % cfg.checkpoint_every == 0
-            hooks.report(metrics, ctx.state(steps_done, model, optimizer, scheduler) if due else None)
-            window_start, window_samples = time.perf_counter(), 0
-    return metrics
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, dataset, task: Task, cfg: TrialConfig, hooks: Hooks) -> dict:
-    """Loss and metrics over the whole split: each rank takes a shard, counts are summed."""
-    was_training = model.training
-    model.eval()
-    c = task.num_classes
-    confusion = torch.zeros(c * c, dtype=torch.float64, device=hooks.device)
-    loss_sum = torch.zeros(1, dtype=torch.float64, device=hooks.device)
-    for batch in shard_batches(dataset, cfg.eval_batch_size, hooks.rank, hooks.world_size,
-                               cfg.loader_workers, cfg.eval_max_examples):
-        batch = {k: v.to(hooks.device) for k, v in batch.items()}
-        with torch.autocast(hooks.device.type, dtype=hooks.autocast or torch.bfloat16,
-                            enabled=hooks.autocast is not None):
-            logits = model(batch).float()
-        loss_sum += F.cross_entropy(logits, batch["y"], reduction="sum").double()
-        confusion += torch.bincount(batch["y"] * c + logits.argmax(-1), minlength=c * c).double()
-    hooks.all_reduce(confusion)
-    hooks.all_reduce(loss_sum)
-    model.train(was_training)
-    return metrics_from_confusion(confusion.view(c, c).cpu(), float(loss_sum), task.metrics)
-
-
-def metrics_from_confusion(confusion: torch.Tensor, loss_sum: float, names: tuple[str, ...]) -> dict:
-    """confusion[true, predicted] -> loss, accuracy, macro-F1 and micro-F1 as asked."""
-    total = float(confusion.sum())
-    tp = confusion.diag()
-    out = {"loss": loss_sum / total, "accuracy": float(tp.sum()) / total}
-    if "macro_f1" in names or "micro_f1" in names:
-        support, predicted = confusion.sum(1), confusion.sum(0)
-        f1 = 2 * tp / (support + predicted).clamp(min=1)
-        present = (support + predicted) > 0  # sklearn averages over labels seen in y or y_pred
-        out["macro_f1"] = float(f1[present].mean())
-        out["micro_f1"] = out["accuracy"]  # single-label multi-class: micro-F1 == accuracy
-    return {k: v for k, v in out.items() if k == "loss" or k in names}
+        inputs.update(mae_weight=cfg.mae_weight, teacher_cache=cfg.teacher_cache)
+    return digest(inputs), inputs

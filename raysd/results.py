@@ -26,12 +26,14 @@ TRIALS, HISTORY, PARTS = "trials.parquet", "history.parquet", "history_parts"
 # Our own keys in a reported row; Tune's bookkeeping keys (dates, pids, iterations) are dropped.
 # `attempt` counts the trial's worker-group restarts: a step rerun after one is a new row.
 ROW_KEYS = ("stage", "round", "step", "progress", "attempt", "loss", "mae_loss", "distill_loss",
-            "ce_loss", "lr", "samples_per_s")
+            "ce_loss", "lr", "samples_per_s", "knn_accuracy")
 SCALAR_KEYS = ROW_KEYS[5:]
 ROW_IDENTITY = ("stage", "round", "step", "attempt")
 PART_SECONDS = float(os.environ.get("RAYSD_HISTORY_PART_SECONDS", "30"))
-FINAL_PREFIXES = ("val_", "test_", "train_", "seconds_", "steps_")
-FINAL_KEYS = ("gen_gap", "init_distance", "restarts", "resumed_from", "worker_nodes", "num_nodes")
+# Per-stage columns: cost, artifact key, whether it was reused, and its early signal.
+FINAL_PREFIXES = ("val_", "test_", "train_", "seconds_", "steps_", "key_", "reused_", "knn_accuracy_")
+FINAL_KEYS = ("gen_gap", "init_distance", "restarts", "resumed_from", "worker_nodes", "num_nodes",
+              "trained_seconds")
 
 
 class Store:

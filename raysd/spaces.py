@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from raysd import models
-from raysd.config import METHODS, PLACEMENTS, StageConfig, TrialConfig
+from raysd.config import METHODS, PLACEMENTS, SIGNALS, TEACHER_CACHE, StageConfig, TrialConfig
 from raysd.errors import ConfigError
 
 # The repository's search_spaces/ folder, installed as the package raysd.search_spaces.
@@ -27,17 +27,18 @@ SCHEMA: dict[str, Any] = {
     "description": str, "model": str, "weights": str, "data": str, "method": str, "seed": int,
     "mask_ratio": float, "max_length": int,
     "further_pretrain": STAGE_KEYS,
-    "self_distill": STAGE_KEYS | {"rounds", "mae_weight"},
+    "self_distill": STAGE_KEYS | {"rounds", "mae_weight", "teacher_cache"},
     "finetune": STAGE_KEYS,
-    "evaluation": {"batch_size", "every", "max_examples"},
+    "evaluation": {"batch_size", "every", "max_examples", "signal", "signal_examples"},
     "resources": {"workers", "use_gpu", "cpus_per_worker", "loader_workers", "placement", "custom",
                   "accelerator_type"},
     "logging": {"log_every", "checkpoint_every", "keep_checkpoints"},
     "study": {"num_samples", "metric", "mode", "seed", "n_startup_trials", "max_concurrent",
-              "max_failures", "scheduler", "smoke"},
+              "max_failures", "scheduler", "smoke", "artifacts"},
     "search": dict,
 }
-SCHEDULER_KEYS = {"type", "metric", "mode", "grace_period", "reduction_factor", "max_t"}
+# ASHA acts on the early signal at stage boundaries; its clock is pre-training stages done.
+SCHEDULER_KEYS = {"type", "grace_period", "reduction_factor"}
 PARAM_KEYS = {"type", "low", "high", "log", "step", "choices", "when"}
 
 
@@ -100,6 +101,9 @@ class StudySettings:
     max_failures: int = 2
     scheduler: dict | None = None  # {"type": "asha", "metric": ..., "grace_period": ...}
     smoke: bool = False  # a --smoke run: shrunk to check the wiring, never a result
+    # Where stage outputs are shared: None = <study>/artifacts, "none" = no reuse, or a URI
+    # that several studies share.
+    artifacts: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,30 +211,27 @@ def load_space_text(text: str, where: str, name: str,
     return space
 
 
-def trial_lengths(space: Space) -> tuple[int, int]:
-    """(shortest, longest) trial in steps (the `progress` counter) over the searched range."""
-    def length(cfg: TrialConfig) -> int:
-        return sum(getattr(cfg, stage).steps for stage, _ in cfg.stages())
-
-    lengths = [length(space.trial_config())] + [length(space.trial_config({p.key: v}))
-                                                for p in space.params for v in _extremes(p)]
-    return min(lengths), max(lengths)
+def pretrain_stages(space: Space) -> tuple[int, int]:
+    """(fewest, most) pre-training stages of a trial over the searched range: ASHA's clock."""
+    counts = [space.trial_config().pretrain_stages()] + [
+        space.trial_config({p.key: v}).pretrain_stages() for p in space.params for v in _extremes(p)]
+    return min(counts), max(counts)
 
 
 def _check_scheduler(space: Space) -> None:
-    """ASHA's lengths against the trials': a trial is never stopped for being long (T')."""
+    """ASHA needs a signal to act on and a first rung that some trial reaches."""
     sched = space.study.scheduler
     if not sched:
         return
-    _, longest = trial_lengths(space)
-    max_t, grace = sched.get("max_t") or longest, sched.get("grace_period", 1)
-    if max_t < longest:
-        raise ConfigError(f"{space.source}: study.scheduler.max_t: must be at least the longest "
-                          f"trial's {longest} steps over the searched range (got {max_t}); "
-                          "longer trials would be stopped before fine-tuning ends")
-    if grace > max_t:
-        raise ConfigError(f"{space.source}: study.scheduler.grace_period: must be at most max_t "
-                          f"= {max_t} steps, the longest trial (got {grace})")
+    cfg = space.trial_config()
+    if cfg.signal == "none":
+        raise ConfigError(f"{space.source}: study.scheduler: ASHA acts on the early signal; set "
+                          "evaluation.signal: knn or remove the scheduler")
+    _, most = pretrain_stages(space)
+    grace = sched.get("grace_period", 1)
+    if grace > most:
+        raise ConfigError(f"{space.source}: study.scheduler.grace_period: must be at most {most}, "
+                          f"the most pre-training stages a trial runs (got {grace})")
 
 
 def _off(value: Any) -> bool:
@@ -312,6 +313,8 @@ def _study(raw: dict, where: str) -> StudySettings:
     _require(isinstance(settings.metric, str) and bool(re.fullmatch(r"(val|train)_\w+", settings.metric)),
              where, "study.metric", "a validation metric such as val_accuracy or val_macro_f1 "
              "(test metrics are recorded, never used to choose)", settings.metric)
+    _require(settings.artifacts is None or (isinstance(settings.artifacts, str) and settings.artifacts),
+             where, "study.artifacts", "a folder or URI, or none", settings.artifacts)
     sched = settings.scheduler
     if sched is not None:
         _require(isinstance(sched, dict) and sched.get("type") == "asha", where, "study.scheduler.type",
@@ -319,7 +322,7 @@ def _study(raw: dict, where: str) -> StudySettings:
         for key in sched:
             if key not in SCHEDULER_KEYS:
                 raise ConfigError(f"{where}: unknown key study.scheduler.{key}")
-        for key in ("grace_period", "reduction_factor", "max_t"):
+        for key in ("grace_period", "reduction_factor"):
             if sched.get(key) is not None:
                 _require(_integer(sched[key]) and sched[key] >= 1, where, f"study.scheduler.{key}",
                          "an integer >= 1", sched[key])
@@ -481,7 +484,9 @@ def trial_config(doc: dict, where: str) -> TrialConfig:
         further_pretrain=_stage(doc, "further_pretrain", where),
         self_distill=_stage(doc, "self_distill", where), finetune=_stage(doc, "finetune", where),
         eval_batch_size=ev.get("batch_size", 256), eval_every=ev.get("every", 0),
-        eval_max_examples=ev.get("max_examples", 0),
+        eval_max_examples=ev.get("max_examples", 0), signal=ev.get("signal", "knn"),
+        signal_examples=ev.get("signal_examples", 10000),
+        teacher_cache=sd.get("teacher_cache", "auto"),
         max_length=doc.get("max_length", 128), seed=doc.get("seed", 0),
         log_every=log.get("log_every", 10), checkpoint_every=log.get("checkpoint_every", 100),
         num_workers=workers, use_gpu=use_gpu, cpus_per_worker=cpus,
@@ -492,8 +497,12 @@ def trial_config(doc: dict, where: str) -> TrialConfig:
     for key, value in (("evaluation.batch_size", cfg.eval_batch_size), ("logging.log_every", cfg.log_every),
                        ("logging.checkpoint_every", cfg.checkpoint_every), ("max_length", cfg.max_length)):
         _require(_integer(value) and value >= 1, where, key, "an integer >= 1", value)
+    _require(cfg.signal in SIGNALS, where, "evaluation.signal", " | ".join(SIGNALS), cfg.signal)
+    _require(cfg.teacher_cache in TEACHER_CACHE, where, "self_distill.teacher_cache",
+             " | ".join(TEACHER_CACHE), cfg.teacher_cache)
     for key, value in (("evaluation.every", cfg.eval_every), ("resources.loader_workers", cfg.loader_workers),
                        ("evaluation.max_examples", cfg.eval_max_examples),
+                       ("evaluation.signal_examples", cfg.signal_examples),
                        ("seed", cfg.seed)):
         _require(_integer(value) and value >= 0, where, key, "an integer >= 0", value)
     _require(cfg.eval_every <= cfg.finetune.steps, where, "evaluation.every",
@@ -531,9 +540,10 @@ def smoke_overrides(space: Space, use_gpu: bool) -> dict[str, Any]:
         out["search.self_distill.rounds"] = {"type": "choice", "choices": [max(1, int(rounds.low))]}
     elif rounds is None and cfg.method == "self_distill":
         out["self_distill.rounds"] = max(cfg.rounds, 1)
-    if space.study.scheduler:  # ASHA stays wired, with a grace period no trial reaches
-        out["study.scheduler.max_t"] = None  # the longest smoke trial
-        out["study.scheduler.grace_period"] = sum(SMOKE_STEPS.values())
+    if space.study.scheduler:  # ASHA stays wired; its first rung is the smoke trial's last signal
+        stages = {"self_distill": 2, "further_pretrain": 1}.get(cfg.method)
+        out["study.scheduler" + (".grace_period" if stages else "")] = stages
+    out["evaluation.signal_examples"] = 8
     return out
 
 

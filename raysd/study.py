@@ -18,11 +18,12 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from raysd.bootstrap import demo_theta
 from raysd.config import PLACEMENTS, TrialConfig
 from raysd.errors import ConfigError
 from raysd.progress import ProgressPrinter
 from raysd.results import TRIALS, StudyRecorder, Store, staging_dir
-from raysd.spaces import Param, Space, load_space_text, trial_lengths
+from raysd.spaces import Param, Space, load_space_text, pretrain_stages
 from raysd.train import FATAL_FILE, train_worker
 
 # A trial's driver only waits on trainer.fit(): it takes no CPU and runs on the head, the one
@@ -52,7 +53,7 @@ class DefineByRun:
                 values[param.key] = param.suggest(trial)
 
 
-def trial_driver(config: dict, space: Space, train_storage: str) -> None:
+def trial_driver(config: dict, space: Space, train_storage: str, artifacts: str | None) -> None:
     """A Tune trial: build this trial's TrialConfig and run it as one TorchTrainer."""
     cfg = space.trial_config({p.key: config[p.key] for p in space.params if p.key in config})
     # A worker group that cannot start in time is retried without limit (Ray's default
@@ -68,7 +69,7 @@ def trial_driver(config: dict, space: Space, train_storage: str) -> None:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"trial": cfg, "study_marker": study_marker(train_storage),
-                           "fatal_file": f"{run_uri}/{FATAL_FILE}"},
+                           "fatal_file": f"{run_uri}/{FATAL_FILE}", "artifacts": artifacts},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
             resources_per_worker=cfg.worker_resources(), accelerator_type=cfg.accelerator_type,
@@ -100,6 +101,14 @@ def _root_cause(err: Exception) -> str:
     cause = next(iter(failures.values())) if failures else getattr(err, "controller_failure", err)
     text = str(cause).strip().splitlines()
     return f"{type(cause).__name__}: {text[-1] if text else ''}"
+
+
+def artifacts_uri(space: Space, study_uri: str) -> str | None:
+    """Where the study's trials share stage outputs (None: reuse is off)."""
+    where = space.study.artifacts
+    if where is None:
+        return f"{study_uri}/artifacts"
+    return None if where.lower() == "none" else where
 
 
 def study_marker(train_storage: str) -> str | None:
@@ -247,11 +256,10 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
         store.write_text(yaml.safe_dump({**space.doc, "search": _search_doc(space), "study": study},
                                         sort_keys=False), SPACE_FILE)
     if space.doc.get("weights") == "builtin:demo":
-        from raysd.bootstrap import demo_weights_dir
-
-        demo_weights_dir(space.doc["model"])  # build once here, not in every trial at once
+        demo_theta(space.doc["model"])  # build once here, not in every trial at once
     trainable = tune.with_resources(
-        tune.with_parameters(trial_driver, space=space, train_storage=f"{study_uri}/train"),
+        tune.with_parameters(trial_driver, space=space, train_storage=f"{study_uri}/train",
+                             artifacts=artifacts_uri(space, study_uri)),
         tune.PlacementGroupFactory([DRIVER_BUNDLE]),
     )
     callbacks = [StudyRecorder(space, study_uri, staging_dir(study_uri)),
@@ -296,12 +304,13 @@ def _scheduler(space: Space):
     sched = space.study.scheduler
     if not sched:
         return None
-    # time_attr is our own trial-wide step counter (Tune's iteration restarts on retries), so
-    # rungs compare trials at equal work; max_t is the longest trial, so none is cut for its T'.
-    _, longest = trial_lengths(space)
-    return ASHAScheduler(time_attr="progress", metric=sched.get("metric", space.study.metric),
-                         mode=sched.get("mode", space.study.mode), max_t=sched.get("max_t") or longest,
-                         grace_period=sched.get("grace_period", 1),
+    # Rungs sit at stage boundaries: the clock is pre-training stages done, the metric the early
+    # signal each of them reports. Trials are compared after equal work (the same stages, the
+    # same steps), and max_t lies beyond the longest trial's last stage, so no trial is stopped
+    # for its T': a trial's last rung is its last pre-training stage, and fine-tuning follows.
+    _, most = pretrain_stages(space)
+    return ASHAScheduler(time_attr="stages_done", metric="knn_accuracy", mode="max",
+                         max_t=most + 1, grace_period=sched.get("grace_period", 1),
                          reduction_factor=sched.get("reduction_factor", 2))
 
 

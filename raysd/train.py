@@ -11,10 +11,11 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from raysd.artifacts import ArtifactStore
+from raysd.bootstrap import theta_init
 from raysd.config import TrialConfig
 from raysd.data import DataError, load_task
 from raysd.errors import ConfigError
-from raysd.models.weights import load_backbone
 from raysd.recipe import Hooks, NonFiniteLoss, run_trial
 
 STATE_FILE = "state.pt"
@@ -30,7 +31,7 @@ def train_worker(config: dict) -> None:
     the workers return, because Ray Train retries every exception a worker raises."""
     ctx = ray.train.get_context()
     try:
-        _run(config["trial"], config.get("study_marker"), ctx)
+        _run(config["trial"], config.get("study_marker"), config.get("artifacts"), ctx)
     except (ConfigError, NonFiniteLoss, DataError) as err:
         if isinstance(err, DataError) and ctx.get_world_size() > 1:
             raise  # met by this rank alone while the others wait in an all-reduce
@@ -41,7 +42,7 @@ def train_worker(config: dict) -> None:
                 f.write(f"{type(err).__name__}: {line}".encode())
 
 
-def _run(cfg: TrialConfig, study_marker: str | None, ctx) -> None:
+def _run(cfg: TrialConfig, study_marker: str | None, artifacts: str | None, ctx) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     if study_marker and not os.path.exists(study_marker):
@@ -60,11 +61,11 @@ def _run(cfg: TrialConfig, study_marker: str | None, ctx) -> None:
     # loads first while the node's other ranks wait, then read the cache it filled.
     first = ctx.get_local_rank() == 0
     if first:
-        init = _theta_init(cfg)
+        init = theta_init(cfg.model, cfg.weights, cfg.seed)
     if world > 1:
         dist.barrier()
     if not first:
-        init = _theta_init(cfg)
+        init = theta_init(cfg.model, cfg.weights, cfg.seed)
     spec = getattr(init, "spec", None)
     task = load_task(cfg.data, image_size=spec.img_size if spec else None,
                      tokenizer=getattr(init, "tokenizer", None), max_length=cfg.max_length)
@@ -93,14 +94,10 @@ def _run(cfg: TrialConfig, study_marker: str | None, ctx) -> None:
         device=device, rank=rank, world_size=world, wrap=ray.train.torch.prepare_model,
         all_reduce=all_reduce, report=report, resume=resume,
         autocast=torch.bfloat16 if device.type == "cuda" else None,
+        # Named after the trial (stable across restarts): a restarted trial keeps its leases.
+        artifacts=ArtifactStore(artifacts, owner=ctx.get_experiment_name()) if artifacts else None,
     )
     run_trial(cfg, task, init, hooks)
-
-
-def _theta_init(cfg: TrialConfig):
-    # weights: none is a random theta_init: seeded, so every rank and every restart draws the same.
-    torch.manual_seed(cfg.seed)
-    return load_backbone(cfg.model, cfg.weights)
 
 
 def _node_ids(world: int) -> list[str]:

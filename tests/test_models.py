@@ -82,15 +82,19 @@ def test_demo_init_is_mae_pretrained_and_cached(tmp_path, monkeypatch):
     from raysd.config import StageConfig
 
     monkeypatch.setenv("RAYSD_CACHE", str(tmp_path))
-    monkeypatch.setattr(bootstrap, "PRETRAIN", StageConfig(steps=30, batch_size=32, lr=1.5e-3, beta2=0.95))
+    monkeypatch.setattr(bootstrap, "PRETRAIN", StageConfig(steps=40, batch_size=32, lr=1.5e-3, beta2=0.95))
     monkeypatch.setattr(bootstrap, "CROPS", 256)
-    path = bootstrap.demo_weights_dir("vit_tiny")
-    assert (path / "model.safetensors").exists()
-    random_init = models.build("vit_tiny")
-    demo = load_backbone("vit_tiny", "builtin:demo")
-    assert not torch.equal(demo.state_dict()["encoder.blocks.0.attn.qkv.weight"],
-                           random_init.state_dict()["encoder.blocks.0.attn.qkv.weight"])
-    # cached: a second call builds nothing (same directory, same file)
-    mtime = (path / "model.safetensors").stat().st_mtime
-    assert bootstrap.demo_weights_dir("vit_tiny") == path
-    assert (path / "model.safetensors").stat().st_mtime == mtime
+    demo = bootstrap.theta_init("vit_tiny", "builtin:demo", seed=0)
+    store, key = bootstrap.demo_store(), bootstrap.demo_key("vit_tiny")
+    _, meta = store.load(key)
+    # It was really pre-trained: the MAE loss fell during the build (10 steps vs the last)...
+    assert meta["row"]["mae_loss"] < 0.9 * meta["first_row"]["mae_loss"], meta
+    # ...and the model it gives is the one the build trained, not the random init it began from.
+    weights, _ = store.load(key)
+    assert all(torch.equal(v, weights[k]) for k, v in demo.state_dict().items())
+    # Cached: a second call builds nothing.
+    meta_file = tmp_path / "artifacts" / key / "meta.json"
+    mtime = meta_file.stat().st_mtime_ns
+    again = bootstrap.theta_init("vit_tiny", "builtin:demo", seed=1)
+    assert meta_file.stat().st_mtime_ns == mtime
+    assert torch.equal(again.state_dict()["encoder.pos_embed"], demo.state_dict()["encoder.pos_embed"])

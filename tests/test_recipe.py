@@ -8,7 +8,8 @@ import torch
 from conftest import tiny_config
 from raysd import models
 from raysd.losses import distill_loss
-from raysd.recipe import Hooks, NonFiniteLoss, metrics_from_confusion, run_trial
+from raysd.recipe import Hooks, NonFiniteLoss, run_trial
+from raysd.stages import metrics_from_confusion
 
 
 def _init(seed=0):
@@ -60,7 +61,7 @@ def test_every_round_restarts_from_theta_init(digits):
     for state in rec.wrapped[:4]:
         assert all(torch.equal(state[k], theta_init[k]) for k in theta_init)
     # ... and the teachers of consecutive rounds differ (each round trains a new student)
-    carries = [s["carry"] for s in rec.states if s["step"] == 0]
+    carries = [s["theta"] for s in rec.states if "progress" not in s]  # stage boundaries
     assert len(carries) == 4
     assert not torch.equal(carries[1]["encoder.blocks.0.mlp.fc1.weight"],
                            carries[2]["encoder.blocks.0.mlp.fc1.weight"])
@@ -69,7 +70,7 @@ def test_every_round_restarts_from_theta_init(digits):
 def test_fine_tuning_starts_from_the_methods_weights(digits):
     rec = Recorder()
     run_trial(tiny_config(method="further_pretrain"), digits, _init(), rec.hooks)
-    theta_0 = rec.states[-1]["carry"]
+    theta_0 = rec.states[-1]["theta"]
     start = rec.wrapped[-1]
     assert all(torch.equal(start[f"backbone.{k}"], v) for k, v in theta_0.items() if k.startswith("encoder."))
     assert not any(k.startswith("backbone.decoder") for k in start)  # decoder dropped
@@ -80,7 +81,7 @@ def test_zero_mae_weight_leaves_the_decoder_untouched(digits):
     decoder_init = {k: v.clone() for k, v in init.state_dict().items() if k.startswith("decoder.")}
     rec = Recorder()
     run_trial(tiny_config(mae_weight=0.0, rounds=1), digits, init, rec.hooks)
-    after_round = [s["carry"] for s in rec.states if s["step"] == 0][1]
+    after_round = [s["theta"] for s in rec.states if "progress" not in s][1]
     assert all(torch.equal(after_round[k], v) for k, v in decoder_init.items())
     encoder_moved = any(not torch.equal(after_round[k], init.state_dict()[k])
                         for k in after_round if k.startswith("encoder.blocks"))
@@ -93,21 +94,27 @@ def test_distillation_gradient_never_reaches_the_decoder(digits):
     batch = {"x": torch.stack([digits.unlabelled[i]["x"] for i in range(8)])}
     with torch.no_grad():
         target = teacher.represent(batch)
-    distill_loss(student(batch, represent=True)["repr"], target).backward()
+    # One forward as in a self-distillation step: the decoder runs (MAE) beside the representation.
+    out = student(batch, mask_ratio=0.75, represent=True)
+    distill_loss(out["repr"], target).backward(retain_graph=True)
     assert all(p.grad is None for p in student.decoder.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.encoder.parameters())
     assert all(p.grad is None for p in teacher.parameters())
+    out["mae"].backward()  # the MAE term is what moves the decoder
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.decoder.parameters()
+               if p.requires_grad and p.dim() > 1)
 
 
 def test_resume_mid_stage_gives_the_same_weights_as_an_uninterrupted_run(digits):
     cfg = tiny_config(rounds=1, checkpoint_every=2, log_every=1)
     full = Recorder()
     out_full = run_trial(cfg, digits, _init(), full.hooks)
-    mid = [s for s in full.states if s["step"] == 2 and s["position"] == 1]  # inside round 1
+    mid = [s for s in full.states if s.get("progress", {}).get("step") == 2
+           and s["stage_index"] == 1]  # inside round 1
     assert len(mid) == 1
     resumed = Recorder(resume=mid[0])
     out_resumed = run_trial(cfg, digits, _init(), resumed.hooks)
-    final_carry = lambda rec: [s for s in rec.states if s["step"] == 0][-1]["carry"]  # noqa: E731
+    final_carry = lambda rec: [s for s in rec.states if "progress" not in s][-1]["theta"]  # noqa: E731
     a, b = final_carry(full), final_carry(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     for key in ("val_loss", "test_loss", "init_distance"):

@@ -125,23 +125,27 @@ def test_set_reaches_nested_keys_scheduler_and_search():
     assert gamma.high == 0.8 and "finetune.lr" not in {p.key for p in space.params}
     off = load_space("vit_small", parse_overrides(["study.scheduler=none"]))
     assert off.study.scheduler is None
-    on = load_space("demo", parse_overrides(["study.scheduler.grace_period=10",
+    on = load_space("demo", parse_overrides(["study.scheduler.grace_period=2",
                                              "search.seed={type: int, low: 0, high: 2}"]))
-    assert on.study.scheduler == {"type": "asha", "grace_period": 10}
+    assert on.study.scheduler == {"type": "asha", "grace_period": 2}
     assert "seed" in {p.key for p in on.params}
 
 
-def test_asha_max_t_is_the_longest_trial_so_no_t_prime_is_cut_short():
-    from raysd.spaces import trial_lengths
+def test_asha_rungs_are_stage_boundaries_and_no_t_prime_is_cut_short():
+    from raysd.spaces import pretrain_stages
     from raysd.study import _scheduler
 
-    space = load_space("vit_small")  # T' in 0..3: 8,000 to 23,000 steps
-    assert trial_lengths(space) == (3000 + 5000, 3000 + 5000 + 3 * 5000)
-    assert _scheduler(space)._max_t == 23000
+    space = load_space("vit_small")  # T' in 0..3: 1 to 4 pre-training stages
+    assert pretrain_stages(space) == (1, 4)
+    asha = _scheduler(space)
+    assert asha._time_attr == "stages_done" and asha._metric == "knn_accuracy"
+    assert asha._max_t == 5  # beyond the last stage of the longest trial: nobody hits it
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--set", "study.scheduler.max_t=100"], "study.scheduler.max_t: must be at least the longest"),
+    (["--set", "study.scheduler.max_t=100"], "--set study.scheduler.max_t: unknown key"),
+    (["--set", "evaluation.signal=none", "--set", "study.scheduler.grace_period=1"],
+     "ASHA acts on the early signal"),
     (["--set", "study.scheduler.grace_period=99999"], "study.scheduler.grace_period: must be at most"),
     (["--set", "study.scheduler.patience=3"], "--set study.scheduler.patience: unknown key"),
     (["--set", "search.mask_ratio.hihg=0.8"], "'hihg' is not a field of search.mask_ratio"),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ class Task:
     val: Dataset
     test: Dataset
     metrics: tuple[str, ...]  # reported on val and test; the first is the headline
+    fingerprint: str = ""  # identifies the files behind a directory source (artifact keys)
 
 
 def load_task(source: str, *, image_size: int | None = None, tokenizer: Any = None,
@@ -47,12 +49,24 @@ def load_task(source: str, *, image_size: int | None = None, tokenizer: Any = No
         if kind == "imagefolder":
             from raysd.data.images import imagefolder_task
 
-            return imagefolder_task(path, image_size or 224, source)
-        from raysd.data.text import hfdisk_task, jsonl_task
+            task = imagefolder_task(path, image_size or 224, source)
+        else:
+            from raysd.data.text import hfdisk_task, jsonl_task
 
-        loader = jsonl_task if kind == "jsonl" else hfdisk_task
-        return loader(path, tokenizer, max_length, source)
+            loader = jsonl_task if kind == "jsonl" else hfdisk_task
+            task = loader(path, tokenizer, max_length, source)
+        return dataclasses.replace(task, fingerprint=fingerprint_dir(path))
     raise _unknown(source)
+
+
+def fingerprint_dir(path: Path) -> str:
+    """A hash of every file's relative path, size and modification time under `path`: a changed,
+    added or removed file changes it, without reading a byte of the data."""
+    h = hashlib.blake2b(digest_size=16)
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        stat = file.stat()
+        h.update(f"{file.relative_to(path)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def _unknown(source: str) -> ConfigError:

@@ -54,10 +54,8 @@ def load_backbone(model_name: str, weights: str) -> nn.Module:
     backbone = models.build(model_name)
     if weights in ("", "none", None):
         return backbone
-    if weights == "builtin:demo":
-        from raysd.bootstrap import demo_weights_dir
-
-        return _load_dir(backbone, demo_weights_dir(model_name), model_name)
+    if weights == "builtin:demo":  # built by raysd itself, above the models layer
+        raise ConfigError("weights 'builtin:demo' are loaded by raysd.bootstrap.theta_init")
     if weights.startswith("hf:"):
         return _load_hf(backbone, fam, *hub_id(weights))
     if weights.startswith("timm:"):

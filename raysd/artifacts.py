@@ -1,0 +1,159 @@
+"""Stage outputs as content-addressed artifacts, shared by the trials of a study (or of studies).
+
+A pre-training stage's output (theta_0 of further pre-training, theta_t of round t) is fully
+determined by its inputs: the model, theta_init, D_u, gamma (and lambda), the stage's settings,
+the seed, the number of ranks, the precision and the previous stage. `stage_key` hashes those;
+a trial whose key exists loads the output instead of training it.
+
+Layout under the store's URI (a local folder, NFS, s3://, gs://):
+    <key>/weights.pt    the stage's state_dict (loaded with weights_only=True)
+    <key>/meta.json     written last: what the key was made of, the stage's last row, seconds
+    <key>.lease         who is building it and until when; renewed while building, so a lease
+                        left by a crashed trial expires and another trial takes over
+Correctness never depends on the lease: two builders of one key write identical weights.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+
+import pyarrow.fs as pafs
+import torch
+
+# Bump when a change to the method changes what a stage computes from the same inputs.
+METHOD_VERSION = "1"
+LEASE_SECONDS = float(os.environ.get("RAYSD_LEASE_SECONDS", "120"))
+META, WEIGHTS = "meta.json", "weights.pt"
+
+
+def digest(doc: dict) -> str:
+    """A short, stable hash of a JSON-able description."""
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def state_hash(state: dict[str, torch.Tensor]) -> str:
+    """A content hash of a state_dict: names, dtypes, shapes and bytes of every tensor."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return h.hexdigest()
+
+
+class ArtifactStore:
+    """Stage outputs under one URI. `owner` names the builder (a trial) in its leases."""
+
+    def __init__(self, uri: str, owner: str, lease_seconds: float = LEASE_SECONDS):
+        self.uri = uri.rstrip("/")
+        self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+        self.owner, self.lease_seconds = owner, lease_seconds
+
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def _exists(self, path: str) -> bool:
+        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    def has(self, key: str) -> bool:
+        return self._exists(self._path(key, META))
+
+    def load(self, key: str) -> tuple[dict[str, torch.Tensor], dict]:
+        """(weights, meta) of a finished artifact."""
+        with self.fs.open_input_stream(self._path(key, META)) as f:
+            meta = json.loads(f.read().decode())
+        with self.fs.open_input_stream(self._path(key, WEIGHTS)) as f:
+            weights = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+        return weights, meta
+
+    def save(self, key: str, weights: dict[str, torch.Tensor], meta: dict) -> None:
+        """Weights first, meta last: an artifact exists once its meta does."""
+        self.fs.create_dir(self._path(key), recursive=True)
+        buffer = io.BytesIO()
+        torch.save(weights, buffer)
+        self._write(self._path(key, WEIGHTS), buffer.getvalue())
+        self._write(self._path(key, META), json.dumps(meta, indent=1, default=str).encode())
+
+    def _write(self, path: str, data: bytes) -> None:
+        if self.local:  # beside, then rename: a reader never sees half a file
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+            return
+        with self.fs.open_output_stream(path) as f:  # object stores publish on close
+            f.write(data)
+
+    # Leases: at most one builder per key at a time, across processes and nodes.
+
+    def claim(self, key: str) -> str:
+        """"ready" (load it), "build" (this owner holds the lease) or "wait" (another does)."""
+        if self.has(key):
+            return "ready"
+        holder = self._lease_holder(key)
+        if holder is not None and holder != self.owner:
+            return "wait"
+        self.fs.create_dir(self.root, recursive=True)
+        lease = self._path(f"{key}.lease")
+        if holder is None and self.local:
+            try:  # atomic create: of two trials asking at once, one gets it
+                fd = os.open(lease, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return "wait"
+            os.close(fd)
+        self._renew(key)
+        if not self.local:  # no atomic create on object stores: write, settle, read back
+            time.sleep(1.0)
+        return "build" if self._lease_holder(key) == self.owner else "wait"
+
+    def _lease_holder(self, key: str) -> str | None:
+        """The owner of an unexpired lease on `key`, or None."""
+        try:
+            with self.fs.open_input_stream(self._path(f"{key}.lease")) as f:
+                lease = json.loads(f.read().decode() or "{}")
+        except (FileNotFoundError, OSError, ValueError):
+            return None
+        if not lease or lease.get("expires", 0) < time.time():
+            return None
+        return lease.get("owner")
+
+    def _renew(self, key: str) -> None:
+        doc = {"owner": self.owner, "expires": time.time() + self.lease_seconds}
+        self._write(self._path(f"{key}.lease"), json.dumps(doc).encode())
+
+    def release(self, key: str) -> None:
+        lease = self._path(f"{key}.lease")
+        if self._lease_holder(key) == self.owner:
+            self.fs.delete_file(lease)
+
+    def lease_holder(self, key: str) -> str | None:
+        return self._lease_holder(key)
+
+    @contextmanager
+    def building(self, key: str):
+        """Hold the lease on `key` while the body builds it: renewed in the background, so it
+        stays while this process lives and expires soon after it dies."""
+        stop = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(self.lease_seconds / 4):
+                try:
+                    self._renew(key)
+                except OSError:
+                    pass  # a storage hiccup: the next renewal tries again
+
+        thread = threading.Thread(target=renew, name=f"raysd-lease-{key[:8]}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            self.release(key)
