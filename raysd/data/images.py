@@ -1,7 +1,14 @@
-"""Image tasks: scikit-learn's digits (ships with the install), image folders, natural crops."""
+"""Image tasks: scikit-learn's digits (ships with the install), image folders (decoded once into
+a uint8 cache per node), natural crops."""
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -14,6 +21,8 @@ from raysd.errors import ConfigError
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 SPLIT_SEED = 0
+CACHE_VERSION = 1  # bump when the cache's layout or decoding changes
+DECODE_CHUNK = 1024
 
 
 class TensorImages(Dataset):
@@ -73,39 +82,126 @@ def natural_crops(n: int, size: int, seed: int = 0) -> torch.Tensor:
 
 
 def imagefolder_task(root: Path, image_size: int, source: str) -> Task:
-    """DIR/train, DIR/val (split off train with a fixed seed when absent), DIR/test."""
-    from torchvision import datasets, transforms
+    """DIR/train, DIR/val (split off train with a fixed seed when absent), DIR/test, each read
+    from the node's uint8 cache (decoded once, by the first trial that needs it)."""
+    from torchvision.transforms import v2
 
-    plain = transforms.Compose([
-        transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.ToTensor(),
-        transforms.Normalize(MEAN.flatten().tolist(), STD.flatten().tolist()),
-    ])
-    augment = transforms.Compose([
-        transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(), transforms.Normalize(MEAN.flatten().tolist(), STD.flatten().tolist()),
-    ])
-    classes = _class_folders(root, source)
-
-    class TrainIndexed(datasets.ImageFolder):
-        """Every split takes train's class indices, so a class missing from one is an error
-        (scan_imagefolder) and never a silent relabelling."""
-
-        def find_classes(self, directory):
-            return classes["train"], {name: i for i, name in enumerate(classes["train"])}
-
-    def folder(split: str, transform) -> Dataset:
-        return _Labelled(TrainIndexed(str(root / split), transform=transform))
-
-    train_plain, train_aug = folder("train", plain), folder("train", augment)
-    num_classes = len(classes["train"])
-    test = folder("test", plain)
+    root = root.resolve()
+    classes = _class_folders(root, source)["train"]
+    cache = image_cache(root, image_size, classes)
+    augment = v2.Compose([v2.RandomResizedCrop(image_size, antialias=True),
+                          v2.RandomHorizontalFlip()])
+    train_plain, train_aug = CachedImages(cache, "train"), CachedImages(cache, "train", augment)
+    test = CachedImages(cache, "test")
     if (root / "val").is_dir():
-        val = folder("val", plain)
+        val = CachedImages(cache, "val")
     else:
         train_idx, val_idx = split_indices(len(train_plain), (0.9,))
         val = Subset(train_plain, val_idx.tolist())
-        train_plain, train_aug = Subset(train_plain, train_idx.tolist()), Subset(train_aug, train_idx.tolist())
-    return Task(source, "image", num_classes, train_aug, train_plain, val, test, ("accuracy",))
+        train_plain = Subset(train_plain, train_idx.tolist())
+        train_aug = Subset(train_aug, train_idx.tolist())
+    return Task(source, "image", len(classes), train_aug, train_plain, val, test, ("accuracy",))
+
+
+class CachedImages(Dataset):
+    """One split of an image cache: uint8 [N, 3, S, S] memory-mapped, so the trials of a node
+    share one copy in the page cache. `augment` (drawing from torch's global RNG) makes the
+    fine-tuning view; the result is normalised with MEAN and STD."""
+
+    def __init__(self, cache: Path, split: str, augment: Callable | None = None):
+        self.path, self.augment = cache / f"{split}.npy", augment
+        self.labels = np.load(cache / f"{split}-labels.npy")
+        self._images: np.ndarray | None = None
+
+    def __getstate__(self) -> dict:
+        # A loader worker maps the file itself: pickling the mapping would copy the whole split.
+        return {**self.__dict__, "_images": None}
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        if self._images is None:
+            self._images = np.load(self.path, mmap_mode="r")
+        x = torch.from_numpy(np.array(self._images[i]))  # a copy: the mapping is read-only
+        if self.augment is not None:
+            x = self.augment(x)
+        return {"x": (x.float() / 255 - MEAN) / STD, "y": int(self.labels[i])}
+
+
+def image_cache(root: Path, image_size: int, classes: list[str]) -> Path:
+    """The cache folder of `root` at `image_size`, built under a lock if no trial has yet.
+
+    Its name hashes everything that decides its content (the root, every image's path, size and
+    mtime, the classes, the size, the format and the decoders' versions): a changed or added
+    image makes a new cache instead of reusing a stale one."""
+    import PIL
+    import torchvision
+    from filelock import FileLock
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
+    from raysd.cache import cache_root
+
+    index = {name: i for i, name in enumerate(classes)}
+    # make_dataset's order is ImageFolder's, so the held-out val split keeps its images.
+    samples = {split: make_dataset(str(root / split), index, extensions=IMG_EXTENSIONS)
+               for split in ("train", "val", "test") if (root / split).is_dir()}
+    listing = {split: sorted(_stat(path, root) for path, _ in files)
+               for split, files in samples.items()}
+    fingerprint = json.dumps([CACHE_VERSION, str(root), classes, image_size, listing,
+                              PIL.__version__, torchvision.__version__])
+    key = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+    target = cache_root() / "images" / f"{root.name}-{image_size}-{key}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):  # the node's other trials wait for one builder
+        if not target.is_dir():
+            tmp = target.with_name(target.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a builder that was killed
+            tmp.mkdir()
+            try:
+                for split, files in samples.items():
+                    _decode_split(tmp, split, files, image_size)
+                (tmp / "source.json").write_text(
+                    json.dumps({"root": str(root), "image_size": image_size}))
+                tmp.rename(target)  # atomic: a half-built cache is never read
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)  # a failed build leaves nothing behind
+    return target
+
+
+def _stat(path: str, root: Path) -> tuple[str, int, int]:
+    st = os.stat(path)
+    return os.path.relpath(path, root), st.st_size, st.st_mtime_ns
+
+
+def _decode_split(folder: Path, split: str, files: list[tuple[str, int]], size: int) -> None:
+    """{split}.npy (uint8 [N, 3, size, size]) and {split}-labels.npy, decoded on a few threads
+    (PIL releases the GIL while decoding and resizing)."""
+    from torchvision import transforms
+
+    plain = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size)])
+    images = np.lib.format.open_memmap(folder / f"{split}.npy", mode="w+", dtype=np.uint8,
+                                       shape=(len(files), 3, size, size))
+    paths = [path for path, _ in files]
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        for start in range(0, len(paths), DECODE_CHUNK):  # bounds the decoded images held at once
+            chunk = paths[start: start + DECODE_CHUNK]
+            decoded = pool.map(_decode, chunk, [plain] * len(chunk))
+            images[start: start + len(chunk)] = np.stack(list(decoded))
+    images.flush()
+    del images  # closes the mapping before the folder is renamed
+    np.save(folder / f"{split}-labels.npy", np.array([label for _, label in files], dtype=np.int64))
+
+
+def _decode(path: str, plain: Callable) -> np.ndarray:
+    """The plain view of one image as uint8 [3, S, S]."""
+    from torchvision.datasets.folder import pil_loader
+
+    try:
+        image = plain(pil_loader(path))
+    except (OSError, ValueError) as err:  # PIL: truncated or not an image
+        raise DataError(f"{path}: cannot read image ({err})") from None
+    return np.asarray(image).transpose(2, 0, 1)
 
 
 def _class_folders(root: Path, source: str) -> dict[str, list[str]]:
@@ -138,20 +234,3 @@ def scan_imagefolder(root: Path, source: str) -> tuple[int, int]:
                 if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS)
     held_out = 0 if (root / "val").is_dir() else len(split_indices(files, (0.9,))[1])
     return files - held_out, len(classes)
-
-
-class _Labelled(Dataset):
-    """(image, label) tuples -> raysd's {"x", "y"} samples."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __getitem__(self, i: int) -> dict:
-        try:
-            x, y = self.inner[i]
-        except (OSError, ValueError) as err:  # PIL: truncated or not an image
-            raise DataError(f"{self.inner.samples[i][0]}: cannot read image ({err})") from None
-        return {"x": x, "y": y}
