@@ -34,8 +34,9 @@ class StepBatchSampler(Sampler[list[int]]):
 def step_batches(dataset: Dataset, batch_size: int, *, seed: int, start: int, stop: int,
                  rank: int = 0, world: int = 1, workers: int = 0) -> DataLoader:
     sampler = StepBatchSampler(len(dataset), batch_size, seed, start, stop, rank, world)
+    # Pinned batches make the recipe's .to(device, non_blocking=True) an asynchronous copy.
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
-                      persistent_workers=False)
+                      persistent_workers=False, pin_memory=torch.cuda.is_available())
 
 
 def shard_batches(dataset: Dataset, batch_size: int, rank: int, world: int,
@@ -44,4 +45,5 @@ def shard_batches(dataset: Dataset, batch_size: int, rank: int, world: int,
     size = min(len(dataset), limit) if limit else len(dataset)
     indices = list(range(rank, size, world))
     chunks = [indices[i: i + batch_size] for i in range(0, len(indices), batch_size)]
-    return DataLoader(dataset, batch_sampler=chunks, num_workers=workers)
+    return DataLoader(dataset, batch_sampler=chunks, num_workers=workers,
+                      pin_memory=torch.cuda.is_available())
