@@ -1,6 +1,6 @@
 """Image folders are decoded once into a uint8 cache: the same tensors as torchvision's
 ImageFolder path, no decoding afterwards, a new cache when an image changes, DataError naming a
-corrupt file and the same held-out val split."""
+corrupt file, the same held-out val split, and replayable augmentation."""
 import os
 import pickle
 import time
@@ -13,6 +13,7 @@ from PIL import Image
 
 from raysd.data import DataError, load_task
 from raysd.data.images import MEAN, STD, split_indices
+from raysd.data.loader import Seeded, step_batches
 
 SIZE = 12
 CLASSES = ["ant", "bee", "cat"]
@@ -151,6 +152,24 @@ def test_without_val_the_same_images_are_held_out(tmp_path):
         x, y = _stack(ours)
         assert len(ours) == len(indices) and y == [old.samples[i][1] for i in indices]
         torch.testing.assert_close(x, torch.stack([old[i][0] for i in indices]), atol=1e-5, rtol=0)
+
+
+def test_augmentation_is_a_function_of_seed_step_and_rank(tmp_path):
+    train = _load(_folder(tmp_path / "data")).train
+
+    def batch(step, start, rank=0):
+        torch.manual_seed(start)  # the global RNG's state before a (resumed) stage must not matter
+        batches = step_batches(train, 4, seed=7, start=start, stop=step + 1, rank=rank, world=2)
+        return list(batches)[-1]
+
+    once, resumed = batch(3, 0), batch(3, 3)
+    assert torch.equal(once["x"], resumed["x"]) and torch.equal(once["y"], resumed["y"])
+    assert not torch.equal(once["x"], batch(2, 0)["x"])
+    assert not torch.equal(once["x"], batch(3, 3, rank=1)["x"])
+    state = torch.get_rng_state()
+    item = Seeded(train)[(0, 5)]
+    assert torch.equal(torch.get_rng_state(), state)  # the recipe's own draws are left alone
+    assert torch.equal(Seeded(train)[(0, 5)]["x"], item["x"])
 
 
 def test_a_loader_worker_gets_the_file_not_the_mapping(tmp_path):
