@@ -102,12 +102,14 @@ class ArtifactStore:
             return "wait"
         self.fs.create_dir(self.root, recursive=True)
         lease = self._path(f"{key}.lease")
-        if holder is None and self.local:
+        if holder is None and self.local and not os.path.exists(lease):
             try:  # atomic create: of two trials asking at once, one gets it
                 fd = os.open(lease, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 return "wait"
             os.close(fd)
+        # Ours already, or expired (its builder died): (re)write it. Two trials taking over one
+        # expired lease at once may both build; they write identical weights.
         self._renew(key)
         if not self.local:  # no atomic create on object stores: write, settle, read back
             time.sleep(1.0)

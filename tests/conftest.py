@@ -20,7 +20,7 @@ def tiny_config(**overrides) -> TrialConfig:
     base = dict(model="vit_tiny", weights="none", data="builtin:digits", further_pretrain=stage,
                 self_distill=stage, finetune=StageConfig(steps=4, batch_size=16, lr=1e-3,
                                                          warmup_steps=2, grad_clip=1.0),
-                eval_batch_size=512, log_every=2, checkpoint_every=2)
+                eval_batch_size=512, log_every=2, checkpoint_every=2, signal_examples=256)
     base.update(overrides)
     return TrialConfig(**base)
 
