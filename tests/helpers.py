@@ -16,6 +16,7 @@ TINY = [
     "--set", "self_distill.steps=4", "--set", "self_distill.batch_size=16",
     "--set", "finetune.steps=8", "--set", "finetune.batch_size=16", "--set", "finetune.warmup_steps=2",
     "--set", "evaluation.every=4", "--set", "logging.log_every=2", "--set", "logging.checkpoint_every=2",
+    "--set", "evaluation.signal_examples=256",
 ]
 
 

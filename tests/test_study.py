@@ -158,3 +158,27 @@ def test_ctrl_c_exits_130_with_the_resume_hint_and_no_best_line(tmp_path):
     assert driver.returncode == 130, out[-2000:] + err[-2000:]
     assert f"raysd tune --resume {study}" in err
     assert "best trial" not in out
+
+
+def test_asha_on_the_early_signal_never_stops_a_trial_for_its_t_prime(ray_local, tmp_path):
+    """T' in {0, 1, 2} at one (gamma, lambda): trials share every stage they have in common, so
+    their signals tie at every rung and only length could set them apart. None is stopped, the
+    T'=2 trial fine-tunes, and the shared stages were trained once across concurrent trials."""
+    code = cli.main(["tune", "--space", "demo", *TINY, "--num-samples", "3", "--max-concurrent", "3",
+                     "--set", "search.mask_ratio=none", "--set", "search.self_distill.mae_weight=none",
+                     "--set", "study.seed=1", "--set", "study.n_startup_trials=4",
+                     "--set", "study.scheduler={type: asha, grace_period: 1, reduction_factor: 2}",
+                     "--storage", str(tmp_path), "--name", "asha"])
+    assert code == 0
+    trials = pq.read_table(tmp_path / "asha" / "results" / "trials.parquet").to_pandas()
+    assert sorted(trials["param.self_distill.rounds"]) == [0, 1, 2]
+    assert set(trials.status) == {"completed"} and trials.val_accuracy.notna().all()
+    # One trial trained theta_0 and round 1; the others waited on its lease and loaded them.
+    assert (~trials.reused_further_pretrain.astype(bool)).sum() == 1
+    assert trials.key_further_pretrain.nunique() == 1
+    with_round = trials[trials["param.self_distill.rounds"] >= 1]
+    assert (~with_round.reused_self_distill_1.astype(bool)).sum() == 1
+    assert trials.knn_accuracy_further_pretrain.nunique() == 1
+    history = pq.read_table(tmp_path / "asha" / "results" / "history.parquet").to_pandas()
+    signals = history[history.knn_accuracy.notna()]
+    assert set(signals.stage) == {"further_pretrain", "self_distill"}

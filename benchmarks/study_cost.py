@@ -1,0 +1,128 @@
+"""What stage reuse saves on a study: one fixed list of (gamma, lambda, T') trials on the demo,
+run twice in this process - every trial training every stage, then with shared artifacts - and
+the results compared trial by trial (reuse must not change them at a fixed seed).
+
+  python benchmarks/study_cost.py                # the demo's budgets (about 15 min on 2 cores)
+  python benchmarks/study_cost.py --scale 0.25   # a quarter of every stage's steps
+
+It runs the Ray-free recipe one trial after another: it measures compute, which is what reuse
+saves. A study on Ray adds the same per-trial overhead (starting a worker group) to both runs.
+Prints per-run training and wall seconds, their ratio, the tree's cost floor, and the same ratio
+projected to the paper's budgets (Table 9) from the per-sample stage costs measured here.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import sys
+import tempfile
+import time
+
+from raysd.artifacts import ArtifactStore
+from raysd.bootstrap import theta_init
+from raysd.data import load_task
+from raysd.recipe import Hooks, run_trial
+from raysd.spaces import load_space
+
+# The paper's Table 6 and Figure 4 questions as one grid: which lambda, which gamma, how many
+# rounds. Trials that differ only in T' share every stage but their last rounds.
+GRID = [dict(mask_ratio=g, **{"self_distill.mae_weight": lam, "self_distill.rounds": t})
+        for g, lam, t in itertools.product((0.6, 0.75), (0.3, 1.0), (1, 2, 3))]
+# Table 9 (ViT-B/16): steps and global batch of each stage.
+PAPER = {"further_pretrain": (20000, 64), "self_distill": (20000, 64), "finetune": (10000, 32)}
+
+
+def configs(scale: float) -> list:
+    space = load_space("demo")
+    out = []
+    for params in GRID:
+        cfg = space.trial_config(params)
+        scaled = {stage: dataclasses.replace(
+            getattr(cfg, stage), steps=max(2, int(getattr(cfg, stage).steps * scale)),
+            warmup_steps=int(getattr(cfg, stage).warmup_steps * scale))
+            for stage in ("further_pretrain", "self_distill", "finetune")}
+        every = max(1, int(cfg.eval_every * scale)) if cfg.eval_every else 0
+        out.append(dataclasses.replace(cfg, eval_every=every, checkpoint_every=10**9, **scaled))
+    return out
+
+
+def run(cfgs: list, task, store_dir: str | None) -> list[tuple[dict, float]]:
+    results = []
+    for i, cfg in enumerate(cfgs):
+        store = ArtifactStore(store_dir, owner=f"trial-{i}") if store_dir else None
+        started = time.perf_counter()
+        summary = run_trial(cfg, task, theta_init(cfg.model, cfg.weights, cfg.seed),
+                            Hooks(artifacts=store))
+        results.append((summary, time.perf_counter() - started))
+        reused = [k[len("reused_"):] for k, v in summary.items() if k.startswith("reused_") and v]
+        print(f"  {i + 1:2d}/{len(cfgs)} gamma {cfg.mask_ratio:.2f} lambda {cfg.mae_weight:.1f} "
+              f"T' {cfg.rounds}  val_accuracy {summary['val_accuracy']:.4f}  "
+              f"trained {summary['trained_seconds']:6.1f} s  reused: {', '.join(reused) or '-'}",
+              flush=True)
+    return results
+
+
+def per_sample_seconds(cfgs: list, results: list) -> dict[str, float]:
+    """Seconds per training sample of each stage, from the run without reuse."""
+    totals = {s: [0.0, 0] for s in PAPER}
+    for cfg, (summary, _) in zip(cfgs, results):
+        for key, seconds in summary.items():
+            if key.startswith("seconds_"):
+                stage = "self_distill" if key.startswith("seconds_self_distill") else key[len("seconds_"):]
+                scfg = getattr(cfg, stage)
+                totals[stage][0] += seconds
+                totals[stage][1] += scfg.steps * scfg.batch_size
+    return {s: sec / n for s, (sec, n) in totals.items() if n}
+
+
+def tree_cost(cfgs: list, unit: dict[str, float], shared: bool) -> float:
+    """Training cost of the list: every trial's stages, or each node of the stage tree once."""
+    nodes, cost = set(), 0.0
+    for cfg in cfgs:
+        path = [("further_pretrain", cfg.mask_ratio)]
+        path += [("self_distill", cfg.mask_ratio, cfg.mae_weight, t) for t in range(1, cfg.rounds + 1)]
+        for node in path:
+            if not shared or node not in nodes:
+                cost += unit[node[0]]
+            nodes.add(node)
+        cost += unit["finetune"]
+    return cost
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps")
+    args = parser.parse_args()
+    cfgs = configs(args.scale)
+    task = load_task(cfgs[0].data, image_size=32)
+    theta_init(cfgs[0].model, cfgs[0].weights, cfgs[0].seed)  # build the demo's weights first
+    print(f"{len(cfgs)} trials: gamma x lambda x T' = (0.6, 0.75) x (0.3, 1.0) x (1, 2, 3); "
+          f"steps FPT/SD/FT {cfgs[0].further_pretrain.steps}/{cfgs[0].self_distill.steps}/"
+          f"{cfgs[0].finetune.steps}")
+    print("reuse off:")
+    off = run(cfgs, task, None)
+    with tempfile.TemporaryDirectory() as store:
+        print("reuse on:")
+        on = run(cfgs, task, store)
+    trained = [sum(s["trained_seconds"] for s, _ in r) for r in (off, on)]
+    wall = [sum(w for _, w in r) for r in (off, on)]
+    keys = [k for k in off[0][0] if k.startswith(("val_", "test_"))]
+    same = all(a[k] == b[k] for (a, _), (b, _) in zip(off, on) for k in keys)
+    unit = per_sample_seconds(cfgs, off)
+    stage_unit = {s: unit[s] * getattr(cfgs[0], s).steps * getattr(cfgs[0], s).batch_size for s in unit}
+    floor = tree_cost(cfgs, stage_unit, True) / tree_cost(cfgs, stage_unit, False)
+    paper_unit = {s: unit[s] * steps * batch for s, (steps, batch) in PAPER.items()}
+    paper = tree_cost(cfgs, paper_unit, True) / tree_cost(cfgs, paper_unit, False)
+    print(f"training seconds  off {trained[0]:8.1f}  on {trained[1]:8.1f}  ratio {trained[1] / trained[0]:.3f}")
+    print(f"wall seconds      off {wall[0]:8.1f}  on {wall[1]:8.1f}  ratio {wall[1] / wall[0]:.3f}")
+    print(f"cost floor (each node of the stage tree trained once): ratio {floor:.3f}")
+    print("seconds per training sample: " + ", ".join(f"{s} {v * 1e3:.2f} ms" for s, v in unit.items()))
+    print(f"projected at the paper's budgets (20k/20k/10k steps at batch 64/64/32): ratio {paper:.3f}")
+    print(f"val/test metrics identical with and without reuse: {'yes' if same else 'NO'} "
+          f"({len(keys)} metrics x {len(cfgs)} trials)")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
