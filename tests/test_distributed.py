@@ -2,6 +2,7 @@
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -36,16 +37,27 @@ def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
         return t
 
     def report(metrics, state):
-        if state is not None and state["step"] == 0:
-            states.append(state["carry"])
+        if state is not None and "progress" not in state:  # a stage boundary
+            states.append(state["theta"])
+
+    from raysd.artifacts import ArtifactStore
 
     torch.manual_seed(0)  # same theta_init on both ranks, as a shared checkpoint would give
     init = models.build("vit_tiny")
     task = load_task("builtin:digits", image_size=32)
-    out = run_trial(tiny_config(rounds=1), task, init, Hooks(rank=rank, world_size=world, wrap=wrap,
-                                                            all_reduce=all_reduce, report=report))
-    torch.save({"classifier": finals[-1].module.state_dict(), "teacher": states[-1], "metrics": out},
-               f"{out_dir}/rank{rank}.pt")
+
+    def trial(cfg, store=None):
+        return run_trial(cfg, task, init, Hooks(rank=rank, world_size=world, wrap=wrap,
+                                                all_reduce=all_reduce, report=report, artifacts=store))
+
+    # The teacher's targets are gathered from both ranks' shards; stages go to a shared store.
+    store = ArtifactStore(f"{out_dir}/artifacts", owner="trial-a")
+    out = trial(tiny_config(rounds=1, teacher_cache="on"), store)
+    classifier, teacher = finals[-1].module.state_dict(), states[-1]
+    live = trial(tiny_config(rounds=1, teacher_cache="off"))
+    again = trial(tiny_config(rounds=1, teacher_cache="on"), ArtifactStore(store.uri, owner="trial-b"))
+    torch.save({"classifier": classifier, "teacher": teacher, "metrics": out, "live": live,
+                "again": again}, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -58,3 +70,10 @@ def test_two_ranks_end_with_identical_parameters_and_whole_split_metrics(tmp_pat
     # evaluation covers the whole split on every rank: the same numbers everywhere
     assert r0["metrics"]["val_accuracy"] == r1["metrics"]["val_accuracy"]
     assert r0["metrics"]["test_loss"] == r1["metrics"]["test_loss"]
+    assert r0["metrics"]["knn_accuracy_self_distill_1"] == r1["metrics"]["knn_accuracy_self_distill_1"]
+    # The cache built from two shards trains like the live teacher...
+    assert r0["live"]["val_loss"] == pytest.approx(r0["metrics"]["val_loss"], rel=1e-4)
+    # ...and a second trial on both ranks loads both stages rank 0 found, with the same result.
+    for r in (r0, r1):
+        assert r["again"]["reused_further_pretrain"] and r["again"]["reused_self_distill_1"]
+        assert r["again"]["val_loss"] == r["metrics"]["val_loss"]

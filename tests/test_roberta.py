@@ -181,7 +181,7 @@ def test_decoder_stays_put_when_mae_weight_is_zero():
     init = load_backbone(cfg.model, cfg.weights)
     task = load_task(cfg.data, tokenizer=init.tokenizer, max_length=cfg.max_length)
     carries = []
-    hooks = Hooks(report=lambda metrics, state: carries.append(state and state.get("carry")))
+    hooks = Hooks(report=lambda metrics, state: carries.append(state and state.get("theta")))
     start = copy.deepcopy(init.state_dict())
     run_trial(cfg, task, init, hooks)
     student = carries[1]  # the boundary checkpoint after self-distillation round 1
