@@ -142,6 +142,8 @@ def image_cache(root: Path, image_size: int, classes: list[str]) -> Path:
 
     from raysd.cache import cache_root
 
+    # Every split takes train's class indices (_class_folders made sure the folders agree), so
+    # a class is never silently relabelled.
     index = {name: i for i, name in enumerate(classes)}
     # make_dataset's order is ImageFolder's, so the held-out val split keeps its images.
     samples = {split: make_dataset(str(root / split), index, extensions=IMG_EXTENSIONS)
