@@ -33,8 +33,8 @@ def train_worker(config: dict) -> None:
     try:
         _run(config["trial"], config.get("study_marker"), config.get("artifacts"), ctx)
     except (ConfigError, NonFiniteLoss, DataError) as err:
-        if isinstance(err, DataError) and ctx.get_world_size() > 1:
-            raise  # met by this rank alone while the others wait in an all-reduce
+        # Met alike by every rank: the data (a corrupt image is found when a node decodes the
+        # folder into its cache, before training) and weights are loaded by each.
         if ctx.get_world_rank() == 0:
             line = str(err).strip().splitlines()[-1] if str(err).strip() else ""
             fs, path = pafs.FileSystem.from_uri(config["fatal_file"])

@@ -12,7 +12,8 @@ from raysd.errors import ConfigError
 
 
 class DataError(RuntimeError):
-    """An example that cannot be read (a corrupt image): found while training, not before."""
+    """An example that cannot be read (a corrupt image): found when a worker loads the task
+    (image folders are decoded into the node's cache then), not before Ray starts."""
 
 
 @dataclasses.dataclass
