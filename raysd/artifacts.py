@@ -103,17 +103,28 @@ class ArtifactStore:
         self.fs.create_dir(self.root, recursive=True)
         lease = self._path(f"{key}.lease")
         if holder is None and self.local and not os.path.exists(lease):
-            try:  # atomic create: of two trials asking at once, one gets it
-                fd = os.open(lease, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            # Atomic: the lease appears whole, and of two trials asking at once one gets it.
+            tmp = f"{lease}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "w") as f:
+                f.write(self._lease_doc())
+            try:
+                os.link(tmp, lease)
             except FileExistsError:
                 return "wait"
-            os.close(fd)
-        # Ours already, or expired (its builder died): (re)write it. Two trials taking over one
-        # expired lease at once may both build; they write identical weights.
-        self._renew(key)
-        if not self.local:  # no atomic create on object stores: write, settle, read back
-            time.sleep(1.0)
-        return "build" if self._lease_holder(key) == self.owner else "wait"
+            finally:
+                os.unlink(tmp)
+        else:
+            # Ours already, or expired (its builder died): rewrite it. Two trials taking over
+            # one expired lease at once may both build; they write identical weights.
+            self._renew(key)
+            if not self.local:  # no atomic create on object stores: write, settle, read back
+                time.sleep(1.0)
+        if self._lease_holder(key) != self.owner:
+            return "wait"
+        if self.has(key):  # finished by another between our first look and the lease
+            self.release(key)
+            return "ready"
+        return "build"
 
     def _lease_holder(self, key: str) -> str | None:
         """The owner of an unexpired lease on `key`, or None."""
@@ -126,9 +137,11 @@ class ArtifactStore:
             return None
         return lease.get("owner")
 
+    def _lease_doc(self) -> str:
+        return json.dumps({"owner": self.owner, "expires": time.time() + self.lease_seconds})
+
     def _renew(self, key: str) -> None:
-        doc = {"owner": self.owner, "expires": time.time() + self.lease_seconds}
-        self._write(self._path(f"{key}.lease"), json.dumps(doc).encode())
+        self._write(self._path(f"{key}.lease"), self._lease_doc().encode())
 
     def release(self, key: str) -> None:
         lease = self._path(f"{key}.lease")

@@ -27,7 +27,7 @@ from torch import nn
 from raysd import __version__
 from raysd.artifacts import METHOD_VERSION, digest, state_hash
 from raysd.config import TrialConfig
-from raysd.data import Task
+from raysd.data import Task, source_fingerprint
 from raysd.stages import (Hooks, NonFiniteLoss, StageProgress, StageRun, finetune_and_evaluate,
                           further_pretrain, knn_signal, self_distill_round)
 
@@ -76,7 +76,10 @@ def run_trial(cfg: TrialConfig, task: Task, init: nn.Module, hooks: Hooks) -> di
         state.summary["restarts"] = state.summary.get("restarts", 0) + 1
         state.summary["resumed_from"] = f"{stage} round {round_} step {step}"
     else:
-        state = TrialState(theta_key=init_key(cfg, init, task))
+        # Rank 0's key for all: ranks may hash what they loaded differently (files copied to
+        # each node with other mtimes), and every rank must load the same artifacts.
+        key = init_key(cfg, init, task) if hooks.rank == 0 else ""
+        state = TrialState(theta_key=_from_rank0(key, hooks))
     summary = state.summary
 
     for index in range(state.stage_index, len(plan)):
@@ -108,7 +111,7 @@ def run_trial(cfg: TrialConfig, task: Task, init: nn.Module, hooks: Hooks) -> di
         if index + 1 < len(plan):
             # Stage boundary: checkpoint so a restart never repeats a finished stage.
             state.stage_index = index + 1
-            hooks.report(last, state.to_dict())
+            hooks.report({**last, **summary}, state.to_dict())  # a trial stopped here keeps them
     hooks.report({**last, **summary, "trial_done": True}, None)
     return summary
 
@@ -130,7 +133,11 @@ def _pretrain(init: nn.Module, teacher: dict | None, task: Task, run: StageRun, 
     if _agree(store, key, run) == "ready":
         theta, meta = store.load(key)
         last = {**meta["row"], **run.row(getattr(run.cfg, run.stage).steps)}
-        if "knn_accuracy" not in last:  # built by a trial that had the signal off
+        # Recomputed when the builder's signal is not this trial's (off, or on other examples);
+        # decided by all ranks together, as it runs collectives.
+        stale = torch.tensor([float(meta.get("signal") != _signal_id(run.cfg))], device=hooks.device)
+        if hooks.all_reduce(stale).item() > 0:
+            last = {k: v for k, v in last.items() if k != "knn_accuracy"}
             last.update(_signal(init, theta, task, run))
         return theta, last, False
     started = time.perf_counter()
@@ -138,6 +145,7 @@ def _pretrain(init: nn.Module, teacher: dict | None, task: Task, run: StageRun, 
         theta, last = train()
         if hooks.rank == 0:
             store.save(key, theta, {"key": key, "inputs": inputs, "row": last,
+                                    "signal": _signal_id(run.cfg),
                                     "seconds": time.perf_counter() - started,
                                     "built_by": store.owner, "raysd_version": __version__})
     return theta, last, True
@@ -163,6 +171,22 @@ def _agree(store, key: str, run: StageRun) -> str:
         time.sleep(POLL_SECONDS)
 
 
+def _from_rank0(text: str, hooks: Hooks) -> str:
+    """Rank 0's (ASCII) string on every rank, through the all-reduce the hooks offer."""
+    if hooks.world_size == 1:
+        return text
+    data = torch.zeros(128, dtype=torch.long, device=hooks.device)
+    if hooks.rank == 0:
+        data[: len(text)] = torch.tensor(list(text.encode()), device=hooks.device)
+    hooks.all_reduce(data)
+    return bytes(data[data > 0].tolist()).decode()
+
+
+def _signal_id(cfg: TrialConfig) -> str | None:
+    """What makes two early signals comparable: the kind and the examples it looks at."""
+    return None if cfg.signal == "none" else f"{cfg.signal}:{cfg.signal_examples}"
+
+
 def _signal(init: nn.Module, theta: dict, task: Task, run: StageRun) -> dict:
     if run.cfg.signal == "none":
         return {}
@@ -175,7 +199,7 @@ def init_key(cfg: TrialConfig, init: nn.Module, task: Task) -> str:
     """The key of theta_init on this task: the root of every stage key of the trial."""
     return digest({"method_version": METHOD_VERSION, "model": cfg.model, "weights": cfg.weights,
                    "theta_init": state_hash(init.state_dict()), "data": task.source,
-                   "data_fingerprint": task.fingerprint,
+                   "data_fingerprint": source_fingerprint(task.source),
                    "max_length": cfg.max_length if task.modality == "text" else None})
 
 
@@ -186,9 +210,12 @@ def stage_key(parent: str, cfg: TrialConfig, stage: str, round_: int, hooks: Hoo
         "parent": parent, "stage": stage, "round": round_,
         "settings": dataclasses.asdict(getattr(cfg, stage)),
         "mask_ratio": cfg.mask_ratio, "seed": cfg.seed,
-        # Ranks draw their own masks, and bf16 rounds differently: both change the weights.
-        "world_size": hooks.world_size, "device": hooks.device.type, "precision": str(hooks.autocast),
+        # Ranks draw their own masks, and kernels round differently per device and precision.
+        "world_size": hooks.world_size, "precision": str(hooks.autocast),
+        "device": torch.cuda.get_device_name(hooks.device) if hooks.device.type == "cuda" else "cpu",
     }
     if stage == "self_distill":
         inputs.update(mae_weight=cfg.mae_weight, teacher_cache=cfg.teacher_cache)
+        if cfg.teacher_cache != "off":  # the cached targets' batch shape, which kernels see
+            inputs["teacher_batch"] = cfg.eval_batch_size
     return digest(inputs), inputs

@@ -227,6 +227,11 @@ def _check_scheduler(space: Space) -> None:
     if cfg.signal == "none":
         raise ConfigError(f"{space.source}: study.scheduler: ASHA acts on the early signal; set "
                           "evaluation.signal: knn or remove the scheduler")
+    searched = [p.key for p in space.params if p.key.split(".")[-1] in ("steps", "batch_size")
+                and p.key.split(".")[0] in ("further_pretrain", "self_distill")]
+    if searched:
+        raise ConfigError(f"{space.source}: search.{searched[0]}: ASHA compares trials after equal "
+                          "work; with a scheduler, pre-training budgets cannot be searched")
     _, most = pretrain_stages(space)
     grace = sched.get("grace_period", 1)
     if grace > most:

@@ -27,7 +27,7 @@ from raysd.artifacts import ArtifactStore
 from raysd.config import StageConfig, TrialConfig
 from raysd.data import Task
 from raysd.data.loader import shard_batches, step_batches
-from raysd.features import autocast, represent_all
+from raysd.features import autocast, represent_all, sample_indices
 from raysd.losses import distill_loss
 from raysd.models import Classifier
 from raysd.teacher import teacher_targets
@@ -291,12 +291,15 @@ def metrics_from_confusion(confusion: torch.Tensor, loss_sum: float, names: tupl
 def knn_signal(model: nn.Module, task: Task, run: StageRun, k: int = 20,
                temperature: float = 0.07) -> dict:
     """The early signal of a pre-training stage: weighted k-NN accuracy of val's f(x) against
-    D_u's labelled f(x) under cosine similarity (DINO's protocol). No training, one pass."""
+    D_u's labelled f(x) under cosine similarity (DINO's protocol), on a fixed random subset of
+    `signal_examples` of each. No training, one pass."""
     cfg, hooks = run.cfg, run.hooks
     was_training = model.training
     model.eval()
-    bank, bank_y = represent_all(model, task.unlabelled, cfg, hooks, cfg.signal_examples)
-    query, query_y = represent_all(model, task.val, cfg, hooks, cfg.signal_examples)
+    bank, bank_y = represent_all(model, task.unlabelled, cfg, hooks,
+                                 sample_indices(len(task.unlabelled), cfg.signal_examples))
+    query, query_y = represent_all(model, task.val, cfg, hooks,
+                                   sample_indices(len(task.val), cfg.signal_examples))
     model.train(was_training)
     sims = F.normalize(query, dim=1) @ F.normalize(bank, dim=1).T  # [Q, N]
     top, index = sims.topk(min(k, len(bank)), dim=1)  # [Q, k]

@@ -371,7 +371,12 @@ def load_study_space(study_uri: str) -> Space:
     store = Store(study_uri)
     if not store.exists(SPACE_FILE):
         raise ConfigError(f"{study_uri}: not a raysd study (no {SPACE_FILE})")
-    return load_space_text(store.read_text(SPACE_FILE), f"{study_uri}/{SPACE_FILE}",
+    doc = yaml.safe_load(store.read_text(SPACE_FILE)) or {}
+    sched = (doc.get("study") or {}).get("scheduler")
+    if isinstance(sched, dict):  # studies saved when ASHA ran on step counts: keys now gone
+        for key in ("metric", "mode", "max_t"):
+            sched.pop(key, None)
+    return load_space_text(yaml.safe_dump(doc, sort_keys=False), f"{study_uri}/{SPACE_FILE}",
                            name=study_uri.rstrip("/").rsplit("/", 1)[-1])
 
 

@@ -60,13 +60,13 @@ def teacher_targets(teacher: nn.Module, d_u: Dataset, cfg, hooks, samples: int):
     """CachedTargets when the round draws at least len(D_u) samples (`samples`), else live."""
     if cfg.teacher_cache == "off" or (cfg.teacher_cache == "auto" and samples < len(d_u)):
         return LiveTargets(teacher, d_u)
-    table, _ = represent_all(teacher, d_u, cfg, hooks)
-    if hooks.device.type == "cuda" and not _fits(table, hooks.device):
-        table = table.cpu().pin_memory()
+    place = hooks.device
+    if place.type == "cuda" and not _fits(len(d_u) * teacher.hidden_size * 4, place):
+        place = torch.device("cpu")  # pinned host memory, filled chunk by chunk
+    table, _ = represent_all(teacher, d_u, cfg, hooks, out_device=place)
     return CachedTargets(table, d_u, hooks.device)
 
 
-def _fits(table: torch.Tensor, device: torch.device) -> bool:
+def _fits(nbytes: int, device: torch.device) -> bool:
     free, _ = torch.cuda.mem_get_info(device)
-    return table.numel() * table.element_size() <= DEVICE_SHARE * (free + table.numel() * table.element_size())
-
+    return nbytes <= DEVICE_SHARE * free

@@ -58,6 +58,7 @@ def _keys(cfg, task, init=None):
     (dict(mask_ratio=0.5), False), (dict(seed=1), False), (dict(weights="other"), False),
     (dict(further_pretrain=StageConfig(steps=5, batch_size=16, lr=1e-3, beta2=0.95)), False),
     (dict(mae_weight=0.5), True), (dict(teacher_cache="on"), True),
+    (dict(eval_batch_size=7), True),  # the teacher cache's batches: bf16 kernels may round by shape
     (dict(self_distill=StageConfig(steps=4, batch_size=16, lr=2e-3, beta2=0.95)), True),
 ])
 def test_keys_change_with_every_input_that_changes_the_weights(digits, change, shares_theta_0):
@@ -65,14 +66,27 @@ def test_keys_change_with_every_input_that_changes_the_weights(digits, change, s
     assert other["self_distill_1"] != base["self_distill_1"]
     assert (other["further_pretrain"] == base["further_pretrain"]) == shares_theta_0
     # Settings that cannot change the weights leave every key alone.
-    same = _keys(tiny_config(log_every=1, checkpoint_every=1, eval_batch_size=7, loader_workers=1), digits)
+    same = _keys(tiny_config(log_every=1, checkpoint_every=1, loader_workers=1, signal="none"), digits)
     assert same == base
 
 
 def test_theta_init_content_and_the_data_are_part_of_the_key(digits):
     assert _keys(tiny_config(), digits, _init(0)) != _keys(tiny_config(), digits, _init(1))
-    assert _keys(tiny_config(), digits) != _keys(tiny_config(), dataclasses.replace(digits, fingerprint="x"))
+    assert _keys(tiny_config(), digits) != _keys(tiny_config(), dataclasses.replace(digits, source="builtin:x"))
     assert state_hash(_init(0).state_dict()) == state_hash(_init(0).state_dict())
+
+
+def test_a_directory_sources_fingerprint_follows_its_files(tmp_path):
+    from raysd.data import source_fingerprint
+
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "a.jsonl").write_text("x")
+    first = source_fingerprint(f"jsonl:{tmp_path}")
+    assert source_fingerprint(f"jsonl:{tmp_path}") == first
+    (tmp_path / "train" / "a.jsonl").write_text("xy")
+    second = source_fingerprint(f"jsonl:{tmp_path}")
+    (tmp_path / "train" / "b.jsonl").write_text("x")
+    assert len({first, second, source_fingerprint(f"jsonl:{tmp_path}")}) == 3
 
 
 def test_lease_one_builder_others_wait_and_a_dead_builders_lease_expires(tmp_path):
@@ -169,7 +183,7 @@ def test_a_waiting_trial_loads_what_the_lease_holder_built(digits, tmp_path, mon
 
     def finish_meanwhile(seconds):  # while the waiter sleeps, the holder finishes
         weights = copy.deepcopy(_init().state_dict())
-        holder.save(key, weights, {"row": {"loss": 0.5, "knn_accuracy": 0.25}})
+        holder.save(key, weights, {"row": {"loss": 0.5, "knn_accuracy": 0.25}, "signal": "knn:256"})
         holder.release(key)
 
     monkeypatch.setattr(recipe.time, "sleep", finish_meanwhile)

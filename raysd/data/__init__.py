@@ -28,7 +28,6 @@ class Task:
     val: Dataset
     test: Dataset
     metrics: tuple[str, ...]  # reported on val and test; the first is the headline
-    fingerprint: str = ""  # identifies the files behind a directory source (artifact keys)
 
 
 def load_task(source: str, *, image_size: int | None = None, tokenizer: Any = None,
@@ -50,14 +49,18 @@ def load_task(source: str, *, image_size: int | None = None, tokenizer: Any = No
         if kind == "imagefolder":
             from raysd.data.images import imagefolder_task
 
-            task = imagefolder_task(path, image_size or 224, source)
-        else:
-            from raysd.data.text import hfdisk_task, jsonl_task
+            return imagefolder_task(path, image_size or 224, source)
+        from raysd.data.text import hfdisk_task, jsonl_task
 
-            loader = jsonl_task if kind == "jsonl" else hfdisk_task
-            task = loader(path, tokenizer, max_length, source)
-        return dataclasses.replace(task, fingerprint=fingerprint_dir(path))
+        loader = jsonl_task if kind == "jsonl" else hfdisk_task
+        return loader(path, tokenizer, max_length, source)
     raise _unknown(source)
+
+
+def source_fingerprint(source: str) -> str:
+    """What identifies the data behind a source beyond its name: its files, for directories."""
+    kind, _, arg = source.partition(":")
+    return fingerprint_dir(Path(arg).expanduser()) if kind in ("imagefolder", "jsonl", "hfdisk") else ""
 
 
 def fingerprint_dir(path: Path) -> str:
