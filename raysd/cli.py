@@ -78,6 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one trial with the space's default values (no search)")
     _study_args(run)
     run.add_argument("--method", choices=("finetune", "further_pretrain", "self_distill"))
+    compare = sub.add_parser("compare", help="methods (or a study's top trials) over seeds: "
+                                             "mean ± std and paired differences")
+    _study_args(compare)
+    compare.add_argument("--methods", default="finetune,further_pretrain,self_distill",
+                         help="comma-separated methods (default: all three)")
+    compare.add_argument("--rounds", help="comma-separated T' for self_distill (default: the space's)")
+    compare.add_argument("--seeds", type=int, default=3, help="seeds per method or trial (default 3)")
+    compare.add_argument("--from", dest="from_study", metavar="STUDY",
+                         help="compare this study's top trials instead of methods")
+    compare.add_argument("--top", type=int, default=3, help="with --from: how many trials")
     sub.add_parser("spaces", help="list the built-in search spaces")
     report = sub.add_parser("report", help="tables and plots of a finished study")
     report.add_argument("study", help="<storage>/<study> folder or URI")
@@ -109,7 +119,7 @@ def cmd_spaces(args) -> int:
 RESUME_CONFLICTS = ("space", "data", "set", "name", "workers", "gpu", "num_samples", "max_concurrent")
 
 
-def _prepare(args, single: bool):
+def _prepare(args, single: bool, space=None):
     """Validate everything that can be validated before Ray starts."""
     from raysd.spaces import check_inputs, load_space
 
@@ -127,9 +137,9 @@ def _prepare(args, single: bool):
         study_uri = _absolute_uri(args.resume)
         space = load_study_space(study_uri)
         return space, study_uri
-    if not args.space:
+    if space is None and not args.space:
         raise ConfigError("--space is required (see raysd spaces)")
-    space = load_space(args.space, _overrides(args))
+    space = space or load_space(args.space, _overrides(args))
     if args.smoke:
         space = _smoke(args, space)
     if single:
@@ -218,6 +228,70 @@ def cmd_run(args) -> int:
     return cmd_tune(args, single=True)
 
 
+def cmd_compare(args) -> int:
+    """Every variant x seed as one side-by-side Ray Tune run, then the table of their results."""
+    import pandas as pd
+
+    from raysd.compare import method_variants, plot, summary_table, trial_variants
+    from raysd.results import TRIALS, Store
+
+    base = None
+    if args.from_study:
+        from raysd.spaces import load_space_text
+        from raysd.study import load_study_space
+
+        source = _absolute_uri(args.from_study)
+        studied = load_study_space(source)
+        trials = pd.DataFrame(Store(source).read_rows("results", TRIALS))
+        if trials.empty:
+            raise ConfigError(f"--from {source}: no trials recorded")
+        variants = trial_variants(trials, studied.study.metric, studied.study.mode, args.top, args.seeds)
+        base = load_space_text(Store(source).read_text("space.yaml"), f"{source}/space.yaml",
+                               studied.name, _overrides(args))
+    else:
+        variants = []  # filled once the space is known (the default T')
+    if base is None and not args.space:
+        raise ConfigError("--space (or --from STUDY) is required")
+    if base is None:
+        from raysd.spaces import load_space
+
+        base = load_space(args.space, _overrides(args))
+        rounds = [int(r) for r in args.rounds.split(",")] if args.rounds else []
+        variants = method_variants([m.strip() for m in args.methods.split(",")], rounds, args.seeds)
+    space = dataclasses.replace(base, params=(), study=dataclasses.replace(base.study, scheduler=None))
+    args.name = args.name or f"{space.name}-compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    args.num_samples = None
+    space, study_uri = _prepare(args, single=False, space=space)
+    for variant in variants:  # every variant's values must make a valid trial
+        space.trial_config(variant["values"])
+    from raysd.study import ensure_ray, run_study
+
+    os.chdir(tempfile.gettempdir())
+    ensure_ray(args.address, args.verbose)
+    print(f"raysd: comparing {len(variants)} trials in {study_uri}")
+    outcome = run_study(space, study_uri, max_concurrent=args.max_concurrent, verbose=args.verbose,
+                        variants=variants)
+    rows = pd.DataFrame(Store(study_uri).read_rows("results", TRIALS))
+    if rows.empty or "variant" not in rows.columns:
+        return 1
+    labels = list(dict.fromkeys(v["variant"] for v in variants))
+    baseline = "finetune" if "finetune" in labels else labels[0]
+    table = summary_table(rows, space.study.metric, baseline)
+    text = (f"{space.study.metric} over seeds (mean ± std); paired differences against {baseline} "
+            "(same seed) with a 95 % t-interval\n" + table.to_string(index=False) + "\n")
+    store = Store(study_uri)
+    store.write_text(text, "results", "compare.txt")
+    figure = plot(rows, space.study.metric)
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    with store.fs.open_output_stream(store.path("results", "compare.png")) as f:
+        f.write(buffer.getvalue())
+    print(text + f"raysd: table and plot in {study_uri}/results (compare.txt, compare.png)")
+    return 0 if outcome.counts.get("completed") else 1
+
+
 def cmd_report(args) -> int:
     from raysd.report import write_report
 
@@ -225,7 +299,8 @@ def cmd_report(args) -> int:
     return 0
 
 
-COMMANDS = {"tune": cmd_tune, "run": cmd_run, "spaces": cmd_spaces, "report": cmd_report}
+COMMANDS = {"tune": cmd_tune, "run": cmd_run, "compare": cmd_compare, "spaces": cmd_spaces,
+            "report": cmd_report}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -103,9 +103,14 @@ def trial_row(space: Space, trial_id: str, config: dict, last: dict, status: str
               error: str | None, wall_seconds: float) -> dict:
     """One row of trials.parquet: params, resolved settings, final metrics, cost, provenance."""
     values = {p.key: config.get(p.key) for p in space.params}
+    variant = config.get("variant")  # raysd compare: a fixed variant, not a searched point
+    if variant:
+        values.update(variant["values"])
     cfg = space.trial_config({k: v for k, v in values.items() if v is not None})
     row: dict[str, Any] = {"trial_id": trial_id, "status": status, "error": error,
                            "smoke": space.study.smoke}
+    if variant:
+        row.update(variant=variant["variant"], method=cfg.method, seed=cfg.seed)
     row.update({f"param.{k}": _clean(v) for k, v in values.items()})
     settings = dataclasses.asdict(cfg)
     for stage in ("further_pretrain", "self_distill", "finetune"):
@@ -249,6 +254,8 @@ class StudyRecorder(Callback):
 
         writer = self._writer(tid)
         params = {p.key: config[p.key] for p in self.space.params if config.get(p.key) is not None}
+        if config.get("variant"):
+            params.update(variant=config["variant"]["variant"], **config["variant"]["values"])
         params["status"] = status
         finals = {f"final/{k}": float(v) for k, v in last.items()
                   if k.startswith(("val_", "test_")) and isinstance(v, (int, float))}

@@ -55,7 +55,10 @@ class DefineByRun:
 
 def trial_driver(config: dict, space: Space, train_storage: str, artifacts: str | None) -> None:
     """A Tune trial: build this trial's TrialConfig and run it as one TorchTrainer."""
-    cfg = space.trial_config({p.key: config[p.key] for p in space.params if p.key in config})
+    values = {p.key: config[p.key] for p in space.params if p.key in config}
+    if "variant" in config:  # raysd compare
+        values.update(config["variant"]["values"])
+    cfg = space.trial_config(values)
     # A worker group that cannot start in time is retried without limit (Ray's default
     # controller_failure_limit): on an autoscaling cluster the nodes are still coming.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
@@ -232,8 +235,12 @@ def start_local_ray(**kwargs) -> None:
 
 
 def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples: int | None = None,
-              max_concurrent: int | None = None, verbose: bool = False) -> StudyOutcome:
-    """Run (or resume) a study; results land under study_uri. Ray must be initialised."""
+              max_concurrent: int | None = None, verbose: bool = False,
+              variants: list[dict] | None = None) -> StudyOutcome:
+    """Run (or resume) a study; results land under study_uri. Ray must be initialised.
+
+    With `variants` (raysd compare) the trials are those fixed points, one each, side by side,
+    instead of a search."""
     # Stage rows carry losses, not the validation metric, which comes with fine-tuning.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     # Save Tune's experiment state every step (it is small), so the results recorder, which
@@ -244,7 +251,7 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
         logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
     store = Store(study_uri)
     storage, name = study_uri.rstrip("/").rsplit("/", 1)
-    total = num_samples or space.study.num_samples
+    total = len(variants) if variants else num_samples or space.study.num_samples
     # Everything that can refuse the study runs before its folder is written.
     if not resume and (store.exists("results", TRIALS) or store.exists("tuner.pkl")):
         raise ConfigError(f"study {study_uri} already exists: use --resume {study_uri} or "
@@ -270,9 +277,11 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
     else:
         tuner = tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(search_alg=_searcher(space),
-                                        scheduler=_scheduler(space),
-                                        num_samples=total, max_concurrent_trials=concurrency),
+            param_space={"variant": tune.grid_search(variants)} if variants else None,
+            tune_config=tune.TuneConfig(search_alg=None if variants else _searcher(space),
+                                        scheduler=None if variants else _scheduler(space),
+                                        num_samples=1 if variants else total,
+                                        max_concurrent_trials=concurrency),
             run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks,
                                       verbose=1 if verbose else 0,
                                       failure_config=tune.FailureConfig(max_failures=0)),
