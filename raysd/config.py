@@ -9,6 +9,11 @@ PLACEMENTS = {"pack": "PACK", "spread": "SPREAD", "strict_pack": "STRICT_PACK",
               "strict_spread": "STRICT_SPREAD"}
 
 SIGNALS = ("knn", "none")
+# Fine-tuning augmentation of images: the reference's horizontal flip, a random resized crop
+# (scale 0.08-1) plus flip, or none.
+AUGMENTS = ("flip", "rrc", "none")
+# fp32 (the paper's), tf32 matmuls, or bf16 autocast; CPUs always run fp32.
+PRECISIONS = ("fp32", "tf32", "bf16")
 # auto: cache f_teacher(D_u) when a round draws at least len(D_u) samples; on: always; off: never.
 TEACHER_CACHE = ("auto", "on", "off")
 
@@ -41,6 +46,10 @@ class TrialConfig:
     eval_batch_size: int = 256
     eval_every: int = 0  # fine-tuning steps between validation passes (0 = only at the end)
     eval_max_examples: int = 0  # evaluate on the first N examples of each split (0 = all)
+    val_fraction: float = 0.1  # of train held out for validation when the data has no val split
+    finetune_dropout: float = 0.1  # hidden dropout while fine-tuning (the reference's 0.1)
+    finetune_augment: str = "flip"  # a key of AUGMENTS
+    precision: str = "bf16"  # a key of PRECISIONS
     signal: str = "knn"  # early signal after each pre-training stage: a key of SIGNALS
     signal_examples: int = 10000  # k-NN bank and queries: the first N of D_u and of val (0 = all)
     teacher_cache: str = "auto"  # a key of TEACHER_CACHE

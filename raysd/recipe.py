@@ -211,7 +211,8 @@ def stage_key(parent: str, cfg: TrialConfig, stage: str, round_: int, hooks: Hoo
         "settings": dataclasses.asdict(getattr(cfg, stage)),
         "mask_ratio": cfg.mask_ratio, "seed": cfg.seed,
         # Ranks draw their own masks, and kernels round differently per device and precision.
-        "world_size": hooks.world_size, "precision": str(hooks.autocast),
+        "world_size": hooks.world_size,
+        "precision": cfg.precision if hooks.device.type == "cuda" else "fp32",
         "device": torch.cuda.get_device_name(hooks.device) if hooks.device.type == "cuda" else "cpu",
     }
     if stage == "self_distill":

@@ -16,7 +16,8 @@ from typing import Any
 import yaml
 
 from raysd import models
-from raysd.config import METHODS, PLACEMENTS, SIGNALS, TEACHER_CACHE, StageConfig, TrialConfig
+from raysd.config import (AUGMENTS, METHODS, PLACEMENTS, PRECISIONS, SIGNALS, TEACHER_CACHE,
+                          StageConfig, TrialConfig)
 from raysd.errors import ConfigError
 
 # The repository's search_spaces/ folder, installed as the package raysd.search_spaces.
@@ -25,11 +26,11 @@ SPACES_DIR = Path(str(importlib.resources.files("raysd.search_spaces")))
 STAGE_KEYS = {f.name for f in dataclasses.fields(StageConfig)}
 SCHEMA: dict[str, Any] = {
     "description": str, "model": str, "weights": str, "data": str, "method": str, "seed": int,
-    "mask_ratio": float, "max_length": int,
+    "mask_ratio": float, "max_length": int, "precision": str,
     "further_pretrain": STAGE_KEYS,
     "self_distill": STAGE_KEYS | {"rounds", "mae_weight", "teacher_cache"},
-    "finetune": STAGE_KEYS,
-    "evaluation": {"batch_size", "every", "max_examples", "signal", "signal_examples"},
+    "finetune": STAGE_KEYS | {"dropout", "augment"},
+    "evaluation": {"batch_size", "every", "max_examples", "signal", "signal_examples", "val_fraction"},
     "resources": {"workers", "use_gpu", "cpus_per_worker", "loader_workers", "placement", "custom",
                   "accelerator_type"},
     "logging": {"log_every", "checkpoint_every", "keep_checkpoints"},
@@ -491,7 +492,10 @@ def trial_config(doc: dict, where: str) -> TrialConfig:
         eval_batch_size=ev.get("batch_size", 256), eval_every=ev.get("every", 0),
         eval_max_examples=ev.get("max_examples", 0), signal=ev.get("signal", "knn"),
         signal_examples=ev.get("signal_examples", 10000),
-        teacher_cache=sd.get("teacher_cache", "auto"),
+        teacher_cache=sd.get("teacher_cache", "auto"), val_fraction=ev.get("val_fraction", 0.1),
+        finetune_dropout=doc.get("finetune", {}).get("dropout", 0.1),
+        finetune_augment=doc.get("finetune", {}).get("augment", "flip"),
+        precision=doc.get("precision", "bf16"),
         max_length=doc.get("max_length", 128), seed=doc.get("seed", 0),
         log_every=log.get("log_every", 10), checkpoint_every=log.get("checkpoint_every", 100),
         num_workers=workers, use_gpu=use_gpu, cpus_per_worker=cpus,
@@ -503,6 +507,13 @@ def trial_config(doc: dict, where: str) -> TrialConfig:
                        ("logging.checkpoint_every", cfg.checkpoint_every), ("max_length", cfg.max_length)):
         _require(_integer(value) and value >= 1, where, key, "an integer >= 1", value)
     _require(cfg.signal in SIGNALS, where, "evaluation.signal", " | ".join(SIGNALS), cfg.signal)
+    _require(cfg.finetune_augment in AUGMENTS, where, "finetune.augment", " | ".join(AUGMENTS),
+             cfg.finetune_augment)
+    _require(cfg.precision in PRECISIONS, where, "precision", " | ".join(PRECISIONS), cfg.precision)
+    _require(_number(cfg.finetune_dropout) and 0 <= cfg.finetune_dropout < 1, where,
+             "finetune.dropout", "a number in [0, 1)", cfg.finetune_dropout)
+    _require(_number(cfg.val_fraction) and 0 < cfg.val_fraction < 1, where,
+             "evaluation.val_fraction", "a number in (0, 1)", cfg.val_fraction)
     _require(cfg.teacher_cache in TEACHER_CACHE, where, "self_distill.teacher_cache",
              " | ".join(TEACHER_CACHE), cfg.teacher_cache)
     for key, value in (("evaluation.every", cfg.eval_every), ("resources.loader_workers", cfg.loader_workers),
@@ -578,4 +589,4 @@ def check_inputs(space: Space) -> None:
     for cfg in cfgs:
         check_weights(cfg.model, cfg.weights)
         batches = [getattr(cfg, stage).batch_size for stage, _ in cfg.stages()]
-        check_source(cfg.data, min_train=max(batches))
+        check_source(cfg.data, min_train=max(batches), val_fraction=cfg.val_fraction)

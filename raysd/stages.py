@@ -147,6 +147,7 @@ def finetune_and_evaluate(init: nn.Module, weights: dict, task: Task, run: Stage
     backbone = copy.deepcopy(init)
     backbone.load_state_dict(weights)
     classifier = Classifier(backbone, task.num_classes)
+    set_hidden_dropout(classifier.backbone, cfg.finetune_dropout)
     torch.manual_seed(_seed(cfg.seed, "head"))  # same head init on every rank and every retry
     classifier.head.reset_parameters()
     model = hooks.wrap(classifier.to(hooks.device))
@@ -177,6 +178,29 @@ def _distance(encoder: nn.Module, init_state: dict) -> float:
     return math.sqrt(total)
 
 
+# Fine-tuning exempts these from weight decay, as the reference does (and MAE's code).
+NO_DECAY = ("pos_embed", "cls_token", "mask_token", "position_embeddings", "token_type_embeddings")
+
+
+def _param_groups(model: nn.Module, weight_decay: float, exempt: bool) -> list[dict]:
+    """AdamW groups: with `exempt`, biases, norms (1-D tensors), position embeddings and the
+    CLS token take no weight decay."""
+    decay, free = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            skip = exempt and (param.ndim <= 1 or any(part in NO_DECAY for part in name.split(".")))
+            (free if skip else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": free, "weight_decay": 0.0}]
+
+
+def set_hidden_dropout(backbone: nn.Module, p: float) -> None:
+    """Dropout on the encoder's hidden states (embeddings, attention and MLP outputs) while
+    fine-tuning, the reference's hidden_dropout_prob; attention-probability dropout is left."""
+    for name, module in backbone.encoder.named_modules():
+        if isinstance(module, nn.Dropout) and not name.endswith(("attn_drop", "attention.self.dropout")):
+            module.p = p
+
+
 def _seed(*parts) -> int:
     return zlib.crc32(repr(parts).encode())
 
@@ -198,8 +222,8 @@ def train_loop(model: nn.Module, step_loss, scfg: StageConfig, dataset: Dataset,
     the stage's boundary checkpoint (or the trial's final metrics)."""
     cfg, hooks = run.cfg, run.hooks
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=scfg.lr, betas=(0.9, scfg.beta2),
-                                  weight_decay=scfg.weight_decay)
+    optimizer = torch.optim.AdamW(_param_groups(model, scfg.weight_decay, run.stage == "finetune"),
+                                  lr=scfg.lr, betas=(0.9, scfg.beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(scfg))
     start = 0
     if run.resume is not None:

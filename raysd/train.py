@@ -68,7 +68,8 @@ def _run(cfg: TrialConfig, study_marker: str | None, artifacts: str | None, ctx)
         init = theta_init(cfg.model, cfg.weights, cfg.seed)
     spec = getattr(init, "spec", None)
     task = load_task(cfg.data, image_size=spec.img_size if spec else None,
-                     tokenizer=getattr(init, "tokenizer", None), max_length=cfg.max_length)
+                     tokenizer=getattr(init, "tokenizer", None), max_length=cfg.max_length,
+                     augment=cfg.finetune_augment, val_fraction=cfg.val_fraction)
     nodes = _node_ids(world)
     # Worker-group restarts so far; recipe.run_trial counts the same in its summary.
     attempt = resume["summary"].get("restarts", 0) + 1 if resume else 0
@@ -90,10 +91,12 @@ def _run(cfg: TrialConfig, study_marker: str | None, artifacts: str | None, ctx)
             dist.all_reduce(tensor)
         return tensor
 
+    if device.type == "cuda":  # fp32 is the paper's; tf32 matmuls trade bits for speed
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.precision == "tf32"
     hooks = Hooks(
         device=device, rank=rank, world_size=world, wrap=ray.train.torch.prepare_model,
         all_reduce=all_reduce, report=report, resume=resume,
-        autocast=torch.bfloat16 if device.type == "cuda" else None,
+        autocast=torch.bfloat16 if device.type == "cuda" and cfg.precision == "bf16" else None,
         # Named after the trial (stable across restarts): a restarted trial keeps its leases.
         artifacts=ArtifactStore(artifacts, owner=ctx.get_experiment_name()) if artifacts else None,
     )

@@ -40,7 +40,7 @@ def cache(tmp_path, monkeypatch):
 
 
 def _load(root):
-    return load_task(f"imagefolder:{root}", image_size=SIZE)
+    return load_task(f"imagefolder:{root}", image_size=SIZE, augment="rrc")
 
 
 def _old(root, split):

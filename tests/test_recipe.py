@@ -142,3 +142,43 @@ def test_metrics_from_confusion_match_sklearn():
     assert out["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro"))
     assert out["micro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="micro"))
     assert out["loss"] == 0.5
+
+
+def test_finetuning_exempts_biases_norms_position_embeddings_and_cls_from_weight_decay():
+    from raysd.models import Classifier
+    from raysd.stages import _param_groups
+
+    model = Classifier(_init(), 10)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, free = (sorted(names[id(p)] for p in group["params"]) for group in _param_groups(model, 0.05, True))
+    assert {"backbone.encoder.cls_token", "head.bias",  # (pos_embed is fixed sin-cos: not trained)
+            "backbone.encoder.blocks.0.norm1.weight", "backbone.encoder.blocks.0.attn.qkv.bias"} <= set(free)
+    assert {"backbone.encoder.blocks.0.attn.qkv.weight", "head.weight"} <= set(decay)
+    assert not any("norm" in n or n.endswith("bias") for n in decay)
+    groups = _param_groups(model, 0.05, False)  # pre-training stages decay every tensor
+    assert len(groups[1]["params"]) == 0
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_finetuning_uses_the_configured_hidden_dropout(digits, dropout):
+    seen = []
+
+    def wrap(model):
+        seen.append({name: m.p for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout)})
+        return model
+
+    run_trial(tiny_config(method="finetune", finetune_dropout=dropout), digits, _init(), Hooks(wrap=wrap))
+    hidden = {n: p for n, p in seen[-1].items() if not n.endswith("attn_drop")}
+    assert hidden and set(hidden.values()) == {dropout}
+    assert {p for n, p in seen[-1].items() if n.endswith("attn_drop")} == {0.0}
+
+
+def test_flip_augments_only_the_finetuning_view():
+    from raysd.data import load_task
+
+    flip = load_task("builtin:digits", image_size=32, augment="flip")
+    torch.manual_seed(0)
+    flipped = [torch.equal(flip.train[i]["x"], flip.unlabelled[i]["x"].flip(-1)) for i in range(40)]
+    assert 5 < sum(flipped) < 35  # about half, drawn per example
+    plain = load_task("builtin:digits", image_size=32, augment="none")
+    assert all(torch.equal(plain.train[i]["x"], plain.unlabelled[i]["x"]) for i in range(40))

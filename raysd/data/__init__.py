@@ -31,13 +31,16 @@ class Task:
 
 
 def load_task(source: str, *, image_size: int | None = None, tokenizer: Any = None,
-              max_length: int = 128) -> Task:
-    """Resolve a data source string; ConfigError names the source when it cannot be used."""
+              max_length: int = 128, augment: str = "none", val_fraction: float = 0.1) -> Task:
+    """Resolve a data source string; ConfigError names the source when it cannot be used.
+
+    `augment` is the fine-tuning view's augmentation of images (config.AUGMENTS);
+    `val_fraction` of train is held out for validation where the source has no val split."""
     kind, _, arg = source.partition(":")
     if kind == "builtin" and arg == "digits":
         from raysd.data.images import digits_task
 
-        return digits_task(image_size or 32)
+        return digits_task(image_size or 32, augment)
     if kind == "builtin" and arg == "text":
         from raysd.data.text import builtin_text_task
 
@@ -49,7 +52,7 @@ def load_task(source: str, *, image_size: int | None = None, tokenizer: Any = No
         if kind == "imagefolder":
             from raysd.data.images import imagefolder_task
 
-            return imagefolder_task(path, image_size or 224, source)
+            return imagefolder_task(path, image_size or 224, source, augment, val_fraction)
         from raysd.data.text import hfdisk_task, jsonl_task
 
         loader = jsonl_task if kind == "jsonl" else hfdisk_task
@@ -78,7 +81,7 @@ def _unknown(source: str) -> ConfigError:
                        "imagefolder:DIR, jsonl:DIR or hfdisk:DIR)")
 
 
-def check_source(source: str, min_train: int) -> None:
+def check_source(source: str, min_train: int, val_fraction: float = 0.1) -> None:
     """What can be known of a data source without decoding it, before Ray starts: it exists,
     every split has the same classes (at least 2), and train holds at least `min_train`
     examples (the largest global batch). ConfigError names the file, line or folder."""
@@ -95,10 +98,13 @@ def check_source(source: str, min_train: int) -> None:
     if kind == "hfdisk":
         return  # the splits are read by `datasets` in the worker
     if kind == "imagefolder":
-        from raysd.data.images import scan_imagefolder as scan
+        from raysd.data.images import scan_imagefolder
+
+        train_size, num_classes = scan_imagefolder(path, source, val_fraction)
     else:
-        from raysd.data.text import scan_jsonl as scan
-    train_size, num_classes = scan(path, source)
+        from raysd.data.text import scan_jsonl
+
+        train_size, num_classes = scan_jsonl(path, source)
     if num_classes < 2:
         raise ConfigError(f"data {source!r}: train has {num_classes} class; a classification task "
                           "needs at least 2")

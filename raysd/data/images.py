@@ -25,11 +25,24 @@ CACHE_VERSION = 1  # bump when the cache's layout or decoding changes
 DECODE_CHUNK = 1024
 
 
-class TensorImages(Dataset):
-    """In-memory images in [0, 1], [N, 3, h, w], resized to `size` and normalised per item."""
+def train_augment(kind: str, size: int) -> Callable | None:
+    """The fine-tuning view's augmentation (config.AUGMENTS), on [3, S, S] tensors."""
+    from torchvision.transforms import v2
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, size: int):
-        self.images, self.labels, self.size = images, labels, size
+    if kind == "none":
+        return None
+    if kind == "flip":  # the reference's
+        return v2.RandomHorizontalFlip()
+    return v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])
+
+
+class TensorImages(Dataset):
+    """In-memory images in [0, 1], [N, 3, h, w], resized to `size` and normalised per item;
+    `augment` (drawing from torch's global RNG) makes a fine-tuning view."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, size: int,
+                 augment: Callable | None = None):
+        self.images, self.labels, self.size, self.augment = images, labels, size, augment
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -39,6 +52,8 @@ class TensorImages(Dataset):
         if x.shape[-1] != self.size:
             x = F.interpolate(x[None], size=(self.size, self.size), mode="bilinear",
                               align_corners=False)[0]
+        if self.augment is not None:
+            x = self.augment(x)
         return {"x": (x - MEAN) / STD, "y": int(self.labels[i])}
 
 
@@ -49,7 +64,7 @@ def split_indices(n: int, fractions: tuple[float, float], seed: int = SPLIT_SEED
     return np.split(order, cuts)
 
 
-def digits_task(image_size: int) -> Task:
+def digits_task(image_size: int, augment: str = "none") -> Task:
     """scikit-learn's 8x8 digits (1,797 images, 10 classes): 60/20/20 split, fixed seed."""
     from sklearn.datasets import load_digits
 
@@ -57,8 +72,11 @@ def digits_task(image_size: int) -> Task:
     images = torch.from_numpy(digits.images / 16.0).float()[:, None].expand(-1, 3, -1, -1)
     labels = torch.from_numpy(digits.target)
     full = TensorImages(images.contiguous(), labels, image_size)
-    train, val, test = (Subset(full, idx.tolist()) for idx in split_indices(len(full), (0.6, 0.2)))
-    return Task("builtin:digits", "image", 10, train, train, val, test, ("accuracy",))
+    train_idx, val_idx, test_idx = split_indices(len(full), (0.6, 0.2))
+    train, val, test = (Subset(full, idx.tolist()) for idx in (train_idx, val_idx, test_idx))
+    tuned = TensorImages(full.images, labels, image_size, train_augment(augment, image_size))
+    return Task("builtin:digits", "image", 10, Subset(tuned, train_idx.tolist()), train, val, test,
+                ("accuracy",))
 
 
 def natural_crops(n: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -81,22 +99,20 @@ def natural_crops(n: int, size: int, seed: int = 0) -> torch.Tensor:
     return crops
 
 
-def imagefolder_task(root: Path, image_size: int, source: str) -> Task:
+def imagefolder_task(root: Path, image_size: int, source: str, augment: str = "flip",
+                     val_fraction: float = 0.1) -> Task:
     """DIR/train, DIR/val (split off train with a fixed seed when absent), DIR/test, each read
     from the node's uint8 cache (decoded once, by the first trial that needs it)."""
-    from torchvision.transforms import v2
-
     root = root.resolve()
     classes = _class_folders(root, source)["train"]
     cache = image_cache(root, image_size, classes)
-    augment = v2.Compose([v2.RandomResizedCrop(image_size, antialias=True),
-                          v2.RandomHorizontalFlip()])
-    train_plain, train_aug = CachedImages(cache, "train"), CachedImages(cache, "train", augment)
+    train_plain = CachedImages(cache, "train")
+    train_aug = CachedImages(cache, "train", train_augment(augment, image_size))
     test = CachedImages(cache, "test")
     if (root / "val").is_dir():
         val = CachedImages(cache, "val")
     else:
-        train_idx, val_idx = split_indices(len(train_plain), (0.9,))
+        train_idx, val_idx = split_indices(len(train_plain), (1 - val_fraction,))
         val = Subset(train_plain, val_idx.tolist())
         train_plain = Subset(train_plain, train_idx.tolist())
         train_aug = Subset(train_aug, train_idx.tolist())
@@ -227,12 +243,12 @@ def _class_folders(root: Path, source: str) -> dict[str, list[str]]:
     return classes
 
 
-def scan_imagefolder(root: Path, source: str) -> tuple[int, int]:
+def scan_imagefolder(root: Path, source: str, val_fraction: float = 0.1) -> tuple[int, int]:
     """(training examples, classes), counting files without decoding them."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
     classes = _class_folders(root, source)["train"]
     files = sum(1 for c in classes for f in (root / "train" / c).rglob("*")
                 if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS)
-    held_out = 0 if (root / "val").is_dir() else len(split_indices(files, (0.9,))[1])
+    held_out = 0 if (root / "val").is_dir() else len(split_indices(files, (1 - val_fraction,))[1])
     return files - held_out, len(classes)

@@ -8,6 +8,7 @@ Sources: `none` (random), `builtin:demo` (tiny ViT MAE-pre-trained by raysd on f
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -21,6 +22,12 @@ from raysd.errors import ConfigError
 
 RAYSD_META = "raysd.json"
 WEIGHTS_FILE = "model.safetensors"
+SHOWN_KEYS = 4  # how many missing/unexpected names an error lists before "and N more"
+# Checkpoint tensors a RobertaForMaskedLM leaves out on purpose: roberta-base ships a pooler,
+# and the masked LM (like f(x), the raw <s> vector) has none.
+ROBERTA_UNUSED = ("roberta.pooler.",)
+
+log = logging.getLogger("raysd")
 
 
 def save_backbone(backbone: nn.Module, directory: str | Path, model_name: str) -> Path:
@@ -64,7 +71,9 @@ def load_backbone(model_name: str, weights: str) -> nn.Module:
         import timm
 
         source = timm.create_model(weights[5:], pretrained=True, num_classes=0)
-        _load_state(backbone.encoder, source.state_dict(), weights, strict=False)
+        _load_state(backbone.encoder, source.state_dict(), weights)
+        log.warning("weights %s: timm has the encoder only; the MAE decoder starts fresh (random init)",
+                    weights)
         return backbone
     return _load_dir(backbone, _local_dir(weights), model_name)
 
@@ -118,10 +127,9 @@ def check_weights(model_name: str, weights: str) -> None:
             expected = {k: tuple(v.shape) for k, v in models.build(model_name).state_dict().items()}
         with safe_open(str(path / WEIGHTS_FILE), "pt") as saved:
             found = {k: tuple(saved.get_slice(k).get_shape()) for k in saved.keys()}
-        differ = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
-        if differ:
-            raise ConfigError(f"weights {path}: do not fit {model_name} ({differ[0]}: saved "
-                              f"{found.get(differ[0])}, model {expected.get(differ[0])})")
+        problems = _misfit(expected, found)
+        if problems:
+            raise ConfigError(f"weights {path}: do not fit {model_name} ({problems})")
         return
     if (path / "config.json").exists():
         kind = json.loads((path / "config.json").read_text()).get("model_type")
@@ -148,22 +156,68 @@ def _load_dir(backbone: nn.Module, path: Path, model_name: str) -> nn.Module:
 
 def _load_hf(backbone: nn.Module, fam: str, name_or_path: str,
              revision: str | None = None) -> nn.Module:
+    """A transformers checkpoint must hold every tensor of the model, and nothing else: a
+    missing one would silently stay at its random init (an encoder-only ViTMAEModel has no
+    decoder, its mask token and position embedding would be zeros)."""
     if fam == "vit":
         from transformers import ViTMAEForPreTraining
 
-        hf = ViTMAEForPreTraining.from_pretrained(name_or_path, revision=revision)
-        _load_state(backbone, vit_state_from_hf(hf.state_dict()), name_or_path)
+        hf = _hf_checked(ViTMAEForPreTraining, name_or_path, revision)
+        _load_state(backbone, vit_state_from_hf(hf.state_dict(), source=name_or_path), name_or_path)
     else:
-        backbone.load_hf(name_or_path, revision)
+        from transformers import RobertaForMaskedLM
+
+        backbone.load_hf(name_or_path, revision)  # architecture, tokenizer and missing keys
+        # load_hf does not look at unexpected tensors; a second read of the files (the hub's
+        # are cached by now) checks them until it does.
+        _hf_checked(RobertaForMaskedLM, name_or_path, revision, unused=ROBERTA_UNUSED)
     return backbone
 
 
-def _load_state(module: nn.Module, state: dict, source: str, strict: bool = True) -> None:
+def _hf_checked(cls, name_or_path: str, revision: str | None, unused: tuple[str, ...] = ()) -> nn.Module:
+    """cls.from_pretrained, with a ConfigError for a checkpoint that lacks, adds or reshapes tensors."""
     try:
-        module.load_state_dict(state, strict=strict)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[1:2] or [str(err)]
-        raise ConfigError(f"weights {source}: do not fit this model ({first[0].strip()})") from None
+        hf, info = cls.from_pretrained(name_or_path, revision=revision, output_loading_info=True)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"weights {name_or_path!r}: {str(err).strip().splitlines()[0]}") from None
+    unexpected = {k for k in info["unexpected_keys"] if not k.startswith(unused)}
+    problems = _name_keys("missing", info["missing_keys"]) + _name_keys("unexpected", unexpected)
+    problems += _name_keys("of another shape", [str(m[0]) if isinstance(m, tuple) else str(m)
+                                                 for m in info.get("mismatched_keys", ())])
+    if problems:
+        raise ConfigError(f"weights {name_or_path}: not a full {cls.__name__} checkpoint "
+                          f"({'; '.join(problems)})")
+    return hf
+
+
+def _name_keys(what: str, keys) -> list[str]:
+    """["3 missing: a, b, c"], the first SHOWN_KEYS names then a count; [] for no keys."""
+    keys = sorted(keys)
+    if not keys:
+        return []
+    more = f" and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else ""
+    return [f"{len(keys)} {what}: {', '.join(keys[:SHOWN_KEYS])}{more}"]
+
+
+def _misfit(expected: dict, found: dict) -> str:
+    """What keeps tensors `found` (name -> shape) from loading into a model with `expected`; '' if nothing."""
+    problems = _name_keys("missing", expected.keys() - found.keys())
+    problems += _name_keys("unexpected", found.keys() - expected.keys())
+    reshaped = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
+    if reshaped:
+        k = reshaped[0]
+        problems += _name_keys("of another shape", reshaped)
+        problems[-1] += f" ({k}: saved {found[k]}, model {expected[k]})"
+    return "; ".join(problems)
+
+
+def _load_state(module: nn.Module, state: dict, source: str) -> None:
+    """module.load_state_dict(state), all of it: a missing, unexpected or reshaped tensor is a ConfigError."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    problems = _misfit(expected, {k: tuple(v.shape) for k, v in state.items()})
+    if problems:
+        raise ConfigError(f"weights {source}: do not fit this model ({problems})")
+    module.load_state_dict(state)
 
 
 # transformers 5 names first, 4.x names second; both fuse into timm's Block layout.
@@ -192,8 +246,16 @@ def _hf_layer(prefix: str, hf: dict, out: str, dst: dict) -> None:
             dst[f"{out}.{part}.{kind}"] = get(part, kind)
 
 
-def vit_state_from_hf(hf: dict) -> dict:
-    """transformers ViTMAEForPreTraining state dict -> MaeViT state dict."""
+def vit_state_from_hf(hf: dict, source: str = "transformers") -> dict:
+    """transformers ViTMAEForPreTraining state dict -> MaeViT state dict; every tensor has its place."""
+    used: set[str] = set()
+
+    class Tracked(dict):  # records what the conversion read, so that nothing is dropped unseen
+        def __getitem__(self, key):
+            used.add(key)
+            return super().__getitem__(key)
+
+    hf = Tracked(hf)
     out = {
         "encoder.cls_token": hf["vit.embeddings.cls_token"],
         "encoder.pos_embed": hf["vit.embeddings.position_embeddings"],
@@ -215,4 +277,7 @@ def vit_state_from_hf(hf: dict) -> dict:
         layers = {int(k[len(hf_prefix):].split(".")[0]) for k in hf if k.startswith(hf_prefix)}
         for i in sorted(layers):
             _hf_layer(f"{hf_prefix}{i}", hf, f"{ours}{i}", out)
+    left = _name_keys("not converted", hf.keys() - used)
+    if left:
+        raise ConfigError(f"weights {source}: raysd does not know where these ViTMAE tensors go ({left[0]})")
     return out
