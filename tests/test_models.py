@@ -5,11 +5,24 @@ import torch
 from raysd import models
 from raysd.errors import ConfigError
 from raysd.losses import shuffle_mask
+from raysd.models import weights as loader
+from raysd.models.vit import MaeViT
 from raysd.models.weights import load_backbone, save_backbone
 
 
+def _randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every parameter random, none left at a constant init (zero biases and position or mask
+    tokens, unit LayerNorm weights) under which a swapped or dropped tensor would go unseen."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():  # includes the frozen sin-cos position embeddings
+            p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    assert all(p.unique().numel() > 1 for p in model.parameters())
+    return model
+
+
 def _hf_vit_tiny(tmp_path):
-    """A random transformers ViTMAE with vit_tiny's shape, saved like a hub checkpoint."""
+    """A random transformers ViTMAE with vit_tiny's shape, every tensor random, saved like a hub checkpoint."""
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
     spec = models.VIT_SPECS["vit_tiny"]
@@ -22,25 +35,120 @@ def _hf_vit_tiny(tmp_path):
         norm_pix_loss=True, mask_ratio=0.75,
     )
     torch.manual_seed(0)
-    hf = ViTMAEForPreTraining(cfg).eval()
-    hf.save_pretrained(tmp_path)
+    hf = _randomise(ViTMAEForPreTraining(cfg), seed=0).eval()
+    hf.save_pretrained(tmp_path)  # position embeddings and mask token are saved, and loaded back
     return hf
 
 
-def test_hf_vitmae_checkpoint_loads_with_identical_outputs(tmp_path):
-    hf = _hf_vit_tiny(tmp_path)
-    ours = load_backbone("vit_tiny", str(tmp_path)).eval()
+@pytest.fixture(scope="module")
+def hf_vit(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf_vit")
+    return _hf_vit_tiny(path), path
+
+
+def _vit_mismatches(hf, ours) -> dict[str, float]:
+    """Each output on which raysd's model and transformers' differ beyond float tolerance, with
+    the largest difference; {} when they agree. Shared by the equivalence and mutation tests."""
     torch.manual_seed(1)
     images, noise = torch.randn(4, 3, 32, 32), torch.rand(4, 64)
     ids_keep, _, _ = shuffle_mask(4, 64, 0.75, noise=noise)
+    config = hf.vit.embeddings.config
     with torch.no_grad():
-        hf_out = hf(pixel_values=images, noise=noise)
-        hf_latent = hf.vit(pixel_values=images, noise=noise).last_hidden_state
-        assert torch.allclose(ours.encode(images, ids_keep), hf_latent, atol=1e-5)
-        assert torch.allclose(ours.mae_loss({"x": images}, 0.75, noise=noise), hf_out.loss, atol=1e-5)
-        # decoder too: the reconstruction of every patch
-        assert torch.allclose(ours.decoder(ours.encode(images, ids_keep), hf_out.ids_restore),
-                              hf_out.logits, atol=1e-5)
+        theirs = hf(pixel_values=images, noise=noise)
+        latent = hf.vit(pixel_values=images, noise=noise).last_hidden_state
+        ratio, config.mask_ratio = config.mask_ratio, 0.0  # every patch, in order: what represent() sees
+        try:
+            full = hf.vit(pixel_values=images, noise=torch.arange(64.0).expand(4, -1)).last_hidden_state
+        finally:
+            config.mask_ratio = ratio
+        pairs = {
+            "full-image encoding": (ours.encode(images), full),
+            "masked encoding": (ours.encode(images, ids_keep), latent),
+            # fed transformers' latent, so that a mismatch here is the decoder's own
+            "decoder reconstruction": (ours.decoder(latent, theirs.ids_restore), theirs.logits),
+            "MAE loss": (ours.mae_loss({"x": images}, 0.75, noise=noise), theirs.loss),
+        }
+    return {name: (a - b).abs().max().item() for name, (a, b) in pairs.items()
+            if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-5)}
+
+
+def test_hf_vitmae_checkpoint_loads_with_identical_outputs(hf_vit):
+    hf, path = hf_vit
+    ours = load_backbone("vit_tiny", str(path)).eval()
+    assert _vit_mismatches(hf, ours) == {}
+
+
+# Bugs the comparison above must catch, each injected into raysd's loader or model. Under
+# transformers' own init (zero biases, CLS, mask token and both position embeddings, unit
+# LayerNorm weights) all four would pass unseen: _vit_mismatches finds nothing.
+def _norms_swapped(monkeypatch):
+    """The loader maps layernorm_before to norm2 and layernorm_after to norm1, in every block."""
+    before, after = loader._LAYER_KEYS["norm1"], loader._LAYER_KEYS["norm2"]
+    monkeypatch.setitem(loader._LAYER_KEYS, "norm1", after)
+    monkeypatch.setitem(loader._LAYER_KEYS, "norm2", before)
+
+
+def _converted(monkeypatch, edit):
+    """Let `edit` change the state dict the loader converted from transformers'."""
+    convert = loader.vit_state_from_hf
+
+    def buggy(hf, **kwargs):
+        out = convert(hf, **kwargs)
+        edit(out)
+        return out
+
+    monkeypatch.setattr(loader, "vit_state_from_hf", buggy)
+
+
+def _qk_biases_swapped(monkeypatch):
+    """The q and k chunks of every fused qkv bias trade places (weights stay right)."""
+    def swap(state):
+        for key in [k for k in state if k.endswith("attn.qkv.bias")]:
+            q, k, v = state[key].chunk(3)
+            state[key] = torch.cat([k, q, v])
+
+    _converted(monkeypatch, swap)
+
+
+def _pos_embed_after_masking(monkeypatch):
+    """The encoder adds position embeddings to the kept patches after masking: the first V
+    positions, not the kept patches' own."""
+    def encode(self, images, ids_keep=None):
+        enc = self.encoder
+        x = enc.patch_embed(images)
+        if ids_keep is not None:
+            x = x.gather(1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))
+        x = x + enc.pos_embed[:, 1:1 + x.shape[1]]
+        cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        return enc.norm(enc.blocks(enc.norm_pre(torch.cat([cls, x], dim=1))))
+
+    monkeypatch.setattr(MaeViT, "encode", encode)
+
+
+def _decoder_without_pos_embed(monkeypatch):
+    """The decoder adds no position embedding (its pos_embed all zeros)."""
+    def drop(state):
+        state["decoder.pos_embed"] = torch.zeros_like(state["decoder.pos_embed"])
+
+    _converted(monkeypatch, drop)
+
+
+ALL = {"full-image encoding", "masked encoding", "decoder reconstruction", "MAE loss"}
+
+
+@pytest.mark.parametrize("inject,caught_by", [
+    (_norms_swapped, ALL),
+    (_qk_biases_swapped, ALL),
+    (_pos_embed_after_masking, {"masked encoding", "MAE loss"}),
+    (_decoder_without_pos_embed, {"decoder reconstruction", "MAE loss"}),
+], ids=["norm1-norm2-swapped", "q-k-biases-swapped", "pos-embed-after-masking", "decoder-without-pos-embed"])
+def test_vit_equivalence_check_catches_injected_bugs(hf_vit, monkeypatch, inject, caught_by):
+    hf, path = hf_vit
+    inject(monkeypatch)
+    ours = load_backbone("vit_tiny", str(path)).eval()
+    mismatches = _vit_mismatches(hf, ours)
+    assert set(mismatches) == caught_by, mismatches
+    assert min(mismatches.values()) > 1e-3, mismatches  # far beyond float noise
 
 
 def test_raysd_format_round_trip(tmp_path):
