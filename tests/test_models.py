@@ -1,13 +1,16 @@
 """ViT backbone: equivalence with transformers' ViTMAE, weight sources, the demo's init."""
+import shutil
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from raysd import models
 from raysd.errors import ConfigError
 from raysd.losses import shuffle_mask
 from raysd.models import weights as loader
-from raysd.models.vit import MaeViT
-from raysd.models.weights import load_backbone, save_backbone
+from raysd.models.vit import MaeViT, build_encoder
+from raysd.models.weights import check_weights, load_backbone, save_backbone
 
 
 def _randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -149,6 +152,68 @@ def test_vit_equivalence_check_catches_injected_bugs(hf_vit, monkeypatch, inject
     mismatches = _vit_mismatches(hf, ours)
     assert set(mismatches) == caught_by, mismatches
     assert min(mismatches.values()) > 1e-3, mismatches  # far beyond float noise
+
+
+def _edited_checkpoint(src, dst, edit):
+    """Copy the checkpoint directory `src` to `dst` with `edit` applied to its tensors."""
+    shutil.copytree(src, dst)
+    state = load_file(str(dst / "model.safetensors"))
+    edit(state)
+    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_encoder_only_checkpoint_is_a_config_error(hf_vit, tmp_path):
+    hf, _ = hf_vit
+    hf.vit.save_pretrained(tmp_path)  # a ViTMAEModel: no decoder, no mask token
+    with pytest.raises(ConfigError, match=r"24 missing: decoder\.decoder_embed\.bias, .* and 20 more"):
+        load_backbone("vit_tiny", str(tmp_path))
+
+
+def test_hf_checkpoint_with_an_extra_tensor_is_a_config_error(hf_vit, tmp_path):
+    _, path = hf_vit
+    extra = _edited_checkpoint(path, tmp_path / "extra", lambda s: s.update({"vit.extra.weight": torch.ones(3)}))
+    with pytest.raises(ConfigError, match=r"1 unexpected: vit\.extra\.weight"):
+        load_backbone("vit_tiny", str(extra))
+
+
+def test_vit_conversion_leaves_no_transformers_tensor_behind(hf_vit):
+    """A tensor the converter does not know (a newer transformers' name, say) is an error, not dropped."""
+    hf, _ = hf_vit
+    state = hf.state_dict()
+    assert loader.vit_state_from_hf(state).keys() == models.build("vit_tiny").state_dict().keys()
+    with pytest.raises(ConfigError, match=r"1 not converted: vit\.layers\.0\.attention\.q_norm\.weight"):
+        loader.vit_state_from_hf({**state, "vit.layers.0.attention.q_norm.weight": torch.ones(64)})
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda s: s.pop("decoder.mask_token"), r"1 missing: decoder\.mask_token"),
+    (lambda s: s.update({"decoder.extra": torch.ones(2)}), r"1 unexpected: decoder\.extra"),
+], ids=["missing", "unexpected"])
+def test_raysd_checkpoint_with_missing_or_extra_tensors_is_a_config_error(tmp_path, edit, message):
+    save_backbone(models.build("vit_tiny"), tmp_path / "saved", "vit_tiny")
+    _edited_checkpoint(tmp_path / "saved", tmp_path / "edited", edit)
+    with pytest.raises(ConfigError, match=message):
+        check_weights("vit_tiny", str(tmp_path / "edited"))
+    with pytest.raises(ConfigError, match=message):
+        load_backbone("vit_tiny", str(tmp_path / "edited"))
+
+
+def test_timm_weights_load_the_encoder_and_say_the_decoder_starts_fresh(monkeypatch, caplog):
+    import timm
+
+    torch.manual_seed(0)
+    source = build_encoder(models.VIT_SPECS["vit_tiny"])
+    monkeypatch.setattr(timm, "create_model", lambda name, pretrained, num_classes: source)
+    with caplog.at_level("INFO", logger="raysd"):
+        loaded = load_backbone("vit_tiny", "timm:vit_tiny_test")
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in loaded.encoder.state_dict().items())
+    lines = [r.getMessage() for r in caplog.records if r.name == "raysd"]
+    assert len(lines) == 1 and "decoder starts fresh" in lines[0], lines
+
+    source.head = torch.nn.Linear(64, 10)  # a classifier the encoder has no place for
+    with pytest.raises(ConfigError, match=r"2 unexpected: head\.bias, head\.weight"):
+        load_backbone("vit_tiny", "timm:vit_tiny_test")
 
 
 def test_raysd_format_round_trip(tmp_path):
