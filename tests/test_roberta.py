@@ -34,34 +34,101 @@ def _batch(backbone, texts=TEXTS, max_length=24) -> dict:
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
+def _randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every parameter random, none left at a constant init (zero biases, unit LayerNorm
+    weights, zero padding rows) under which a swapped or dropped tensor would go unseen."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():  # tied ones once: the head's matrix is the word embeddings
+            p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    assert all(p.unique().numel() > 1 for p in model.parameters())
+    return model
+
+
 def _saved_hf(tiny, path, **changes) -> RobertaForMaskedLM:
     torch.manual_seed(1)
-    hf = RobertaForMaskedLM(RobertaConfig(**{**tiny.config.to_dict(), **changes}))
+    hf = _randomise(RobertaForMaskedLM(RobertaConfig(**{**tiny.config.to_dict(), **changes})), seed=1)
     hf.save_pretrained(str(path))
     tiny.tokenizer.save_pretrained(str(path))
     return hf.eval()
 
 
-def test_matches_transformers(tiny, tmp_path):
-    hf = _saved_hf(tiny, tmp_path)
-    ours = load_backbone("roberta_tiny", str(tmp_path)).eval()
+@pytest.fixture(scope="module")
+def hf_roberta(tiny, tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf_roberta")
+    return _saved_hf(tiny, path), path
+
+
+def _roberta_mismatches(hf, ours) -> dict[str, float]:
+    """Each output on which raysd's model and transformers' differ beyond float tolerance, with
+    the largest difference; {} when they agree. Shared by the equivalence and mutation tests."""
     batch = _batch(ours)
     assert (batch["attention_mask"] == 0).any()  # padding is part of what must agree
     with torch.no_grad():
-        expected = hf(**batch, output_hidden_states=True).hidden_states[-1][:, 0]
-        torch.testing.assert_close(ours.represent(batch), expected, atol=1e-5, rtol=1e-5)
-
+        hidden = hf(**batch, output_hidden_states=True).hidden_states[-1]
         torch.manual_seed(2)
         corrupted, labels = ours.mask_tokens(batch["input_ids"], batch["attention_mask"], 0.3)
-        theirs = hf(input_ids=corrupted, attention_mask=batch["attention_mask"], labels=labels).loss
+        theirs = hf(input_ids=corrupted, attention_mask=batch["attention_mask"], labels=labels)
         mine = ours.mlm_loss(corrupted, batch["attention_mask"], labels)
-        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
         torch.manual_seed(2)  # mae_loss draws the same mask from the same global RNG state
-        torch.testing.assert_close(ours.mae_loss(batch, 0.3), mine)
+        pairs = {
+            "<s> representation": (ours.represent(batch), hidden[:, 0]),
+            "last hidden states": (ours.encode(batch["input_ids"], batch["attention_mask"]), hidden),
+            "LM head logits": (ours.decoder(ours.encode(corrupted, batch["attention_mask"])), theirs.logits),
+            "MLM loss": (mine, theirs.loss),
+            "mae_loss": (ours.mae_loss(batch, 0.3), theirs.loss),
+        }
+    return {name: (a - b).abs().max().item() for name, (a, b) in pairs.items()
+            if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-5, atol=1e-5)}
+
+
+def test_matches_transformers(hf_roberta):
+    hf, path = hf_roberta
+    ours = load_backbone("roberta_tiny", str(path)).eval()
+    assert _roberta_mismatches(hf, ours) == {}
 
     # Untied: the head has its own copy of the word embeddings, equal on load.
     head, words = ours.decoder.decoder.weight, ours.encoder.embeddings.word_embeddings.weight
     assert head is not words and torch.equal(head, words)
+
+
+def _norms_swapped(ours):
+    """Each layer's LayerNorm after attention and the one after its MLP trade places."""
+    for layer in ours.encoder.encoder.layer:
+        layer.attention.output.LayerNorm, layer.output.LayerNorm = (
+            layer.output.LayerNorm, layer.attention.output.LayerNorm)
+
+
+def _eps_changed(ours):
+    """RobertaConfig's default LayerNorm eps (1e-12) instead of the checkpoint's 1e-5."""
+    for module in ours.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.eps = 1e-12
+
+
+def _positions_from_zero(ours):
+    """Positions counted from 0, not from padding_idx + 1 as RoBERTa does."""
+    table = ours.encoder.embeddings.position_embeddings.weight
+    with torch.no_grad():
+        table.copy_(table.roll(ours.config.pad_token_id + 1, dims=0))
+
+
+ALL = {"<s> representation", "last hidden states", "LM head logits", "MLM loss", "mae_loss"}
+
+
+# Under transformers' own init (unit LayerNorm weights, zero biases) the first would pass unseen.
+@pytest.mark.parametrize("inject,caught_by", [
+    (_norms_swapped, ALL),
+    (_eps_changed, ALL - {"MLM loss", "mae_loss"}),  # a 3e-4 change of the outputs; the loss moves less
+    (_positions_from_zero, ALL),
+], ids=["layernorms-swapped", "layernorm-eps-1e-12", "positions-from-zero"])
+def test_roberta_equivalence_check_catches_injected_bugs(hf_roberta, inject, caught_by):
+    hf, path = hf_roberta
+    ours = load_backbone("roberta_tiny", str(path)).eval()
+    inject(ours)
+    mismatches = _roberta_mismatches(hf, ours)
+    assert set(mismatches) == caught_by, mismatches
+    assert min(mismatches.values()) > 1e-4, mismatches  # beyond float noise
 
 
 def test_checkpoint_that_does_not_fit_is_a_config_error(tiny, tmp_path):
