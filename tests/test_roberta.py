@@ -215,14 +215,29 @@ def test_builtin_text_task(tiny):
         load_task("builtin:text", tokenizer=None)
 
 
-def test_distill_loss_is_zero_between_equal_models(tiny):
-    student = copy.deepcopy(tiny).eval()
-    teacher = copy.deepcopy(tiny).eval().requires_grad_(False)
+def test_distill_loss_is_zero_between_equal_models(tmp_path):
+    """Student and teacher loaded separately from one checkpoint agree exactly (each load starts
+    from another random init, so a tensor the loader missed, or dropout left on, would show);
+    against an independently initialised model the loss and the student's gradients are not 0."""
+    torch.manual_seed(3)
+    save_backbone(models.build("roberta_tiny"), tmp_path, "roberta_tiny")
+    torch.manual_seed(4)
+    student = load_backbone("roberta_tiny", str(tmp_path)).eval()
+    torch.manual_seed(5)
+    teacher = load_backbone("roberta_tiny", str(tmp_path)).eval().requires_grad_(False)
     batch = _batch(student)
     loss = distill_loss(student.represent(batch), teacher.represent(batch))
     loss.backward()
     assert loss.item() == 0.0
     assert all(p.grad is None or not p.grad.any() for p in student.parameters())
+
+    torch.manual_seed(6)
+    stranger = models.build("roberta_tiny").eval()  # trainable: StopGrad must keep it out
+    loss = distill_loss(student.represent(batch), stranger.represent(batch))
+    loss.backward()
+    assert loss.item() > 1.0, loss
+    assert student.encoder.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in stranger.parameters())  # StopGrad on the teacher side
 
 
 def _cfg(method: str, **overrides) -> TrialConfig:
