@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import RobertaConfig, RobertaForMaskedLM
 
 from raysd import models
@@ -137,6 +140,28 @@ def test_checkpoint_that_does_not_fit_is_a_config_error(tiny, tmp_path):
         load_backbone("roberta_tiny", str(tmp_path))
 
 
+@pytest.mark.parametrize("edit,error", [
+    (lambda s: s.update({"roberta.pooler.dense.weight": torch.ones(64, 64),
+                         "roberta.pooler.dense.bias": torch.ones(64)}), None),
+    (lambda s: s.update({"roberta.extra.weight": torch.ones(3)}), r"1 unexpected: roberta\.extra\.weight"),
+    (lambda s: s.pop("lm_head.dense.bias"), r"missing lm_head\.dense\.bias"),
+], ids=["pooler-is-fine", "extra-tensor", "missing-tensor"])
+def test_checkpoint_with_extra_or_missing_tensors(hf_roberta, tmp_path, edit, error):
+    """roberta-base ships a pooler the masked LM has no use for; anything else extra or
+    missing is a ConfigError naming it, not a tensor silently dropped or left at init."""
+    _, path = hf_roberta
+    edited = tmp_path / "edited"
+    shutil.copytree(path, edited)
+    state = load_file(str(edited / "model.safetensors"))
+    edit(state)
+    save_file(state, str(edited / "model.safetensors"), metadata={"format": "pt"})
+    if error is None:
+        load_backbone("roberta_tiny", str(edited))
+    else:
+        with pytest.raises(ConfigError, match=error):
+            load_backbone("roberta_tiny", str(edited))
+
+
 def test_raysd_format_round_trip(tiny, tmp_path):
     save_backbone(tiny, tmp_path, "roberta_tiny")
     loaded = load_backbone("roberta_tiny", str(tmp_path)).eval()
@@ -196,13 +221,10 @@ def test_jsonl_task(tiny, tmp_path):
 
 
 def test_hfdisk_without_datasets_is_a_config_error(tiny, tmp_path):
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        with pytest.raises(ConfigError, match="datasets"):
-            load_task(f"hfdisk:{tmp_path}", tokenizer=tiny.tokenizer)
-    else:
+    if importlib.util.find_spec("datasets") is not None:
         pytest.skip("datasets is installed")
+    with pytest.raises(ConfigError, match="datasets"):
+        load_task(f"hfdisk:{tmp_path}", tokenizer=tiny.tokenizer)
 
 
 def test_builtin_text_task(tiny):
