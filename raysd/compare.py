@@ -73,8 +73,9 @@ def summary_table(rows: pd.DataFrame, metric: str, baseline: str | None) -> pd.D
         for column in (metric, test, *COLUMNS):
             values = group[column].astype(float)
             line[column] = f"{values.mean():.4f} ± {values.std(ddof=1) if len(values) > 1 else 0:.4f}"
-        if baseline is not None and variant != baseline:
-            line[f"{test} - {baseline}"] = _paired(done, variant, baseline, test)
+        if baseline is not None:
+            line[f"{test} - {baseline}"] = ("(baseline)" if variant == baseline
+                                            else _paired(done, variant, baseline, test))
         out.append(line)
     return pd.DataFrame(out)
 

@@ -25,7 +25,11 @@ class ProgressPrinter(Callback):
         return f"{self.finished}/{self.total} finished, {running} running, {self.failed} failed{best}"
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        params = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.config.items())
+        config = dict(trial.config)
+        variant = config.pop("variant", None)  # raysd compare: a label and its fixed values
+        if variant:
+            config = {"variant": variant["variant"], "seed": variant["values"].get("seed")}
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in config.items())
         self._print(f"trial {trial.trial_id} started: {params}")
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
