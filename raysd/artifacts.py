@@ -97,7 +97,7 @@ class ArtifactStore:
         """"ready" (load it), "build" (this owner holds the lease) or "wait" (another does)."""
         if self.has(key):
             return "ready"
-        holder = self._lease_holder(key)
+        holder = self.lease_holder(key)
         if holder is not None and holder != self.owner:
             return "wait"
         self.fs.create_dir(self.root, recursive=True)
@@ -119,14 +119,14 @@ class ArtifactStore:
             self._renew(key)
             if not self.local:  # no atomic create on object stores: write, settle, read back
                 time.sleep(1.0)
-        if self._lease_holder(key) != self.owner:
+        if self.lease_holder(key) != self.owner:
             return "wait"
         if self.has(key):  # finished by another between our first look and the lease
             self.release(key)
             return "ready"
         return "build"
 
-    def _lease_holder(self, key: str) -> str | None:
+    def lease_holder(self, key: str) -> str | None:
         """The owner of an unexpired lease on `key`, or None."""
         try:
             with self.fs.open_input_stream(self._path(f"{key}.lease")) as f:
@@ -145,11 +145,8 @@ class ArtifactStore:
 
     def release(self, key: str) -> None:
         lease = self._path(f"{key}.lease")
-        if self._lease_holder(key) == self.owner:
+        if self.lease_holder(key) == self.owner:
             self.fs.delete_file(lease)
-
-    def lease_holder(self, key: str) -> str | None:
-        return self._lease_holder(key)
 
     @contextmanager
     def building(self, key: str):

@@ -279,15 +279,11 @@ def cmd_compare(args) -> int:
     table = summary_table(rows, space.study.metric, baseline)
     text = (f"{space.study.metric} over seeds (mean ± std); paired differences against {baseline} "
             "(same seed) with a 95 % t-interval\n" + table.to_string(index=False) + "\n")
+    from raysd.report import figure_png
+
     store = Store(study_uri)
     store.write_text(text, "results", "compare.txt")
-    figure = plot(rows, space.study.metric)
-    import io
-
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    with store.fs.open_output_stream(store.path("results", "compare.png")) as f:
-        f.write(buffer.getvalue())
+    store.write_bytes(figure_png(plot(rows, space.study.metric)), "results", "compare.png")
     print(text + f"raysd: table and plot in {study_uri}/results (compare.txt, compare.png)")
     return 0 if outcome.counts.get("completed") else 1
 

@@ -104,5 +104,4 @@ def plot(rows: pd.DataFrame, metric: str) -> plt.Figure:
             ax.scatter([i] * len(values), values, color="#08519c", s=12, zorder=3)
         ax.set_xticks(range(len(variants)), variants, rotation=20, ha="right", fontsize=8)
         ax.set_title(column)
-    fig.tight_layout()
     return fig

@@ -74,15 +74,18 @@ def param_effect(done: pd.DataFrame, param: Param, metric: str, mode: str) -> pd
     return effect
 
 
-def _save(fig, store: Store, name: str, study_uri: str) -> str:
-    """Write a figure through the study's filesystem (local or s3://), return its address."""
+def figure_png(fig) -> bytes:
+    """A figure as PNG bytes, for any of the study's filesystems (local or s3://)."""
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=DPI)
     plt.close(fig)
-    store.fs.create_dir(store.path("results", "report"), recursive=True)
-    with store.fs.open_output_stream(store.path("results", "report", name)) as f:
-        f.write(buf.getvalue())
+    return buf.getvalue()
+
+
+def _save(fig, store: Store, name: str, study_uri: str) -> str:
+    """Write a figure under <study>/results/report/, return its address."""
+    store.write_bytes(figure_png(fig), "results", "report", name)
     return f"{study_uri.rstrip('/')}/results/report/{name}"
 
 

@@ -54,9 +54,12 @@ class Store:
             return f.read().decode()
 
     def write_text(self, text: str, *parts: str) -> None:
+        self.write_bytes(text.encode(), *parts)
+
+    def write_bytes(self, data: bytes, *parts: str) -> None:
         self.fs.create_dir(self.path(*parts[:-1]), recursive=True)
         with self.fs.open_output_stream(self.path(*parts)) as f:
-            f.write(text.encode())
+            f.write(data)
 
     def read_rows(self, *parts: str) -> list[dict]:
         if not self.exists(*parts):
