@@ -35,11 +35,14 @@ SCHEMA: dict[str, Any] = {
                   "accelerator_type"},
     "logging": {"log_every", "checkpoint_every", "keep_checkpoints"},
     "study": {"num_samples", "metric", "mode", "seed", "n_startup_trials", "max_concurrent",
-              "max_failures", "scheduler", "smoke", "artifacts"},
+              "max_failures", "scheduler", "smoke", "artifacts", "optuna_storage", "keep_models",
+              "loggers"},
     "search": dict,
 }
 # ASHA acts on the early signal at stage boundaries; its clock is pre-training stages done.
 SCHEDULER_KEYS = {"type", "grace_period", "reduction_factor"}
+KEEP_MODELS = ("best", "all", "none")
+LOGGERS = ("mlflow", "wandb")
 PARAM_KEYS = {"type", "low", "high", "log", "step", "choices", "when"}
 
 
@@ -105,6 +108,10 @@ class StudySettings:
     # Where stage outputs are shared: None = <study>/artifacts, "none" = no reuse, or a URI
     # that several studies share.
     artifacts: str | None = None
+    # Where the Optuna study lives: None = a journal file in the study folder, or an RDB URL.
+    optuna_storage: str | None = None
+    keep_models: str = "best"  # fine-tuned models kept under <study>/models: best | all | none
+    loggers: list | None = None  # extra trackers fed through Ray's logger callbacks: mlflow, wandb
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,6 +328,14 @@ def _study(raw: dict, where: str) -> StudySettings:
              "(test metrics are recorded, never used to choose)", settings.metric)
     _require(settings.artifacts is None or (isinstance(settings.artifacts, str) and settings.artifacts),
              where, "study.artifacts", "a folder or URI, or none", settings.artifacts)
+    _require(settings.optuna_storage is None or (isinstance(settings.optuna_storage, str)
+                                                  and "://" in settings.optuna_storage),
+             where, "study.optuna_storage", "an RDB URL such as sqlite:///optuna.db", settings.optuna_storage)
+    _require(settings.keep_models in KEEP_MODELS, where, "study.keep_models", " | ".join(KEEP_MODELS),
+             settings.keep_models)
+    _require(settings.loggers is None or (isinstance(settings.loggers, list)
+                                          and set(settings.loggers) <= set(LOGGERS)),
+             where, "study.loggers", f"a list of {', '.join(LOGGERS)}", settings.loggers)
     sched = settings.scheduler
     if sched is not None:
         _require(isinstance(sched, dict) and sched.get("type") == "asha", where, "study.scheduler.type",
