@@ -39,6 +39,12 @@ def _overrides(args) -> dict:
         values["resources.use_gpu"] = args.gpu
     if getattr(args, "method", None):
         values["method"] = args.method
+    if getattr(args, "optuna_storage", None):
+        values["study.optuna_storage"] = args.optuna_storage
+    if args.keep_models:
+        values["study.keep_models"] = args.keep_models
+    if args.logger:
+        values["study.loggers"] = list(dict.fromkeys(args.logger))
     if args.artifacts:
         values["study.artifacts"] = ("none" if args.artifacts.lower() == "none"
                                      else _absolute_uri(args.artifacts).rstrip("/"))
@@ -60,6 +66,11 @@ def _study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--artifacts", metavar="URI",
                    help="where pre-training stage outputs are shared, e.g. by several studies "
                         "(default: <study>/artifacts; none: every trial trains every stage)")
+    p.add_argument("--keep-models", choices=("best", "all", "none"),
+                   help="fine-tuned models kept under <study>/models for raysd export (default: best)")
+    p.add_argument("--logger", action="append", choices=("mlflow", "wandb"),
+                   help="also log to MLflow (MLFLOW_TRACKING_URI, default <study>/mlruns) or "
+                        "W&B (WANDB_PROJECT, WANDB_MODE=offline); repeatable")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster fits)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--smoke", action="store_true",
@@ -75,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     _study_args(tune)
     tune.add_argument("--num-samples", type=int, help="trials in the study (default: the space's)")
     tune.add_argument("--resume", metavar="STUDY_DIR", help="finish a study that was interrupted")
+    tune.add_argument("--optuna-storage", metavar="URL",
+                      help="an RDB URL (sqlite:///optuna.db, postgresql://...) for the Optuna study "
+                           "(default: <study>/optuna.journal)")
     run = sub.add_parser("run", help="run one trial with the space's default values (no search)")
     _study_args(run)
     run.add_argument("--method", choices=("finetune", "further_pretrain", "self_distill"))
@@ -92,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="tables and plots of a finished study")
     report.add_argument("study", help="<storage>/<study> folder or URI")
     report.add_argument("--top", type=int, default=5, help="rows in the top-trials table")
+    export = sub.add_parser("export", help="a trial's fine-tuned model as a transformers (and timm) folder")
+    export.add_argument("study", help="<storage>/<study> folder or URI")
+    export.add_argument("out", help="the folder to write")
+    export.add_argument("--trial", default="best", help="best (by the validation metric) or a trial id")
+    ls = sub.add_parser("ls", help="the studies in a storage: space, trials by status, best value")
+    ls.add_argument("storage", nargs="?", default=DEFAULT_STORAGE,
+                    help="local folder or URI (default: ./raysd_results)")
     return parser
 
 
@@ -116,7 +137,8 @@ def cmd_spaces(args) -> int:
 
 
 # Flags that --resume cannot take: the study keeps the space, data and size it started with.
-RESUME_CONFLICTS = ("space", "data", "set", "name", "workers", "gpu", "num_samples", "max_concurrent")
+RESUME_CONFLICTS = ("space", "data", "set", "name", "workers", "gpu", "num_samples", "max_concurrent",
+                    "optuna_storage", "keep_models", "logger")
 
 
 def _prepare(args, single: bool, space=None):
@@ -151,6 +173,7 @@ def _prepare(args, single: bool, space=None):
                           "(and not '.' or '..')")
     storage = _absolute_uri(args.storage).rstrip("/")
     check_storage(storage)
+    check_loggers(space.study.loggers or ())
     check_inputs(space)
     return space, f"{storage}/{name}"
 
@@ -195,6 +218,16 @@ def check_storage(storage: str) -> None:
         raise ConfigError(f"--storage {storage}: {existing} is not writable")
 
 
+def check_loggers(loggers) -> None:
+    """--logger needs its package; say which to install instead of failing inside Ray."""
+    import importlib.util
+
+    for logger in loggers:
+        if importlib.util.find_spec(logger) is None:
+            raise ConfigError(f"--logger {logger}: the {logger} package is not installed "
+                              f"(pip install 'raysd[trackers]')")
+
+
 def cmd_tune(args, single: bool = False) -> int:
     space, study_uri = _prepare(args, single)
     from raysd.study import ensure_ray, run_study
@@ -233,7 +266,7 @@ def cmd_compare(args) -> int:
     import pandas as pd
 
     from raysd.compare import method_variants, plot, summary_table, trial_variants
-    from raysd.results import TRIALS, Store
+    from raysd.storage import TRIALS, Store
 
     base = None
     if args.from_study:
@@ -295,8 +328,52 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """The chosen trial's saved model, with a card of its parameters and metrics."""
+    import pandas as pd
+
+    from raysd.export import export_model
+    from raysd.report import ranked
+    from raysd.storage import MODELS, TRIALS, Store
+    from raysd.study import load_study_space
+
+    study_uri = _absolute_uri(args.study)
+    space = load_study_space(study_uri)
+    trials = pd.DataFrame(Store(study_uri).read_rows("results", TRIALS))
+    if args.trial == "best":
+        done = ranked(trials, space.study.metric, space.study.mode)
+        if done.empty:
+            raise ConfigError(f"{study_uri}: no completed trial with {space.study.metric} to export")
+        row = done.iloc[0]
+    else:
+        match = trials[trials["trial_id"] == args.trial] if not trials.empty else trials
+        if match.empty:
+            raise ConfigError(f"--trial {args.trial}: no such trial in {study_uri}")
+        row = match.iloc[0]
+    row = {k: v for k, v in row.items() if not (isinstance(v, float) and v != v)}  # drop NaN
+    card = {"trial_id": row["trial_id"], "study": study_uri, "method": row.get("cfg.method"),
+            "params": {k[len("param."):]: v for k, v in row.items() if k.startswith("param.")},
+            "metrics": {k: v for k, v in row.items()
+                        if k.startswith(("val_", "test_")) or k in ("gen_gap", "init_distance")}}
+    if not Store(study_uri).exists(MODELS, row["trial_id"]):
+        kept = space.study.keep_models
+        raise ConfigError(f"trial {row['trial_id']}: no saved model in {study_uri}/{MODELS} "
+                          f"(the study kept {kept!r} models; --keep-models all keeps every one)")
+    out = export_model(f"{study_uri}/{MODELS}/{row['trial_id']}", _absolute_uri(args.out), card)
+    print(f"raysd: trial {row['trial_id']} exported to {out}")
+    return 0
+
+
+def cmd_ls(args) -> int:
+    from raysd.report import list_studies
+
+    storage = _absolute_uri(args.storage).rstrip("/")
+    print(list_studies(storage))
+    return 0
+
+
 COMMANDS = {"tune": cmd_tune, "run": cmd_run, "compare": cmd_compare, "spaces": cmd_spaces,
-            "report": cmd_report}
+            "report": cmd_report, "export": cmd_export, "ls": cmd_ls}
 
 if __name__ == "__main__":
     sys.exit(main())

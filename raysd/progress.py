@@ -1,19 +1,28 @@
-"""A compact study progress view: one line per trial event instead of Ray's full tables."""
+"""A compact study progress view instead of Ray's tables: a line per trial event, and every
+PROGRESS_SECONDS one line per running trial (stage, round, step, samples/s, ETA)."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 
 from ray.tune import Callback
 
+from raysd.spaces import Space
+
+PROGRESS_SECONDS = float(os.environ.get("RAYSD_PROGRESS_SECONDS", "30"))
+
 
 class ProgressPrinter(Callback):
-    def __init__(self, metric: str, mode: str, total: int, stream=None):
-        self.metric, self.mode, self.total = metric, mode, total
+    def __init__(self, space: Space, total: int, stream=None):
+        self.space, self.total = space, total
+        self.metric, self.mode = space.study.metric, space.study.mode
         self.stream = stream
         self.best: tuple[float, str] | None = None
         self.started = time.time()
         self.finished = self.failed = 0
+        self._latest: dict[str, dict] = {}  # trial id -> its last reported row
+        self._shown_at = time.time()
 
     def _print(self, text: str) -> None:
         print(f"[{time.time() - self.started:6.0f}s] {text}", file=self.stream or sys.stdout, flush=True)
@@ -22,7 +31,11 @@ class ProgressPrinter(Callback):
         # Tune calls back before it updates the ended trial's status: count that one apart.
         running = sum(t.status == "RUNNING" and t is not ended for t in trials)
         best = "" if self.best is None else f" | best {self.metric} {self.best[0]:.4f} ({self.best[1]})"
-        return f"{self.finished}/{self.total} finished, {running} running, {self.failed} failed{best}"
+        left = self.total - self.finished
+        eta = ""
+        if self.finished and left > 0:  # at the pace so far
+            eta = f" | ETA {_duration((time.time() - self.started) / self.finished * left)}"
+        return f"{self.finished}/{self.total} finished, {running} running, {self.failed} failed{best}{eta}"
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         config = dict(trial.config)
@@ -32,7 +45,38 @@ class ProgressPrinter(Callback):
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in config.items())
         self._print(f"trial {trial.trial_id} started: {params}")
 
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if "stage" in result:
+            self._latest[trial.trial_id] = result
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        if time.time() - self._shown_at < PROGRESS_SECONDS:
+            return
+        self._shown_at = time.time()
+        for trial in trials:
+            row = self._latest.get(trial.trial_id)
+            if trial.status == "RUNNING" and row is not None:
+                self._print(f"trial {trial.trial_id} {self.where(trial.config, row)}")
+
+    def where(self, config: dict, row: dict) -> str:
+        """'self_distill round 1/2 step 40/100, 512 samples/s, ETA 3m10s' for a trial's last row."""
+        values = {p.key: config[p.key] for p in self.space.params if config.get(p.key) is not None}
+        if config.get("variant"):
+            values.update(config["variant"]["values"])
+        cfg = self.space.trial_config(values)
+        stage, round_ = row["stage"], row.get("round", 0)
+        stage_cfg = getattr(cfg, stage)
+        text = stage + (f" round {round_}/{cfg.rounds}" if stage == "self_distill" else "")
+        text += f" step {row.get('step', 0)}/{stage_cfg.steps}"
+        rate = row.get("samples_per_s")
+        if rate:
+            total = sum(getattr(cfg, s).steps for s, _ in cfg.stages())
+            left = max(0, total - row.get("progress", 0))
+            text += f", {rate:.0f} samples/s, ETA {_duration(left * stage_cfg.batch_size / rate)}"
+        return text
+
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._latest.pop(trial.trial_id, None)
         last = trial.last_result or {}
         value = last.get(self.metric)
         if value is not None and last.get("trial_done"):
@@ -46,9 +90,17 @@ class ProgressPrinter(Callback):
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         from raysd.results import error_line
 
+        self._latest.pop(trial.trial_id, None)
         self.finished += 1
         self.failed += 1
         self._print(f"trial {trial.trial_id} FAILED: {error_line(trial)} | {self._counts(trials, trial)}")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def _fmt(value) -> str:

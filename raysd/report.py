@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from raysd.errors import ConfigError  # noqa: E402
-from raysd.results import HISTORY, TRIALS, Store  # noqa: E402
+from raysd.storage import HISTORY, TRIALS, Store  # noqa: E402
 from raysd.spaces import Param, Space  # noqa: E402
 
 STATUSES = ("completed", "stopped", "failed")
@@ -138,6 +138,61 @@ def plot_finetune(history: pd.DataFrame, metric: str, store: Store, study_uri: s
     return _save(fig, store, "finetune_curves.png", study_uri)
 
 
+def importances(study_uri: str, space: Space) -> pd.Series | None:
+    """Optuna's fANOVA importance of each parameter sampled in every completed trial, from the
+    study's Optuna storage; None when there is none or too few trials to tell."""
+    import optuna
+
+    from raysd import optuna_study
+
+    study = optuna_study.load(study_uri, space.study.optuna_storage)
+    if study is None:
+        return None
+    try:
+        found = optuna.importance.get_param_importances(
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+    except (RuntimeError, ValueError):  # fewer than two completed trials, or nothing varies
+        return None
+    return pd.Series(found, name="importance", dtype=float)
+
+
+def plot_gamma_lambda(done: pd.DataFrame, space: Space, store: Store, study_uri: str) -> str | None:
+    """The joint view of the masking ratio and the MAE weight: one panel per T', colour = metric."""
+    gamma, lam, rounds = "param.mask_ratio", "param.self_distill.mae_weight", "cfg.rounds"
+    if gamma not in done.columns or lam not in done.columns or done[lam].isna().all():
+        return None
+    sampled = done[done[lam].notna()]
+    panels = sorted(sampled[rounds].unique()) if rounds in sampled.columns else [None]
+    metric = space.study.metric
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels) + 1, 4), squeeze=False)
+    low, high = sampled[metric].min(), sampled[metric].max()
+    for ax, t in zip(axes[0], panels):
+        rows = sampled if t is None else sampled[sampled[rounds] == t]
+        points = ax.scatter(rows[gamma], rows[lam], c=rows[metric], vmin=low, vmax=high, cmap="viridis", s=60)
+        ax.set(xlabel="gamma (mask_ratio)", ylabel="lambda (mae_weight)", title=f"T' = {t}")
+    fig.colorbar(points, ax=axes[0, -1], label=metric)
+    return _save(fig, store, "gamma_lambda.png", study_uri)
+
+
+def early_signal(done: pd.DataFrame, metric: str) -> pd.Series:
+    """Each trial's k-NN signal after its last pre-training stage (NaN where none was reported)."""
+    columns = [c for c in done.columns if c.startswith("knn_accuracy_")]
+    order = sorted(columns, key=lambda c: (c != "knn_accuracy_further_pretrain",
+                                           int(c.rsplit("_", 1)[1]) if c[-1].isdigit() else 0))
+    if not order:
+        return pd.Series(dtype=float)
+    return done[order].ffill(axis=1).iloc[:, -1].astype(float)
+
+
+def plot_signal(done: pd.DataFrame, signal: pd.Series, metric: str, store: Store,
+                study_uri: str) -> str:
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    ax.scatter(signal, done.loc[signal.index, metric], alpha=0.8)
+    ax.set(xlabel="k-NN accuracy after the last pre-training stage", ylabel=metric,
+           title="early signal vs final metric")
+    return _save(fig, store, "early_signal.png", study_uri)
+
+
 def write_report(study_uri: str, top: int = 5) -> str:
     """The report's text; writes PNGs to <study>/results/report/ and lists them in the text."""
     from raysd.study import load_study_space  # imports Ray: only once the CLI has parsed flags
@@ -164,6 +219,17 @@ def write_report(study_uri: str, top: int = 5) -> str:
             effect = param_effect(done, param, metric, mode)
             kind = "quantile bin" if param.type == "float" else "value"
             lines += [f"\neffect of {param.key} (per {kind}):", effect.to_string(float_format=_fmt)]
+        found = importances(study_uri, space)
+        if found is not None and len(found):
+            lines += ["\nparameter importances (Optuna fANOVA; parameters sampled in every trial):",
+                      found.to_string(float_format=_fmt)]
+        signal = early_signal(done, metric).dropna()
+        if len(signal) >= 3 and signal.nunique() > 1 and done.loc[signal.index, metric].nunique() > 1:
+            from scipy.stats import spearmanr
+
+            rho = spearmanr(signal, done.loc[signal.index, metric]).statistic
+            lines.append(f"\nearly signal (k-NN after the last pre-training stage) vs {metric}: "
+                         f"Spearman {rho:+.2f} over {len(signal)} trials")
     if counts["failed"]:
         failed = trials[trials["status"] == "failed"]
         lines.append("\nfailed trials:")
@@ -173,8 +239,43 @@ def write_report(study_uri: str, top: int = 5) -> str:
     if not done.empty:
         plots = [*plot_params(done, space, store, study_uri),
                  plot_history(trials, done, space, store, study_uri)]
+        joint = plot_gamma_lambda(done, space, store, study_uri)
+        plots += [joint] if joint else []
+        signal = early_signal(done, metric).dropna()
+        if len(signal):
+            plots.append(plot_signal(done, signal, metric, store, study_uri))
         curves = plot_finetune(history, metric, store, study_uri)
         plots += [curves] if curves else []
     if plots:
         lines += ["\nplots:", *(f"  {p}" for p in plots)]
     return "\n".join(lines)
+
+
+def list_studies(storage: str) -> str:
+    """`raysd ls`: one line per study under `storage`, newest first."""
+    import yaml
+
+    from raysd.storage import SPACE_FILE, STUDY_FILE
+
+    root = Store(storage)
+    rows = []
+    for name in root.list():
+        study = Store(f"{storage}/{name}")
+        if not study.exists(SPACE_FILE):
+            continue
+        doc = yaml.safe_load(study.read_text(SPACE_FILE)) or {}
+        about = yaml.safe_load(study.read_text(STUDY_FILE)) if study.exists(STUDY_FILE) else {}
+        trials = pd.DataFrame(study.read_rows("results", TRIALS))
+        counts = {s: int((trials["status"] == s).sum()) if len(trials) else 0 for s in STATUSES}
+        settings = doc.get("study") or {}
+        metric, mode = settings.get("metric", "val_accuracy"), settings.get("mode", "max")
+        done = ranked(trials, metric, mode)
+        newest = max((study.fs.get_file_info(study.path(*p)).mtime for p in
+                      (("results", TRIALS), (SPACE_FILE,)) if study.exists(*p)), default=None)
+        rows.append({"study": name, "space": (about or {}).get("space", "?"), "model": doc.get("model"),
+                     **counts, "best": f"{metric} {done.iloc[0][metric]:.4f}" if len(done) else "-",
+                     "updated": newest.strftime("%Y-%m-%d %H:%M") if newest else "-"})
+    if not rows:
+        return f"no raysd studies in {storage}"
+    table = pd.DataFrame(rows).sort_values("updated", ascending=False)
+    return table.to_string(index=False)

@@ -14,15 +14,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 from ray.tune import Callback
 
 import raysd
 from raysd.spaces import Space
+from raysd.storage import HISTORY, MODELS, PARTS, TRIALS, Store
 
-TRIALS, HISTORY, PARTS = "trials.parquet", "history.parquet", "history_parts"
 # Our own keys in a reported row; Tune's bookkeeping keys (dates, pids, iterations) are dropped.
 # `attempt` counts the trial's worker-group restarts: a step rerun after one is a new row.
 ROW_KEYS = ("stage", "round", "step", "progress", "attempt", "loss", "mae_loss", "distill_loss",
@@ -34,68 +32,6 @@ PART_SECONDS = float(os.environ.get("RAYSD_HISTORY_PART_SECONDS", "30"))
 FINAL_PREFIXES = ("val_", "test_", "train_", "seconds_", "steps_", "key_", "reused_", "knn_accuracy_")
 FINAL_KEYS = ("gen_gap", "init_distance", "restarts", "resumed_from", "worker_nodes", "num_nodes",
               "trained_seconds")
-
-
-class Store:
-    """A study folder on a pyarrow filesystem: small whole-file reads and atomic writes."""
-
-    def __init__(self, uri: str):
-        self.fs, self.root = pafs.FileSystem.from_uri(uri)
-        self.local = isinstance(self.fs, pafs.LocalFileSystem)
-
-    def path(self, *parts: str) -> str:
-        return "/".join([self.root.rstrip("/"), *parts])
-
-    def exists(self, *parts: str) -> bool:
-        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
-
-    def read_text(self, *parts: str) -> str:
-        with self.fs.open_input_stream(self.path(*parts)) as f:
-            return f.read().decode()
-
-    def write_text(self, text: str, *parts: str) -> None:
-        self.write_bytes(text.encode(), *parts)
-
-    def write_bytes(self, data: bytes, *parts: str) -> None:
-        self.fs.create_dir(self.path(*parts[:-1]), recursive=True)
-        with self.fs.open_output_stream(self.path(*parts)) as f:
-            f.write(data)
-
-    def read_rows(self, *parts: str) -> list[dict]:
-        if not self.exists(*parts):
-            return []
-        return pq.read_table(self.path(*parts), filesystem=self.fs).to_pylist()
-
-    def write_rows(self, rows: list[dict], *parts: str) -> None:
-        # from_pylist takes its columns from the first row: give every row every key.
-        keys = dict.fromkeys(k for row in rows for k in row)
-        table = pa.Table.from_pylist([{k: row.get(k) for k in keys} for row in rows]) if rows else pa.table({})
-        target = self.path(*parts)
-        self.fs.create_dir(self.path(*parts[:-1]), recursive=True)
-        if self.local:  # write beside, then rename: atomic on POSIX
-            tmp = f"{target}.tmp-{os.getpid()}"
-            pq.write_table(table, tmp)
-            os.replace(tmp, target)
-            return
-        # Object stores publish an object when its stream closes: encode the whole file first,
-        # so a failure while encoding never leaves a truncated object behind.
-        buffer = pa.BufferOutputStream()
-        pq.write_table(table, buffer)
-        with self.fs.open_output_stream(target) as f:
-            f.write(buffer.getvalue())
-
-    def list(self, *parts: str) -> list[str]:
-        """Base names of the files in a folder (none when it does not exist)."""
-        selector = pafs.FileSelector(self.path(*parts), allow_not_found=True)
-        return sorted(info.base_name for info in self.fs.get_file_info(selector))
-
-    def delete(self, *parts: str) -> None:
-        self.fs.delete_file(self.path(*parts))
-
-    def upload(self, local_dir: Path, *parts: str) -> None:
-        self.fs.create_dir(self.path(*parts), recursive=True)
-        pafs.copy_files(str(local_dir), self.path(*parts), source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=self.fs)
 
 
 def _clean(value: Any) -> Any:
@@ -147,9 +83,13 @@ class StudyRecorder(Callback):
     Rows of running trials go to history_parts/ every PART_SECONDS, so a driver crash loses at
     most that much; a trial's parts are folded into history.parquet when it ends."""
 
-    def __init__(self, space: Space, study_uri: str, tensorboard_staging: str | None):
+    def __init__(self, space: Space, study_uri: str, tensorboard_staging: str | None,
+                 mirrors: dict[str, str] | None = None):
         self.space, self.study_uri = space, study_uri
         self.staging = tensorboard_staging  # local folder mirrored to storage when remote
+        self.mirrors = mirrors or {}  # local file -> its name in the study folder, kept in sync
+        self._mirrored: dict[str, float] = {}  # local file -> mtime last uploaded
+        self._unsent: set[str] = set()  # trials with TensorBoard events not yet uploaded
         self._writers: dict[str, Any] = {}
         self._pending: dict[str, list[dict]] = {}  # rows not yet in a part
         self._parted: dict[str, list[dict]] = {}  # rows already in parts, per running trial
@@ -172,6 +112,7 @@ class StudyRecorder(Callback):
         self._dirty = False  # rows changed since the last write
         self._parted_at = time.time()
         self._drop_parts(finished)  # left by a crash between a trial's write and its clean-up
+        self._experiment()
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self._started.setdefault(trial.trial_id, time.time())
@@ -182,6 +123,7 @@ class StudyRecorder(Callback):
         row.update({k: result[k] for k in result if k.startswith(("val_", "test_"))})
         self._pending.setdefault(trial.trial_id, []).append(row)
         self._scalars(trial.trial_id, result)
+        self._unsent.add(trial.trial_id)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         last = trial.last_result or {}
@@ -203,6 +145,8 @@ class StudyRecorder(Callback):
         self.history += list(unique.values())
         self._dirty = True
         self._hparams(tid, trial.config, trial.last_result or {}, status)
+        if status == "completed" and self.space.study.keep_models == "best":
+            self._keep_best_model()
 
     @_guarded
     def on_step_end(self, iteration, trials, **info) -> None:
@@ -215,6 +159,7 @@ class StudyRecorder(Callback):
             self._drop_parts({row["trial_id"] for row in self.trials})
         if time.time() - self._parted_at >= PART_SECONDS:
             self._write_parts()
+            self._upload()
 
     def _write_parts(self) -> None:
         for tid, rows in list(self._pending.items()):
@@ -230,6 +175,51 @@ class StudyRecorder(Callback):
         for tid in finished & set(self._parts):
             for name in self._parts.pop(tid):
                 self.store.delete("results", PARTS, name)
+
+    def _upload(self) -> None:
+        """Remote storage: running trials' TensorBoard events and the mirrored files, every
+        PART_SECONDS, so TensorBoard on s3:// follows a study while it runs."""
+        if self.staging:
+            for tid in self._unsent & set(self._writers):
+                self._writers[tid].flush()
+                self.store.upload(self.tb_root / tid, "tensorboard", tid)
+            self._unsent.clear()
+        for local, name in self.mirrors.items():
+            path = Path(local)
+            mtime = path.stat().st_mtime if path.exists() else None
+            if mtime is not None and mtime != self._mirrored.get(local):
+                self.store.write_bytes(path.read_bytes(), name)
+                self._mirrored[local] = mtime
+
+    def _keep_best_model(self) -> None:
+        """study.keep_models: best - only the best finished trial's fine-tuned model stays."""
+        metric, sign = self.space.study.metric, 1 if self.space.study.mode == "max" else -1
+        done = [r for r in self.trials if r["status"] == "completed" and r.get(metric) is not None]
+        if not done:
+            return
+        best = max(done, key=lambda r: sign * r[metric])["trial_id"]
+        finished = {r["trial_id"] for r in self.trials}  # a running trial's model stays
+        for name in self.store.list(MODELS):
+            if name in finished and name != best:
+                self.store.delete_dir(MODELS, name)
+
+    def _experiment(self) -> None:
+        """One HParams experiment for the whole study, in TensorBoard's root run: every searched
+        parameter and every final metric is a column, whichever trial TensorBoard reads first."""
+        from tensorboard.plugins.hparams import summary_v2 as hp
+        from torch.utils.tensorboard import SummaryWriter
+
+        if any(n.startswith("events.out") for n in self.store.list("tensorboard")):
+            return  # --resume: the experiment is there
+        columns = [hp.HParam(p.key, _domain(p)) for p in self.space.params]
+        columns += [hp.HParam("variant"), hp.HParam("method"), hp.HParam("seed")] if not self.space.params else []
+        columns.append(hp.HParam("status", hp.Discrete(["completed", "stopped", "failed"])))
+        metrics = [hp.Metric(f"final/{name}") for name in final_metric_names(self.space)]
+        writer = SummaryWriter(str(self.tb_root))
+        writer.file_writer.add_summary(hp.hparams_config_pb(columns, metrics))
+        writer.close()
+        if self.staging:
+            self.store.upload(self.tb_root, "tensorboard")
 
     def _writer(self, tid: str):
         if tid not in self._writers:
@@ -252,21 +242,23 @@ class StudyRecorder(Callback):
                 writer.add_scalar(f"{tag}/{key}", result[key], result["progress"])
 
     def _hparams(self, tid: str, config: dict, last: dict, status: str) -> None:
-        """HParams summary in the trial's run, so TensorBoard compares trials by lambda, gamma, T'."""
-        from torch.utils.tensorboard.summary import hparams
+        """The trial's session in the study's HParams experiment, and its final metrics."""
+        from tensorboard.plugins.hparams import summary_v2 as hp
 
         writer = self._writer(tid)
         params = {p.key: config[p.key] for p in self.space.params if config.get(p.key) is not None}
         if config.get("variant"):
-            params.update(variant=config["variant"]["variant"], **config["variant"]["values"])
+            values = config["variant"]["values"]
+            params.update(variant=config["variant"]["variant"], method=values.get("method", ""),
+                          seed=values.get("seed", 0))
         params["status"] = status
-        finals = {f"final/{k}": float(v) for k, v in last.items()
-                  if k.startswith(("val_", "test_")) and isinstance(v, (int, float))}
-        for summary in hparams(params, finals):
-            writer.file_writer.add_summary(summary)
-        for key, value in finals.items():
-            writer.add_scalar(key, value, int(last.get("progress", 0)))
+        writer.file_writer.add_summary(hp.hparams_pb(params, trial_id=tid))
+        for key in final_metric_names(self.space):
+            value = last.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                writer.add_scalar(f"final/{key}", float(value), int(last.get("progress", 0)))
         writer.flush()
+        self._unsent.discard(tid)
         if self.staging:
             self.store.upload(self.tb_root / tid, "tensorboard", tid)
 
@@ -283,6 +275,30 @@ class StudyRecorder(Callback):
             state.pop(key, None)
         state.update(_writers={}, _pending={}, _parted={})
         return state
+
+
+# The metrics each model family's task reports (raysd.data: images accuracy, text F1s).
+TASK_METRICS = {"vit": ("accuracy",), "roberta": ("macro_f1", "micro_f1")}
+
+
+def final_metric_names(space: Space) -> list[str]:
+    """What a finished trial reports: the task's metrics and loss on val and test, then the
+    paper's Figure 5 quantities."""
+    from raysd import models
+
+    names = TASK_METRICS.get(models.family(space.doc["model"]), ())
+    names = dict.fromkeys([space.study.metric.split("_", 1)[1], *names, "loss"])
+    return [f"{split}_{n}" for split in ("val", "test") for n in names] + ["gen_gap", "init_distance"]
+
+
+def _domain(param):
+    from tensorboard.plugins.hparams import summary_v2 as hp
+
+    if param.type == "choice":
+        return hp.Discrete(list(param.choices))
+    if param.type == "int":
+        return hp.IntInterval(int(param.low), int(param.high))
+    return hp.RealInterval(float(param.low), float(param.high))
 
 
 def error_line(trial) -> str:

@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import socket
+import time
 import uuid
 from pathlib import Path
 
@@ -18,18 +19,21 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+import raysd
+from raysd import optuna_study
 from raysd.bootstrap import demo_theta
 from raysd.config import PLACEMENTS, TrialConfig
 from raysd.errors import ConfigError
 from raysd.progress import ProgressPrinter
-from raysd.results import TRIALS, StudyRecorder, Store, staging_dir
+from raysd.results import StudyRecorder, staging_dir
+from raysd.storage import MODELS, SPACE_FILE, STUDY_FILE, TRIALS, Store
 from raysd.spaces import Param, Space, load_space_text, pretrain_stages
 from raysd.train import FATAL_FILE, train_worker
 
 # A trial's driver only waits on trainer.fit(): it takes no CPU and runs on the head, the one
 # node an autoscaler never removes and a spot market never preempts.
 DRIVER_BUNDLE = {"node:__internal_head__": 0.001}
-SPACE_FILE = "space.yaml"
+WORKER_ERROR = "worker_error.txt"  # a failed trial's worker traceback, in its train folder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +57,8 @@ class DefineByRun:
                 values[param.key] = param.suggest(trial)
 
 
-def trial_driver(config: dict, space: Space, train_storage: str, artifacts: str | None) -> None:
+def trial_driver(config: dict, space: Space, train_storage: str, artifacts: str | None,
+                 models: str | None) -> None:
     """A Tune trial: build this trial's TrialConfig and run it as one TorchTrainer."""
     values = {p.key: config[p.key] for p in space.params if p.key in config}
     if "variant" in config:  # raysd compare
@@ -72,7 +77,8 @@ def trial_driver(config: dict, space: Space, train_storage: str, artifacts: str 
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"trial": cfg, "study_marker": study_marker(train_storage),
-                           "fatal_file": f"{run_uri}/{FATAL_FILE}", "artifacts": artifacts},
+                           "fatal_file": f"{run_uri}/{FATAL_FILE}", "artifacts": artifacts,
+                           "model_uri": f"{models}/{name}" if models else None},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
             resources_per_worker=cfg.worker_resources(), accelerator_type=cfg.accelerator_type,
@@ -87,7 +93,11 @@ def trial_driver(config: dict, space: Space, train_storage: str, artifacts: str 
     try:
         trainer.fit()
     except ray.train.TrainingFailedError as err:
-        raise TrialFailed(_root_cause(err)) from None
+        # The error line says where the workers' whole traceback is: Ray's own logs stay hidden.
+        log = f"{run_dir}/{WORKER_ERROR}"
+        with fs.open_output_stream(log) as f:
+            f.write(str(err).encode())
+        raise TrialFailed(f"{_root_cause(err)} (traceback: {run_uri}/{WORKER_ERROR})") from None
     if fs.get_file_info(fatal).type != pafs.FileType.NotFound:
         with fs.open_input_stream(fatal) as f:
             raise TrialFailed(f.read().decode())
@@ -112,6 +122,11 @@ def artifacts_uri(space: Space, study_uri: str) -> str | None:
     if where is None:
         return f"{study_uri}/artifacts"
     return None if where.lower() == "none" else where
+
+
+def models_uri(space: Space, study_uri: str) -> str | None:
+    """Where trials save their fine-tuned models (None: study.keep_models is none)."""
+    return None if space.study.keep_models == "none" else f"{study_uri}/{MODELS}"
 
 
 def study_marker(train_storage: str) -> str | None:
@@ -246,9 +261,17 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
     # Save Tune's experiment state every step (it is small), so the results recorder, which
     # writes right after a save, never lists a trial that --resume would run again.
     os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "0"
+    # One layout, ours (README: "What a study writes"): Tune's own TensorBoard, CSV and JSON
+    # loggers would write a second copy of every row into each trial folder.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     if not verbose:  # our ProgressPrinter replaces Tune's tables and its failed-trial tracebacks
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Tune's result grid looks for the per-trial files its auto loggers (off, above) would write.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     store = Store(study_uri)
     storage, name = study_uri.rstrip("/").rsplit("/", 1)
     total = len(variants) if variants else num_samples or space.study.num_samples
@@ -256,29 +279,39 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
     if not resume and (store.exists("results", TRIALS) or store.exists("tuner.pkl")):
         raise ConfigError(f"study {study_uri} already exists: use --resume {study_uri} or "
                           "another --name")
+    searched = bool(space.params) and not variants
+    if searched and not resume:
+        optuna_study.check_new(study_uri, space.study.optuna_storage)
     concurrency = plan_concurrency(space, max_concurrent, total)
     check_shared_storage(study_uri)
     if not resume:
         study = {**dataclasses.asdict(space.study), "num_samples": total}
         store.write_text(yaml.safe_dump({**space.doc, "search": _search_doc(space), "study": study},
                                         sort_keys=False), SPACE_FILE)
+        store.write_text(yaml.safe_dump({"space": space.name, "raysd": raysd.__version__,
+                                         "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}), STUDY_FILE)
     if space.doc.get("weights") == "builtin:demo":
         demo_theta(space.doc["model"])  # build once here, not in every trial at once
     trainable = tune.with_resources(
         tune.with_parameters(trial_driver, space=space, train_storage=f"{study_uri}/train",
-                             artifacts=artifacts_uri(space, study_uri)),
+                             artifacts=artifacts_uri(space, study_uri),
+                             models=models_uri(space, study_uri)),
         tune.PlacementGroupFactory([DRIVER_BUNDLE]),
     )
-    callbacks = [StudyRecorder(space, study_uri, staging_dir(study_uri)),
-                 ProgressPrinter(space.study.metric, space.study.mode, total)]
+    journal = searched and not space.study.optuna_storage and "://" in study_uri
+    mirrors = {str(optuna_study.journal_path(study_uri)): optuna_study.JOURNAL} if journal else {}
+    callbacks = [StudyRecorder(space, study_uri, staging_dir(study_uri), mirrors=mirrors),
+                 ProgressPrinter(space, total), *tracker_callbacks(space, study_uri)]
     if resume:
+        if journal:
+            optuna_study.fetch_journal(study_uri)
         tuner = tune.Tuner.restore(study_uri, trainable=trainable, resume_errored=True,
                                    resume_unfinished=True)
     else:
         tuner = tune.Tuner(
             trainable,
             param_space={"variant": tune.grid_search(variants)} if variants else None,
-            tune_config=tune.TuneConfig(search_alg=None if variants else _searcher(space),
+            tune_config=tune.TuneConfig(search_alg=_searcher(space, study_uri) if searched else None,
                                         scheduler=None if variants else _scheduler(space),
                                         num_samples=1 if variants else total,
                                         max_concurrent_trials=concurrency),
@@ -298,15 +331,38 @@ class StageAwareOptunaSearch(OptunaSearch):
             super().on_trial_result(trial_id, result)
 
 
-def _searcher(space: Space) -> OptunaSearch | None:
-    if not space.params:  # raysd run: one trial of the defaults, nothing to search
-        return None
+def _searcher(space: Space, study_uri: str) -> OptunaSearch:
+    """Tune's OptunaSearch, persisting every Optuna trial (optuna_study.py says where)."""
     import optuna
 
     sampler = optuna.samplers.TPESampler(seed=space.study.seed,
                                          n_startup_trials=space.study.n_startup_trials)
     return StageAwareOptunaSearch(space=DefineByRun(space.params), metric=space.study.metric,
-                        mode=space.study.mode, sampler=sampler)
+                        mode=space.study.mode, sampler=sampler,
+                        study_name=optuna_study.study_name(study_uri),
+                        storage=optuna_study.storage(study_uri, space.study.optuna_storage))
+
+
+def tracker_callbacks(space: Space, study_uri: str) -> list:
+    """Ray's MLflow / W&B logger callbacks for `study.loggers` (searched params, every row)."""
+    out = []
+    name = optuna_study.study_name(study_uri)
+    for logger in space.study.loggers or ():
+        if logger == "mlflow":
+            from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+            # MLFLOW_TRACKING_URI (a server, or file:DIR) wins; else a file store in the study.
+            uri = os.environ.get("MLFLOW_TRACKING_URI") or (
+                f"file:{study_uri}/mlruns" if "://" not in study_uri else None)
+            out.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=name,
+                                            save_artifact=False))
+        elif logger == "wandb":
+            from ray.air.integrations.wandb import WandbLoggerCallback
+
+            # WANDB_MODE=offline, WANDB_API_KEY, WANDB_PROJECT: W&B's own variables apply.
+            out.append(WandbLoggerCallback(project=os.environ.get("WANDB_PROJECT", "raysd"),
+                                           group=name, log_config=True, upload_checkpoints=False))
+    return out
 
 
 def _scheduler(space: Space):

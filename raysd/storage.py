@@ -1,0 +1,85 @@
+"""A study folder on any pyarrow filesystem (local, NFS, s3://, gs://). Ray-free.
+
+Each write replaces a whole file atomically, so readers never see a truncated file.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+TRIALS, HISTORY, PARTS = "trials.parquet", "history.parquet", "history_parts"
+MODELS = "models"
+SPACE_FILE = "space.yaml"  # the space a study runs, overrides applied
+STUDY_FILE = "study.yaml"  # what `raysd ls` shows: the space name, when and how it was started  # <study>/models/<trial id>/: a trial's fine-tuned model
+
+
+class Store:
+    """A study folder on a pyarrow filesystem: small whole-file reads and atomic writes."""
+
+    def __init__(self, uri: str):
+        self.fs, self.root = pafs.FileSystem.from_uri(uri)
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+
+    def read_bytes(self, *parts: str) -> bytes:
+        with self.fs.open_input_stream(self.path(*parts)) as f:
+            return f.read()
+
+    def read_text(self, *parts: str) -> str:
+        return self.read_bytes(*parts).decode()
+
+    def write_text(self, text: str, *parts: str) -> None:
+        self.write_bytes(text.encode(), *parts)
+
+    def write_bytes(self, data: bytes, *parts: str) -> None:
+        self.fs.create_dir(self.path(*parts[:-1]), recursive=True)
+        with self.fs.open_output_stream(self.path(*parts)) as f:
+            f.write(data)
+
+    def read_rows(self, *parts: str) -> list[dict]:
+        if not self.exists(*parts):
+            return []
+        return pq.read_table(self.path(*parts), filesystem=self.fs).to_pylist()
+
+    def write_rows(self, rows: list[dict], *parts: str) -> None:
+        # from_pylist takes its columns from the first row: give every row every key.
+        keys = dict.fromkeys(k for row in rows for k in row)
+        table = pa.Table.from_pylist([{k: row.get(k) for k in keys} for row in rows]) if rows else pa.table({})
+        target = self.path(*parts)
+        self.fs.create_dir(self.path(*parts[:-1]), recursive=True)
+        if self.local:  # write beside, then rename: atomic on POSIX
+            tmp = f"{target}.tmp-{os.getpid()}"
+            pq.write_table(table, tmp)
+            os.replace(tmp, target)
+            return
+        # Object stores publish an object when its stream closes: encode the whole file first,
+        # so a failure while encoding never leaves a truncated object behind.
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table, buffer)
+        with self.fs.open_output_stream(target) as f:
+            f.write(buffer.getvalue())
+
+    def list(self, *parts: str) -> list[str]:
+        """Base names of the files in a folder (none when it does not exist)."""
+        selector = pafs.FileSelector(self.path(*parts), allow_not_found=True)
+        return sorted(info.base_name for info in self.fs.get_file_info(selector))
+
+    def delete(self, *parts: str) -> None:
+        self.fs.delete_file(self.path(*parts))
+
+    def delete_dir(self, *parts: str) -> None:
+        self.fs.delete_dir(self.path(*parts))
+
+    def upload(self, local_dir: Path, *parts: str) -> None:
+        self.fs.create_dir(self.path(*parts), recursive=True)
+        pafs.copy_files(str(local_dir), self.path(*parts), source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=self.fs)
