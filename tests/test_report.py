@@ -122,7 +122,8 @@ def test_failed_error_and_pngs(study):
     report = study / "results" / "report"
     names = {"param_self_distill.rounds.png", "param_self_distill.mae_weight.png",
              "param_mask_ratio.png", "history.png", "finetune_curves.png"}
-    assert {p.name for p in report.iterdir()} == names
+    # the (gamma, lambda) view has one panel per T': its width varies
+    assert {p.name for p in report.iterdir()} == names | {"gamma_lambda.png"}
     for name in names:
         assert str(report / name) in text
         data = (report / name).read_bytes()
@@ -152,3 +153,64 @@ def test_cli(study, tmp_path, capsys):
     assert "top 2 of 5 completed trials:" in out and "val_accuracy" in out
     assert main(["report", str(tmp_path / "nowhere")]) == 2
     assert "not a raysd study" in capsys.readouterr().err
+
+
+def _optuna_journal(study: Path, n: int = 24):
+    """An Optuna journal beside the synthetic study, as `raysd tune` writes one: the value
+    follows gamma and ignores T'."""
+    import optuna
+    from optuna.distributions import FloatDistribution, IntDistribution
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(study / "optuna.journal")))
+    optuna_study = optuna.create_study(study_name=study.name, storage=storage, direction="maximize")
+    space = {"mask_ratio": FloatDistribution(0.5, 0.9), "self_distill.rounds": IntDistribution(0, 3)}
+    for i in range(n):
+        params = {"mask_ratio": 0.5 + 0.4 * i / n, "self_distill.rounds": (i * 7) % 4}
+        optuna_study.add_trial(optuna.trial.create_trial(
+            params=params, distributions=space, value=params["mask_ratio"] ** 2))
+
+
+def test_importances_come_from_the_studys_optuna_storage(study):
+    from raysd.report import importances
+    from raysd.spaces import load_space
+
+    assert importances(str(study), load_space("demo")) is None  # no journal: no importances
+    _optuna_journal(study)
+    found = importances(str(study), load_space("demo"))
+    assert found["mask_ratio"] > 0.9 > found["self_distill.rounds"]
+    assert "parameter importances" in write_report(str(study))
+
+
+def test_early_signal_is_each_trials_last_pretraining_stage_and_is_plotted(tmp_path):
+    from raysd.report import early_signal
+
+    study = make_study(tmp_path)
+    trials = _trials(study)
+    rounds = trials["param.self_distill.rounds"].fillna(0).astype(int)
+    # the signal after θ_0 is noise; after the trial's last stage it orders trials like val
+    trials["knn_accuracy_further_pretrain"] = 0.5
+    for t in (1, 2):
+        trials[f"knn_accuracy_self_distill_{t}"] = (trials.val_accuracy - 0.1).where(rounds >= t)
+    trials.loc[rounds == 0, "knn_accuracy_further_pretrain"] = trials.val_accuracy - 0.1
+    _write(trials.to_dict("records"), study / "results" / "trials.parquet")
+    done = ranked(_trials(study), "val_accuracy", "max")
+    assert early_signal(done, "val_accuracy").tolist() == pytest.approx((done.val_accuracy - 0.1).tolist())
+    text = write_report(str(study))
+    assert "Spearman +1.00 over 5 trials" in text
+    for name in ("early_signal.png", "gamma_lambda.png"):
+        image = matplotlib.image.imread(study / "results" / "report" / name)
+        assert image.shape[0] > 100 and image.std() > 0
+
+
+def test_ls_lists_studies_with_counts_and_best(tmp_path, capsys):
+    from raysd.cli import main
+
+    make_study(tmp_path)
+    (tmp_path / "not-a-study").mkdir()
+    assert main(["ls", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2, lines  # header and the one study
+    fields = lines[1].split()
+    assert fields[0] == "demo-20240101-000000" and fields[3:6] == ["5", "1", "1"]
+    assert "val_accuracy 0.9000" in lines[1]
