@@ -2,7 +2,8 @@
 
   theta_0 = further_pretrain(theta_init, D_u)                                  (Alg. 2)
   for t in 1..T':  theta_t = self_distill_round(theta_init, teacher=theta_{t-1}, D_u)
-  metrics = finetune_and_evaluate(theta_T', D_tr)  -> val and test metrics
+  metrics = finetune_and_evaluate(theta_T', D_tr)  -> val and test metrics (and the model,
+                                                      kept when the caller's hooks save it)
 
 Every pre-training stage's output is an artifact keyed by everything that determines it
 (artifacts.py): a trial whose key exists loads it instead of training, and two trials never
@@ -12,7 +13,7 @@ after equal work, and a long trial (large T') is never cut for being long.
 
 The caller passes Hooks (stages.py): the device, DDP wrapping, an all-reduce, a
 `report(metrics, state)` callback called by every rank at the same steps, a state to resume
-from, and the artifact store.
+from, the artifact store, and where to save the fine-tuned model.
 """
 from __future__ import annotations
 
@@ -92,8 +93,13 @@ def run_trial(cfg: TrialConfig, task: Task, init: nn.Module, hooks: Hooks) -> di
         state.progress = None
         started = time.perf_counter()
         if stage == "finetune":
-            last, final = finetune_and_evaluate(init, state.theta or init.state_dict(), task, run)
+            last, final, classifier = finetune_and_evaluate(init, state.theta or init.state_dict(),
+                                                            task, run)
             summary.update(final)
+            if hooks.save_model is not None and hooks.rank == 0:
+                # Before the last report, so a finished trial always has its model; a worker
+                # group that restarts before that report fine-tunes again and saves again.
+                hooks.save_model(classifier, final)
             trained = True
         else:
             key, inputs = stage_key(state.theta_key, cfg, stage, round_, hooks)

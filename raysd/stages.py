@@ -54,6 +54,9 @@ class Hooks:
     resume: dict | None = None  # a state previously passed to report()
     autocast: torch.dtype | None = None  # torch.bfloat16 on GPUs
     artifacts: ArtifactStore | None = None  # where stage outputs are shared; None: no reuse
+    # Called by rank 0 with the fine-tuned Classifier and its final metrics, before the trial's
+    # last report; None: the model is not kept.
+    save_model: Callable[[nn.Module, dict], None] | None = None
 
 
 @dataclasses.dataclass
@@ -139,10 +142,11 @@ def self_distill_round(init: nn.Module, teacher_weights: dict, d_u: Dataset, run
 
 
 def finetune_and_evaluate(init: nn.Module, weights: dict, task: Task, run: StageRun
-                          ) -> tuple[dict, dict]:
+                          ) -> tuple[dict, dict, Classifier]:
     """Drop the decoder, add a linear head, fine-tune with cross-entropy, evaluate.
 
-    Returns the last training row and the final metrics (val, test, train, gen_gap)."""
+    Returns the last training row, the final metrics (val, test, train, gen_gap) and the
+    fine-tuned Classifier (unwrapped from DDP)."""
     cfg, hooks = run.cfg, run.hooks
     backbone = copy.deepcopy(init)
     backbone.load_state_dict(weights)
@@ -166,7 +170,7 @@ def finetune_and_evaluate(init: nn.Module, weights: dict, task: Task, run: Stage
         metrics.update({f"{split}_{k}": v for k, v in evaluate(final, dataset, task, cfg, hooks).items()})
     metrics["gen_gap"] = metrics["test_loss"] - metrics["train_loss"]  # the paper's Figure 5
     metrics["init_distance"] = _distance(final.backbone.encoder, init.state_dict())
-    return last, metrics
+    return last, metrics, final
 
 
 def _distance(encoder: nn.Module, init_state: dict) -> float:
