@@ -16,6 +16,7 @@ from raysd.bootstrap import theta_init
 from raysd.config import TrialConfig
 from raysd.data import DataError, load_task
 from raysd.errors import ConfigError
+from raysd.export import describe, model_saver
 from raysd.recipe import Hooks, NonFiniteLoss, run_trial
 
 STATE_FILE = "state.pt"
@@ -28,10 +29,14 @@ def train_worker(config: dict) -> None:
 
     Errors that every rank meets alike and that would recur on a retry (bad data or weights, a
     diverged loss, which all ranks see through an all-reduce) are written to `fatal_file` and
-    the workers return, because Ray Train retries every exception a worker raises."""
+    the workers return, because Ray Train retries every exception a worker raises.
+
+    With `model_uri` (a folder URI), rank 0 saves the fine-tuned model there (raysd.export)
+    before the trial's last report."""
     ctx = ray.train.get_context()
     try:
-        _run(config["trial"], config.get("study_marker"), config.get("artifacts"), ctx)
+        _run(config["trial"], config.get("study_marker"), config.get("artifacts"),
+             config.get("model_uri"), ctx)
     except (ConfigError, NonFiniteLoss, DataError) as err:
         # Met alike by every rank: the data (a corrupt image is found when a node decodes the
         # folder into its cache, before training) and weights are loaded by each.
@@ -42,7 +47,8 @@ def train_worker(config: dict) -> None:
                 f.write(f"{type(err).__name__}: {line}".encode())
 
 
-def _run(cfg: TrialConfig, study_marker: str | None, artifacts: str | None, ctx) -> None:
+def _run(cfg: TrialConfig, study_marker: str | None, artifacts: str | None,
+         model_uri: str | None, ctx) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     if study_marker and not os.path.exists(study_marker):
@@ -99,6 +105,7 @@ def _run(cfg: TrialConfig, study_marker: str | None, artifacts: str | None, ctx)
         autocast=torch.bfloat16 if device.type == "cuda" and cfg.precision == "bf16" else None,
         # Named after the trial (stable across restarts): a restarted trial keeps its leases.
         artifacts=ArtifactStore(artifacts, owner=ctx.get_experiment_name()) if artifacts else None,
+        save_model=model_saver(model_uri, describe(cfg, task, init)) if model_uri else None,
     )
     run_trial(cfg, task, init, hooks)
 
