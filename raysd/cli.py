@@ -173,7 +173,7 @@ def _prepare(args, single: bool, space=None):
                           "(and not '.' or '..')")
     storage = _absolute_uri(args.storage).rstrip("/")
     check_storage(storage)
-    check_loggers(space.study.loggers or ())
+    check_loggers(space.study.loggers or (), storage)
     check_inputs(space)
     return space, f"{storage}/{name}"
 
@@ -218,14 +218,18 @@ def check_storage(storage: str) -> None:
         raise ConfigError(f"--storage {storage}: {existing} is not writable")
 
 
-def check_loggers(loggers) -> None:
-    """--logger needs its package; say which to install instead of failing inside Ray."""
+def check_loggers(loggers, storage: str) -> None:
+    """--logger needs its package, and MLflow a tracking URI when the study is not local."""
     import importlib.util
 
     for logger in loggers:
         if importlib.util.find_spec(logger) is None:
             raise ConfigError(f"--logger {logger}: the {logger} package is not installed "
                               f"(pip install 'raysd[trackers]')")
+    if "mlflow" in loggers and "://" in storage and not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise ConfigError(f"--logger mlflow: set MLFLOW_TRACKING_URI (a tracking server or "
+                          f"database); the default, SQLite in the study folder, needs a local --storage, "
+                          f"not {storage}")
 
 
 def cmd_tune(args, single: bool = False) -> int:

@@ -270,6 +270,7 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        logging.getLogger("ray.tune.utils.util").setLevel(logging.ERROR)  # "took 1.2 s" notes
     # Tune's result grid looks for the per-trial files its auto loggers (off, above) would write.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     store = Store(study_uri)
@@ -351,17 +352,20 @@ def tracker_callbacks(space: Space, study_uri: str) -> list:
         if logger == "mlflow":
             from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-            # MLFLOW_TRACKING_URI (a server, or file:DIR) wins; else a file store in the study.
-            uri = os.environ.get("MLFLOW_TRACKING_URI") or (
-                f"file:{study_uri}/mlruns" if "://" not in study_uri else None)
+            # MLFLOW_TRACKING_URI (a server, a database) wins; else SQLite in the study folder.
+            uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{study_uri}/mlflow.db"
             out.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=name,
                                             save_artifact=False))
         elif logger == "wandb":
             from ray.air.integrations.wandb import WandbLoggerCallback
 
-            # WANDB_MODE=offline, WANDB_API_KEY, WANDB_PROJECT: W&B's own variables apply.
+            # W&B's own variables apply (WANDB_API_KEY, WANDB_PROJECT, WANDB_MODE=offline,
+            # WANDB_DIR); mode and dir are passed on, as Ray's logging actors do not inherit them.
+            init = {k: os.environ[v] for k, v in (("mode", "WANDB_MODE"), ("dir", "WANDB_DIR"))
+                    if os.environ.get(v)}
             out.append(WandbLoggerCallback(project=os.environ.get("WANDB_PROJECT", "raysd"),
-                                           group=name, log_config=True, upload_checkpoints=False))
+                                           group=name, log_config=True, upload_checkpoints=False,
+                                           **init))
     return out
 
 

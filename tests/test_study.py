@@ -1,4 +1,6 @@
 """A real study on a real local Ray: Parquet read back with pyarrow, TensorBoard with its reader."""
+import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -15,14 +17,31 @@ from raysd import cli
 
 @pytest.fixture(scope="module")
 def demo_study(ray_local, tmp_path_factory):
+    """A 3-trial study, also logged to MLflow (a file store) and W&B (offline); its console
+    output is kept for the progress-line test."""
+    import raysd.progress
+
     storage = tmp_path_factory.mktemp("storage")
-    code = cli.main(["tune", "--space", "demo", *TINY, "--num-samples", "3",
-                     "--storage", str(storage), "--name", "demo"])
-    return code, storage / "demo"
+    trackers = {"WANDB_MODE": "offline", "WANDB_DIR": str(storage), "WANDB_SILENT": "true"}
+    saved = {k: os.environ.get(k) for k in trackers}
+    os.environ.update(trackers)
+    raysd.progress.PROGRESS_SECONDS, every = 2, raysd.progress.PROGRESS_SECONDS
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            code = cli.main(["tune", "--space", "demo", *TINY, "--num-samples", "3",
+                             "--storage", str(storage), "--name", "demo",
+                             "--logger", "mlflow", "--logger", "wandb"])
+    finally:
+        raysd.progress.PROGRESS_SECONDS = every
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.update({key: value})
+    print(out.getvalue())
+    return code, storage / "demo", out.getvalue()
 
 
 def test_study_writes_one_row_per_trial_with_params_metrics_and_cost(demo_study):
-    code, study = demo_study
+    code, study, _ = demo_study
     assert code == 0
     trials = pq.read_table(study / "results" / "trials.parquet").to_pandas()
     assert len(trials) == 3 and trials.trial_id.is_unique
@@ -40,7 +59,7 @@ def test_study_writes_one_row_per_trial_with_params_metrics_and_cost(demo_study)
 
 
 def test_history_has_every_stage_and_round_of_every_trial(demo_study):
-    _, study = demo_study
+    _, study, _ = demo_study
     trials = pq.read_table(study / "results" / "trials.parquet").to_pandas()
     history = pq.read_table(study / "results" / "history.parquet").to_pandas()
     assert set(history.trial_id) == set(trials.trial_id)
@@ -56,7 +75,7 @@ def test_history_has_every_stage_and_round_of_every_trial(demo_study):
 def test_tensorboard_scalars_and_hparams_read_back(demo_study):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    _, study = demo_study
+    _, study, _ = demo_study
     history = pq.read_table(study / "results" / "history.parquet").to_pandas()
     trials = pq.read_table(study / "results" / "trials.parquet").to_pandas()
     for _, trial in trials.iterrows():
@@ -69,9 +88,95 @@ def test_tensorboard_scalars_and_hparams_read_back(demo_study):
         logged = {e.step: e.value for e in acc.Scalars("finetune/ce_loss")}
         assert logged == pytest.approx(dict(zip(ce.progress, ce.ce_loss)), rel=1e-5)
         assert acc.Scalars("final/val_accuracy")[-1].value == pytest.approx(trial.val_accuracy, rel=1e-6)
-        plugins = acc.PluginTagToContent("hparams")
-        assert "_hparams_/session_start_info" in plugins and "_hparams_/experiment" in plugins
-        assert b"mask_ratio" in plugins["_hparams_/session_start_info"]
+
+
+def test_one_hparams_experiment_declares_every_searched_param_and_final_metric(demo_study):
+    """TensorBoard uses one experiment tag for its HParams tab: a T'=0 trial (no lambda) must
+    not be the one that declares the columns."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    _, study, _ = demo_study
+    trials = pq.read_table(study / "results" / "trials.parquet").to_pandas()
+    runs = {".": study / "tensorboard", **{t: study / "tensorboard" / t for t in trials.trial_id}}
+    experiments, sessions = {}, {}
+    for run, path in runs.items():
+        acc = EventAccumulator(str(path))
+        acc.Reload()
+        try:
+            plugins = acc.PluginTagToContent("hparams")
+        except KeyError:  # a run without HParams data
+            plugins = {}
+        if metadata.EXPERIMENT_TAG in plugins:
+            experiments[run] = metadata.parse_experiment_plugin_data(plugins[metadata.EXPERIMENT_TAG])
+        if metadata.SESSION_START_INFO_TAG in plugins:
+            sessions[run] = metadata.parse_session_start_info_plugin_data(
+                plugins[metadata.SESSION_START_INFO_TAG])
+    assert list(experiments) == ["."]  # one experiment, at the root
+    declared = {h.name for h in experiments["."].hparam_infos}
+    assert {"mask_ratio", "self_distill.rounds", "self_distill.mae_weight", "status"} <= declared
+    metrics = {m.name.tag for m in experiments["."].metric_infos}
+    assert {"final/val_accuracy", "final/test_accuracy", "final/gen_gap"} <= metrics
+    assert set(sessions) == set(trials.trial_id)  # every trial is one session of it
+    for _, trial in trials.iterrows():
+        hparams = dict(sessions[trial.trial_id].hparams)
+        assert set(hparams) <= declared
+        assert hparams["mask_ratio"].number_value == pytest.approx(trial["param.mask_ratio"])
+        assert ("self_distill.mae_weight" in hparams) == (trial["param.self_distill.rounds"] > 0)
+        assert hparams["status"].string_value == "completed"
+
+
+def test_optuna_storage_holds_the_study_as_trials_parquet_does(demo_study):
+    import math
+
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    _, study, _ = demo_study
+    trials = pq.read_table(study / "results" / "trials.parquet").to_pandas()
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(study / "optuna.journal")))
+    loaded = optuna.load_study(study_name="demo", storage=storage)
+    finished = loaded.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(finished) == len(trials)
+    recorded = sorted((t.value, sorted(t.params.items())) for t in finished)
+    expected = sorted((row.val_accuracy, sorted((k[len("param."):], v) for k, v in row.items()
+                                                if k.startswith("param.") and not (isinstance(v, float) and math.isnan(v))))
+                      for _, row in trials.iterrows())
+    assert [v for v, _ in recorded] == pytest.approx([v for v, _ in expected])
+    assert [p for _, p in recorded] == [p for _, p in expected]
+
+
+def test_progress_lines_while_trials_run_and_one_output_layout(demo_study):
+    import re
+
+    _, study, out = demo_study
+    line = re.compile(r"trial \w+ (further_pretrain|self_distill round \d/\d|finetune) "
+                      r"step \d+/\d+, \d+ samples/s, ETA \d+")
+    assert any(line.search(text) for text in out.splitlines()), out
+    assert re.search(r"1/3 finished.*\| ETA \d", out)
+    # Tune's automatic loggers are off: no second copy of the rows in its trial folders
+    copies = [p.name for d in study.glob("trial_driver_*") for p in d.iterdir()
+              if p.name in ("result.json", "progress.csv") or p.name.startswith("events.out")]
+    assert not copies
+
+
+def test_mlflow_and_wandb_get_params_and_metrics(demo_study):
+    import mlflow
+
+    _, study, _ = demo_study
+    trials = pq.read_table(study / "results" / "trials.parquet").to_pandas()
+    mlflow.set_tracking_uri(f"sqlite:///{study / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["demo"])
+    assert len(runs) == 3
+    assert sorted(runs["metrics.val_accuracy"]) == pytest.approx(sorted(trials.val_accuracy))
+    assert sorted(runs["params.mask_ratio"].astype(float)) == pytest.approx(sorted(trials["param.mask_ratio"]))
+    # W&B offline: one run per trial, named by its id. This wandb has no Python reader of its
+    # transaction log, so the check is that the params and metrics were written into it.
+    offline = {run.name.rsplit("-", 1)[1]: run for run in (study.parent / "wandb").glob("offline-run-*")}
+    assert set(offline) == set(trials.trial_id)
+    for run in offline.values():
+        log = next(run.glob("run-*.wandb")).read_bytes()
+        assert b"mask_ratio" in log and b"val_accuracy" in log and b"knn_accuracy" in log
 
 
 def test_failed_trial_is_recorded_with_its_reason(ray_local, tmp_path, capsys):
@@ -182,3 +287,29 @@ def test_asha_on_the_early_signal_never_stops_a_trial_for_its_t_prime(ray_local,
     history = pq.read_table(tmp_path / "asha" / "results" / "history.parquet").to_pandas()
     signals = history[history.knn_accuracy.notna()]
     assert set(signals.stage) == {"further_pretrain", "self_distill"}
+
+
+def test_the_best_trials_model_is_kept_and_exports_to_transformers(demo_study, tmp_path, digits):
+    """keep_models=best (the default) and `raysd export`: the exported folder loads in
+    transformers and gives the logits of raysd's own model of that trial."""
+    import torch
+    from transformers import ViTForImageClassification
+
+    from raysd.export import load_classifier
+    from raysd.report import ranked
+
+    _, study, _ = demo_study
+    trials = pq.read_table(study / "results" / "trials.parquet").to_pandas()
+    best = ranked(trials, "val_accuracy", "max").iloc[0].trial_id
+    assert [p.name for p in (study / "models").iterdir()] == [best]
+    out = tmp_path / "exported"
+    assert cli.main(["export", str(study), str(out)]) == 0
+    ours, meta = load_classifier(str(study / "models" / best))
+    hf = ViTForImageClassification.from_pretrained(out).eval()
+    images = torch.stack([digits.test[i]["x"] for i in range(8)])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(pixel_values=images).logits, ours({"x": images}),
+                                   rtol=1e-4, atol=1e-5)
+    card = (out / "README.md").read_text()
+    assert best in card and "mask_ratio" in card and "val_accuracy" in card
+    assert cli.main(["export", str(study), str(tmp_path / "x"), "--trial", "nope"]) == 2
