@@ -82,15 +82,30 @@ def moto_server(marked_env):
 
 
 def test_study_on_s3_storage(moto_server):
-    env = moto_server
-    out = subprocess.run(
-        [sys.executable, "-m", "raysd.cli", "run", "--space", "demo", *TINY,
-         "--set", "logging.keep_checkpoints=true",  # deleted by default once the trial ends
-         "--storage", "s3://raysd/studies", "--name", "s3"],
-        env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    """Results, TensorBoard and checkpoints on s3://; TensorBoard events are uploaded while the
+    trial runs, not only when it ends."""
+    env = {**moto_server, "RAYSD_HISTORY_PART_SECONDS": "2"}
     s3 = pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key="testing",
                            secret_key="testing", region="us-east-1")
+    run = subprocess.Popen(
+        [sys.executable, "-m", "raysd.cli", "run", "--space", "demo", *TINY,
+         "--set", "logging.keep_checkpoints=true",  # deleted by default once the trial ends
+         "--set", "finetune.steps=40",  # a trial long enough to be seen running
+         "--storage", "s3://raysd/studies", "--name", "s3"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen_running = False
+    while run.poll() is None and not seen_running:
+        listed = [i.path for i in s3.get_file_info(pafs.FileSelector("raysd/studies/s3", recursive=True,
+                                                                     allow_not_found=True))]
+        trial_events = [p for p in listed if "/tensorboard/" in p and p.count("/") > 4 and "tfevents" in p]
+        done = any(p.endswith("results/trials.parquet") for p in listed)
+        if trial_events and not done:
+            with s3.open_input_stream(trial_events[0]) as f:
+                seen_running = len(f.read()) > 200  # more than the file header: scalars
+        time.sleep(1)
+    out, _ = run.communicate(timeout=600)
+    assert run.returncode == 0, out[-3000:]
+    assert seen_running, "no trial's TensorBoard events on S3 before the trial ended"
     rows = pq.read_table("raysd/studies/s3/results/trials.parquet", filesystem=s3).to_pylist()
     assert len(rows) == 1 and rows[0]["status"] == "completed"
     history = pq.read_table("raysd/studies/s3/results/history.parquet", filesystem=s3)
