@@ -175,6 +175,10 @@ def _prepare(args, single: bool, space=None):
     check_storage(storage)
     check_loggers(space.study.loggers or (), storage)
     check_inputs(space)
+    if space.params:  # a search: its Optuna study must be new
+        from raysd import optuna_study
+
+        optuna_study.check_new(f"{storage}/{name}", space.study.optuna_storage)
     return space, f"{storage}/{name}"
 
 

@@ -281,8 +281,6 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
         raise ConfigError(f"study {study_uri} already exists: use --resume {study_uri} or "
                           "another --name")
     searched = bool(space.params) and not variants
-    if searched and not resume:
-        optuna_study.check_new(study_uri, space.study.optuna_storage)
     concurrency = plan_concurrency(space, max_concurrent, total)
     check_shared_storage(study_uri)
     if not resume:

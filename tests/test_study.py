@@ -241,6 +241,16 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     identity = ["trial_id", "stage", "round", "step", "attempt"]
     assert not history.duplicated(identity).any()  # --resume never duplicates a row
     assert not list((study / "results" / "history_parts").glob("*"))  # parts folded in
+    # --resume continued the same Optuna study: every trial told once, none left running
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    loaded = optuna.load_study(study_name="resume", storage=optuna.storages.JournalStorage(
+        JournalFileBackend(str(study / "optuna.journal"))))
+    states = [t.state for t in loaded.trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 3, states
+    assert sorted(t.value for t in loaded.trials if t.value is not None) == pytest.approx(
+        sorted(after.val_accuracy))
 
 
 def test_ctrl_c_exits_130_with_the_resume_hint_and_no_best_line(tmp_path):
