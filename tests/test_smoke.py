@@ -1,14 +1,12 @@
 """`--smoke` runs every shipped space on this machine - its own model, weights (saved here)
 and search, on small generated data - through every stage, and marks the results as a smoke run."""
 import json
-import subprocess
-import sys
 
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from raysd import models
+from raysd import cli, models
 from raysd.models.weights import save_backbone
 from raysd.spaces import available, load_space
 
@@ -43,7 +41,7 @@ def _local_weights(model: str, folder):
 
 
 @pytest.mark.parametrize("name", sorted(available()))
-def test_smoke_runs_every_shipped_space(generated, marked_env, tmp_path, name):
+def test_smoke_runs_every_shipped_space(generated, ray_local, tmp_path, capsys, name):
     cfg = load_space(name).trial_config()
     flags = ["--space", name, "--smoke", "--storage", str(tmp_path), "--name", "smoke"]
     if name == "demo":  # its data ships with the install; no weights spares building the demo's
@@ -54,11 +52,12 @@ def test_smoke_runs_every_shipped_space(generated, marked_env, tmp_path, name):
         flags += ["--data", data, "--set", f"weights={_local_weights(cfg.model, tmp_path)}"]
     # The demo runs the whole 2-trial smoke study; the big spaces one trial each (`run`), to
     # keep the suite within CI's time on a 2-core machine.
+    # In this process, on the session's Ray: a Ray start per space would cost CI minutes.
     command = "tune" if name == "demo" else "run"
-    out = subprocess.run([sys.executable, "-m", "raysd.cli", command, *flags], env=marked_env,
-                         capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
-    assert "--smoke shrinks what costs time" in out.stdout and "finetune.steps:" in out.stdout
+    code = cli.main([command, *flags])
+    out = capsys.readouterr()
+    assert code == 0, out.out[-3000:] + out.err[-2000:]
+    assert "--smoke shrinks what costs time" in out.out and "finetune.steps:" in out.out
     trials = pq.read_table(tmp_path / "smoke" / "results" / "trials.parquet").to_pandas()
     history = pq.read_table(tmp_path / "smoke" / "results" / "history.parquet").to_pandas()
     assert len(trials) == (2 if command == "tune" else 1)
