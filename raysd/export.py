@@ -158,6 +158,9 @@ def export_model(model_uri: str, out_dir: str, card: dict) -> Path:
     """Write OUT: a transformers model folder (ViTForImageClassification with its image
     processor, or RobertaForSequenceClassification with its tokenizer), timm's under OUT/timm
     for ViT, and a README.md model card listing `card`. OUT must not exist or be empty."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one line from raysd export, not transformers' bars
     classifier, meta = load_classifier(model_uri)
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
