@@ -23,8 +23,9 @@ import time
 import uuid
 from contextlib import contextmanager
 
-import pyarrow.fs as pafs
 import torch
+
+from raysd.storage import Store
 
 # Bump when a change to the method changes what a stage computes from the same inputs.
 METHOD_VERSION = "1"
@@ -52,44 +53,25 @@ class ArtifactStore:
 
     def __init__(self, uri: str, owner: str, lease_seconds: float = LEASE_SECONDS):
         self.uri = uri.rstrip("/")
-        self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
-        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+        self.store = Store(self.uri)
         self.owner, self.lease_seconds = owner, lease_seconds
 
-    def _path(self, *parts: str) -> str:
-        return "/".join([self.root.rstrip("/"), *parts])
-
-    def _exists(self, path: str) -> bool:
-        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
-
     def has(self, key: str) -> bool:
-        return self._exists(self._path(key, META))
+        return self.store.exists(key, META)
 
     def load(self, key: str) -> tuple[dict[str, torch.Tensor], dict]:
         """(weights, meta) of a finished artifact."""
-        with self.fs.open_input_stream(self._path(key, META)) as f:
-            meta = json.loads(f.read().decode())
-        with self.fs.open_input_stream(self._path(key, WEIGHTS)) as f:
-            weights = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+        meta = json.loads(self.store.read_text(key, META))
+        weights = torch.load(io.BytesIO(self.store.read_bytes(key, WEIGHTS)), map_location="cpu",
+                             weights_only=True)
         return weights, meta
 
     def save(self, key: str, weights: dict[str, torch.Tensor], meta: dict) -> None:
         """Weights first, meta last: an artifact exists once its meta does."""
-        self.fs.create_dir(self._path(key), recursive=True)
         buffer = io.BytesIO()
         torch.save(weights, buffer)
-        self._write(self._path(key, WEIGHTS), buffer.getvalue())
-        self._write(self._path(key, META), json.dumps(meta, indent=1, default=str).encode())
-
-    def _write(self, path: str, data: bytes) -> None:
-        if self.local:  # beside, then rename: a reader never sees half a file
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-            return
-        with self.fs.open_output_stream(path) as f:  # object stores publish on close
-            f.write(data)
+        self.store.write_bytes(buffer.getvalue(), key, WEIGHTS)
+        self.store.write_text(json.dumps(meta, indent=1, default=str), key, META)
 
     # Leases: at most one builder per key at a time, across processes and nodes.
 
@@ -100,9 +82,9 @@ class ArtifactStore:
         holder = self.lease_holder(key)
         if holder is not None and holder != self.owner:
             return "wait"
-        self.fs.create_dir(self.root, recursive=True)
-        lease = self._path(f"{key}.lease")
-        if holder is None and self.local and not os.path.exists(lease):
+        self.store.fs.create_dir(self.store.root, recursive=True)
+        lease = self.store.path(f"{key}.lease")
+        if holder is None and self.store.local and not os.path.exists(lease):
             # Atomic: the lease appears whole, and of two trials asking at once one gets it.
             tmp = f"{lease}.tmp-{uuid.uuid4().hex[:8]}"
             with open(tmp, "w") as f:
@@ -117,7 +99,7 @@ class ArtifactStore:
             # Ours already, or expired (its builder died): rewrite it. Two trials taking over
             # one expired lease at once may both build; they write identical weights.
             self._renew(key)
-            if not self.local:  # no atomic create on object stores: write, settle, read back
+            if not self.store.local:  # no atomic create on object stores: write, settle, read back
                 time.sleep(1.0)
         if self.lease_holder(key) != self.owner:
             return "wait"
@@ -129,8 +111,7 @@ class ArtifactStore:
     def lease_holder(self, key: str) -> str | None:
         """The owner of an unexpired lease on `key`, or None."""
         try:
-            with self.fs.open_input_stream(self._path(f"{key}.lease")) as f:
-                lease = json.loads(f.read().decode() or "{}")
+            lease = json.loads(self.store.read_text(f"{key}.lease") or "{}")
         except (FileNotFoundError, OSError, ValueError):
             return None
         if not lease or lease.get("expires", 0) < time.time():
@@ -141,12 +122,11 @@ class ArtifactStore:
         return json.dumps({"owner": self.owner, "expires": time.time() + self.lease_seconds})
 
     def _renew(self, key: str) -> None:
-        self._write(self._path(f"{key}.lease"), self._lease_doc().encode())
+        self.store.write_text(self._lease_doc(), f"{key}.lease")
 
     def release(self, key: str) -> None:
-        lease = self._path(f"{key}.lease")
         if self.lease_holder(key) == self.owner:
-            self.fs.delete_file(lease)
+            self.store.delete(f"{key}.lease")
 
     @contextmanager
     def building(self, key: str):

@@ -5,6 +5,7 @@ Each write replaces a whole file atomically, so readers never see a truncated fi
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 import pyarrow as pa
@@ -41,8 +42,16 @@ class Store:
         self.write_bytes(text.encode(), *parts)
 
     def write_bytes(self, data: bytes, *parts: str) -> None:
+        """Replace a whole file: a reader sees the old or the new bytes, never half of them."""
+        target = self.path(*parts)
         self.fs.create_dir(self.path(*parts[:-1]), recursive=True)
-        with self.fs.open_output_stream(self.path(*parts)) as f:
+        if self.local:  # write beside, then rename: atomic on POSIX
+            tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, target)
+            return
+        with self.fs.open_output_stream(target) as f:  # object stores publish on close
             f.write(data)
 
     def read_rows(self, *parts: str) -> list[dict]:
@@ -54,19 +63,11 @@ class Store:
         # from_pylist takes its columns from the first row: give every row every key.
         keys = dict.fromkeys(k for row in rows for k in row)
         table = pa.Table.from_pylist([{k: row.get(k) for k in keys} for row in rows]) if rows else pa.table({})
-        target = self.path(*parts)
-        self.fs.create_dir(self.path(*parts[:-1]), recursive=True)
-        if self.local:  # write beside, then rename: atomic on POSIX
-            tmp = f"{target}.tmp-{os.getpid()}"
-            pq.write_table(table, tmp)
-            os.replace(tmp, target)
-            return
-        # Object stores publish an object when its stream closes: encode the whole file first,
-        # so a failure while encoding never leaves a truncated object behind.
+        # Encode the whole file first, so a failure while encoding never leaves a truncated
+        # file (or object) behind.
         buffer = pa.BufferOutputStream()
         pq.write_table(table, buffer)
-        with self.fs.open_output_stream(target) as f:
-            f.write(buffer.getvalue())
+        self.write_bytes(buffer.getvalue().to_pybytes(), *parts)
 
     def list(self, *parts: str) -> list[str]:
         """Base names of the files in a folder (none when it does not exist)."""
