@@ -90,7 +90,7 @@ def test_study_on_s3_storage(moto_server):
     run = subprocess.Popen(
         [sys.executable, "-m", "raysd.cli", "run", "--space", "demo", *TINY,
          "--set", "logging.keep_checkpoints=true",  # deleted by default once the trial ends
-         "--set", "finetune.steps=40",  # a trial long enough to be seen running
+         "--set", "finetune.steps=16",  # a trial long enough to be seen running
          "--storage", "s3://raysd/studies", "--name", "s3"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen_running = False
