@@ -322,6 +322,7 @@ def test_the_best_trials_model_is_kept_and_exports_to_transformers(demo_study, t
     with torch.no_grad():
         torch.testing.assert_close(hf(pixel_values=images).logits, ours({"x": images}),
                                    rtol=1e-4, atol=1e-5)
+    assert hf.config.id2label == {i: str(i) for i in range(10)}  # the digits' own names
     card = (out / "README.md").read_text()
     assert best in card and "mask_ratio" in card and "val_accuracy" in card
     assert cli.main(["export", str(study), str(tmp_path / "x"), "--trial", "nope"]) == 2

@@ -28,6 +28,7 @@ class Task:
     val: Dataset
     test: Dataset
     metrics: tuple[str, ...]  # reported on val and test; the first is the headline
+    labels: tuple[str, ...] | None = None  # class names by index, where the source names them
 
 
 def load_task(source: str, *, image_size: int | None = None, tokenizer: Any = None,
