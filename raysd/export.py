@@ -31,6 +31,7 @@ from raysd.data.images import MEAN, STD
 from raysd.errors import ConfigError
 from raysd.models import Classifier
 from raysd.models.roberta import MaskedLMRoberta
+from raysd.models.weights import VIT_LAYER_KEYS
 from raysd.models.vit import MaeViT, ViTSpec
 from raysd.storage import Store
 
@@ -190,17 +191,6 @@ def export_model(model_uri: str, out_dir: str, card: dict) -> Path:
 
 # ---- ViT: raysd (timm encoder) -> transformers ViTForImageClassification ---------------------
 
-# A timm Block's part -> its name in a transformers ViT layer (transformers 5, then 4.x).
-VIT_LAYER = {
-    "q": ("attention.q_proj", "attention.attention.query"),
-    "k": ("attention.k_proj", "attention.attention.key"),
-    "v": ("attention.v_proj", "attention.attention.value"),
-    "attn.proj": ("attention.o_proj", "attention.output.dense"),
-    "norm1": ("layernorm_before", "layernorm_before"),
-    "norm2": ("layernorm_after", "layernorm_after"),
-    "mlp.fc1": ("mlp.fc1", "intermediate.dense"),
-    "mlp.fc2": ("mlp.fc2", "output.dense"),
-}
 
 
 def _label_config(meta: dict) -> dict:
@@ -235,7 +225,7 @@ def vit_to_hf(classifier: Classifier, meta: dict) -> nn.Module:
     new = "vit.layers.0.attention.q_proj.weight" in hf.state_dict()
     prefix = "vit.layers" if new else "vit.encoder.layer"
     for i in range(spec.depth):
-        names = {part: f"{prefix}.{i}.{pair[0 if new else 1]}" for part, pair in VIT_LAYER.items()}
+        names = {part: f"{prefix}.{i}.{pair[0 if new else 1]}" for part, pair in VIT_LAYER_KEYS.items()}
         for kind in ("weight", "bias"):
             q, k, v = ours[f"blocks.{i}.attn.qkv.{kind}"].chunk(3)  # timm fuses [q; k; v]
             state.update({f"{names['q']}.{kind}": q, f"{names['k']}.{kind}": k,

@@ -119,16 +119,16 @@ def test_vit_export_loads_in_transformers_and_timm_with_raysd_logits(vit_saved, 
 # Bugs the comparison above must catch, each injected into export.py.
 def _qk_swapped(monkeypatch):
     """The q and k chunks of timm's fused qkv go to transformers' key and query."""
-    q, k = export.VIT_LAYER["q"], export.VIT_LAYER["k"]
-    monkeypatch.setitem(export.VIT_LAYER, "q", k)
-    monkeypatch.setitem(export.VIT_LAYER, "k", q)
+    q, k = export.VIT_LAYER_KEYS["q"], export.VIT_LAYER_KEYS["k"]
+    monkeypatch.setitem(export.VIT_LAYER_KEYS, "q", k)
+    monkeypatch.setitem(export.VIT_LAYER_KEYS, "k", q)
 
 
 def _norms_swapped(monkeypatch):
     """norm1 goes to layernorm_after and norm2 to layernorm_before."""
-    norm1, norm2 = export.VIT_LAYER["norm1"], export.VIT_LAYER["norm2"]
-    monkeypatch.setitem(export.VIT_LAYER, "norm1", norm2)
-    monkeypatch.setitem(export.VIT_LAYER, "norm2", norm1)
+    norm1, norm2 = export.VIT_LAYER_KEYS["norm1"], export.VIT_LAYER_KEYS["norm2"]
+    monkeypatch.setitem(export.VIT_LAYER_KEYS, "norm1", norm2)
+    monkeypatch.setitem(export.VIT_LAYER_KEYS, "norm2", norm1)
 
 
 def _timm_mean_pooling(monkeypatch):

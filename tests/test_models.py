@@ -86,9 +86,9 @@ def test_hf_vitmae_checkpoint_loads_with_identical_outputs(hf_vit):
 # LayerNorm weights) all four would pass unseen: _vit_mismatches finds nothing.
 def _norms_swapped(monkeypatch):
     """The loader maps layernorm_before to norm2 and layernorm_after to norm1, in every block."""
-    before, after = loader._LAYER_KEYS["norm1"], loader._LAYER_KEYS["norm2"]
-    monkeypatch.setitem(loader._LAYER_KEYS, "norm1", after)
-    monkeypatch.setitem(loader._LAYER_KEYS, "norm2", before)
+    before, after = loader.VIT_LAYER_KEYS["norm1"], loader.VIT_LAYER_KEYS["norm2"]
+    monkeypatch.setitem(loader.VIT_LAYER_KEYS, "norm1", after)
+    monkeypatch.setitem(loader.VIT_LAYER_KEYS, "norm2", before)
 
 
 def _converted(monkeypatch, edit):

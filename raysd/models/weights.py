@@ -220,8 +220,9 @@ def _load_state(module: nn.Module, state: dict, source: str) -> None:
     module.load_state_dict(state)
 
 
-# transformers 5 names first, 4.x names second; both fuse into timm's Block layout.
-_LAYER_KEYS = {
+# A timm Block's part -> its name in a transformers ViT layer: transformers 5 first, 4.x
+# second. Loading (hf -> raysd) and raysd.export (raysd -> hf) read the same table.
+VIT_LAYER_KEYS = {
     "q": ("attention.q_proj", "attention.attention.query"),
     "k": ("attention.k_proj", "attention.attention.key"),
     "v": ("attention.v_proj", "attention.attention.value"),
@@ -238,7 +239,7 @@ def _hf_layer(prefix: str, hf: dict, out: str, dst: dict) -> None:
     new = f"{prefix}.attention.q_proj.weight" in hf
 
     def get(part: str, kind: str) -> torch.Tensor:
-        return hf[f"{prefix}.{_LAYER_KEYS[part][0 if new else 1]}.{kind}"]
+        return hf[f"{prefix}.{VIT_LAYER_KEYS[part][0 if new else 1]}.{kind}"]
 
     for kind in ("weight", "bias"):
         dst[f"{out}.attn.qkv.{kind}"] = torch.cat([get(p, kind) for p in "qkv"], dim=0)
