@@ -45,6 +45,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_moto(env: dict) -> tuple[subprocess.Popen, str]:
+    """A local moto S3 server on loopback, answering, with a bucket `raysd`: (process, endpoint)."""
+    import time
+
+    import boto3
+
+    port = free_port()
+    server = subprocess.Popen([BIN / "moto_server", "-H", "127.0.0.1", "-p", str(port)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.3)
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket="raysd")
+    return server, endpoint
+
+
 def run_ok(args, env, timeout=300, cwd=None) -> subprocess.CompletedProcess:
     out = subprocess.run([str(a) for a in args], env=env, capture_output=True, text=True,
                          timeout=timeout, cwd=cwd)

@@ -2,7 +2,6 @@
 against a local moto server. Every process started here is ended here, by its marker."""
 import json
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import BIN, TINY, free_port, run_ok
+from helpers import BIN, TINY, free_port, run_ok, start_moto
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,23 +58,9 @@ def test_ray_job_submit_to_a_two_node_cluster_with_token_auth(marked_env, tmp_pa
 
 @pytest.fixture
 def moto_server(marked_env):
-    port = free_port()
-    server = subprocess.Popen([BIN / "moto_server", "-H", "127.0.0.1", "-p", str(port)],
-                              env=marked_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
+    server, endpoint = start_moto(marked_env)
     aws = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.3)
-    import boto3
-
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                 aws_secret_access_key="testing").create_bucket(Bucket="raysd")
     yield {**marked_env, **aws}
     server.kill()
     server.wait()

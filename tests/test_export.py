@@ -5,9 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import socket
-import subprocess
-import time
 import types
 from pathlib import Path
 
@@ -21,7 +18,7 @@ from transformers import (AutoImageProcessor, AutoTokenizer, RobertaConfig,
                           RobertaForSequenceClassification, ViTForImageClassification, ViTImageProcessor)
 
 from conftest import tiny_config
-from helpers import BIN, free_port
+from helpers import start_moto
 from raysd import export, models
 from raysd.data.images import MEAN, STD
 from raysd.errors import ConfigError
@@ -310,23 +307,10 @@ def test_a_trial_saves_its_model_before_its_last_report_and_again_after_a_restar
 @pytest.fixture
 def s3(marked_env, monkeypatch):
     """A local moto S3 server with bucket `raysd`; pyarrow finds it through the environment."""
-    port = free_port()
-    server = subprocess.Popen([BIN / "moto_server", "-H", "127.0.0.1", "-p", str(port)],
-                              env=marked_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
+    server, endpoint = start_moto(marked_env)
     for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(key, value)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.3)
-    import boto3
-
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="raysd")
     yield "s3://raysd"
     server.kill()
     server.wait()
