@@ -277,16 +277,14 @@ class StudyRecorder(Callback):
         return state
 
 
-# The metrics each model family's task reports (raysd.data: images accuracy, text F1s).
-TASK_METRICS = {"vit": ("accuracy",), "roberta": ("macro_f1", "micro_f1")}
-
-
 def final_metric_names(space: Space) -> list[str]:
     """What a finished trial reports: the task's metrics and loss on val and test, then the
     paper's Figure 5 quantities."""
     from raysd import models
+    from raysd.data import images, text
 
-    names = TASK_METRICS.get(models.family(space.doc["model"]), ())
+    task_metrics = {"vit": images.METRICS, "roberta": text.METRICS}  # the data modules' own
+    names = task_metrics.get(models.family(space.doc["model"]), ())
     names = dict.fromkeys([space.study.metric.split("_", 1)[1], *names, "loss"])
     return [f"{split}_{n}" for split in ("val", "test") for n in names] + ["gen_gap", "init_distance"]
 

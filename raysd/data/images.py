@@ -21,6 +21,7 @@ from raysd.errors import ConfigError
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 SPLIT_SEED = 0
+METRICS = ("accuracy",)  # what an image task reports on val and test
 CACHE_VERSION = 1  # bump when the cache's layout or decoding changes
 DECODE_CHUNK = 1024
 
@@ -76,7 +77,7 @@ def digits_task(image_size: int, augment: str = "none") -> Task:
     train, val, test = (Subset(full, idx.tolist()) for idx in (train_idx, val_idx, test_idx))
     tuned = TensorImages(full.images, labels, image_size, train_augment(augment, image_size))
     return Task("builtin:digits", "image", 10, Subset(tuned, train_idx.tolist()), train, val, test,
-                ("accuracy",), tuple(str(d) for d in range(10)))
+                METRICS, tuple(str(d) for d in range(10)))
 
 
 def natural_crops(n: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -116,7 +117,7 @@ def imagefolder_task(root: Path, image_size: int, source: str, augment: str = "f
         val = Subset(train_plain, val_idx.tolist())
         train_plain = Subset(train_plain, train_idx.tolist())
         train_aug = Subset(train_aug, train_idx.tolist())
-    return Task(source, "image", len(classes), train_aug, train_plain, val, test, ("accuracy",),
+    return Task(source, "image", len(classes), train_aug, train_plain, val, test, METRICS,
                 tuple(classes))
 
 
