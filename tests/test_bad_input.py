@@ -92,8 +92,13 @@ CASES = {
     "weights of a wrong format": (["--set", f"weights={D}/empty_dir"], "no raysd.json or config.json"),
     "hf checkpoint of another family": (["--set", f"weights={D}/hf_bert"], "a 'bert' checkpoint"),
     "unknown timm model": (["--set", "weights=timm:vit_nonexistent_patch3"], "timm has no model"),
-    "demo weights for text": (["--set", "model=roberta_tiny", "--data", "builtin:text"],
-                              "builtin:demo' exist for ViT models only"),
+    "demo weights for roberta_base": (["--set", "model=roberta_base", "--data", "builtin:text"],
+                                      "builtin:demo' exist for ViT models and roberta_tiny only"),
+    # issue 12: found only inside the worker, after Ray had started
+    "max_length beyond the model's positions": (
+        ["--set", "model=roberta_tiny", "--set", "weights=none", "--data", "builtin:text",
+         "--set", "max_length=256"],
+        "max_length: must be at most 128, the positions of roberta_tiny (got 256)"),
     "hub id malformed": (["--set", "weights=hf:not a hub id"], "expected hf:OWNER/NAME"),
     "hub revision empty": (["--set", "weights=hf:facebook/vit-mae-base@"], "malformed revision"),
     "jsonl not utf8": (["--data", f"jsonl:{D}/not_utf8", "--set", "model=roberta_tiny",

@@ -57,10 +57,11 @@ def _need_tokenizer(tokenizer: Any, source: str) -> None:
                           "(hf:ID or a saved directory) or use roberta_tiny")
 
 
-def _task(source: str, splits: dict[str, tuple[list[str], list[int]]], num_classes: int,
+def _task(source: str, splits: dict[str, tuple[list[str], list[int]]], labels: list,
           tokenizer: Any, max_length: int) -> Task:
     train, val, test = (encode(*splits[s], tokenizer, max_length) for s in ("train", "val", "test"))
-    return Task(source, "text", num_classes, train, train, val, test, METRICS)
+    return Task(source, "text", len(labels), train, train, val, test, METRICS,
+                tuple(str(label) for label in labels))
 
 
 # ---- builtin:text ---------------------------------------------------------------------------
@@ -117,7 +118,6 @@ def builtin_splits() -> dict[str, tuple[list[str], list[int]]]:
 @functools.lru_cache(maxsize=1)
 def builtin_tokenizer():
     """Byte-level BPE trained on builtin:text's training split; built once, cached on disk."""
-    import tokenizers
     from filelock import FileLock
     from transformers import PreTrainedTokenizerFast
 
@@ -126,30 +126,50 @@ def builtin_tokenizer():
     train_texts = builtin_splits()["train"][0]
     # Keyed by everything that determines the result, so a new Python (new docstrings) or a
     # new tokenizers release trains a fresh tokenizer instead of reusing a stale one.
-    fingerprint = json.dumps([TOKENIZER_VERSION, VOCAB_SIZE, SPECIAL_TOKENS, tokenizers.__version__,
-                              train_texts])
+    fingerprint = json.dumps([*tokenizer_recipe(), train_texts])
     key = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
     target = cache_root() / "tokenizers" / f"builtin-text-{key}"
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):  # concurrent trials wait for one trainer
         if not (target / "tokenizer.json").exists():
             tmp = target.with_name(target.name + ".tmp")
-            _train_tokenizer(train_texts).save_pretrained(str(tmp))
+            train_tokenizer(train_texts).save_pretrained(str(tmp))
             tmp.rename(target)  # atomic: a half-written cache is never read
     return PreTrainedTokenizerFast.from_pretrained(str(target))
 
 
-def _train_tokenizer(texts: list[str]):
+def tokenizer_recipe() -> list:
+    """What train_tokenizer's result depends on besides its texts (part of every cache key)."""
+    import tokenizers
+
+    return [TOKENIZER_VERSION, VOCAB_SIZE, SPECIAL_TOKENS, tokenizers.__version__]
+
+
+def train_tokenizer(texts: list[str]):
+    """A byte-level BPE of VOCAB_SIZE tokens trained on `texts`, with RoBERTa's special tokens
+    at ids 0..4 and its <s> text </s> framing."""
     from tokenizers import ByteLevelBPETokenizer
     from tokenizers.processors import RobertaProcessing
-    from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=VOCAB_SIZE, min_frequency=2,
                             special_tokens=list(SPECIAL_TOKENS), show_progress=False)
     bpe.post_processor = RobertaProcessing(("</s>", 2), ("<s>", 0))  # <s> text </s>
+    return _wrap(bpe._tokenizer)
+
+
+def tokenizer_from_json(text: str):
+    """A tokenizer of train_tokenizer's, back from its `backend_tokenizer.to_str()`."""
+    from tokenizers import Tokenizer
+
+    return _wrap(Tokenizer.from_str(text))
+
+
+def _wrap(backend):
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(
-        tokenizer_object=bpe._tokenizer, bos_token="<s>", cls_token="<s>", pad_token="<pad>",
+        tokenizer_object=backend, bos_token="<s>", cls_token="<s>", pad_token="<pad>",
         eos_token="</s>", sep_token="</s>", unk_token="<unk>", mask_token="<mask>",
         model_max_length=128,
     )
@@ -158,7 +178,7 @@ def _train_tokenizer(texts: list[str]):
 def builtin_text_task(tokenizer: Any, max_length: int) -> Task:
     """Which of six stdlib packages a docstring comes from: ~1,200 examples, 60/20/20."""
     _need_tokenizer(tokenizer, "builtin:text")
-    return _task("builtin:text", builtin_splits(), len(BUILTIN_PACKAGES), tokenizer, max_length)
+    return _task("builtin:text", builtin_splits(), list(BUILTIN_PACKAGES), tokenizer, max_length)
 
 
 # ---- jsonl:DIR ------------------------------------------------------------------------------
@@ -194,8 +214,8 @@ def _read_jsonl(path: Path, source: str) -> list[tuple[str, Any, int]]:
     return rows
 
 
-def _jsonl_splits(path: Path, source: str) -> tuple[dict[str, tuple[list[str], list[int]]], int]:
-    """Every split's texts and class indices (train's sorted labels), and the class count."""
+def _jsonl_splits(path: Path, source: str) -> tuple[dict[str, tuple[list[str], list[int]]], list]:
+    """Every split's texts and class indices, and the classes (train's labels, sorted)."""
     files = {"train": path / "train.jsonl", "val": path / "dev.jsonl", "test": path / "test.jsonl"}
     rows = {split: _read_jsonl(file, source) for split, file in files.items()}
     # Sorted labels -> 0..C-1; ints sort before strings so mixed files still sort.
@@ -208,20 +228,20 @@ def _jsonl_splits(path: Path, source: str) -> tuple[dict[str, tuple[list[str], l
                 raise ConfigError(f"data {source!r}: {files[split]} line {number}: label {label!r} "
                                   "does not occur in train.jsonl")
         splits[split] = ([t for t, _, _ in split_rows], [index[y] for _, y, _ in split_rows])
-    return splits, len(classes)
+    return splits, classes
 
 
 def scan_jsonl(path: Path, source: str) -> tuple[int, int]:
     """(training examples, classes), after checking every line of every file."""
-    splits, num_classes = _jsonl_splits(Path(path), source)
-    return len(splits["train"][0]), num_classes
+    splits, classes = _jsonl_splits(Path(path), source)
+    return len(splits["train"][0]), len(classes)
 
 
 def jsonl_task(path: Path, tokenizer: Any, max_length: int, source: str) -> Task:
     """DIR/train.jsonl, dev.jsonl, test.jsonl; one {"text", "label"} object per line."""
     _need_tokenizer(tokenizer, source)
-    splits, num_classes = _jsonl_splits(Path(path), source)
-    return _task(source, splits, num_classes, tokenizer, max_length)
+    splits, classes = _jsonl_splits(Path(path), source)
+    return _task(source, splits, classes, tokenizer, max_length)
 
 
 # ---- hfdisk:DIR -----------------------------------------------------------------------------
@@ -255,6 +275,7 @@ def hfdisk_task(path: Path, tokenizer: Any, max_length: int, source: str) -> Tas
         parts[split] = (found[0], list(part["text"]), list(part["label"]))
     # A ClassLabel column is already 0..C-1 with known C; anything else is mapped like jsonl.
     feature = saved[parts["train"][0]].features["label"]
+    names = getattr(feature, "names", None)  # a ClassLabel's names, by index
     if hasattr(feature, "num_classes"):
         classes = list(range(feature.num_classes))
     else:
@@ -266,4 +287,4 @@ def hfdisk_task(path: Path, tokenizer: Any, max_length: int, source: str) -> Tas
         if unknown:
             raise ConfigError(f"data {source!r}: split {name} has label {unknown[0]!r}, unseen in train")
         splits[split] = (texts, [index[y] for y in labels])
-    return _task(source, splits, len(classes), tokenizer, max_length)
+    return _task(source, splits, names or classes, tokenizer, max_length)

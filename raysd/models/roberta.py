@@ -28,6 +28,13 @@ ARCHITECTURE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention
                 "layer_norm_eps", "hidden_act", "pad_token_id")
 
 
+def architecture_differences(saved: RobertaConfig, model: RobertaConfig) -> list[str]:
+    """["vocab_size 50265 (model has 2000)", ...]: what keeps a checkpoint of config `saved`
+    from loading into a model of config `model`."""
+    return [f"{k} {getattr(saved, k, None)} (model has {getattr(model, k)})"
+            for k in ARCHITECTURE if getattr(saved, k, None) != getattr(model, k)]
+
+
 class MaskedLMRoberta(Backbone):
     """Encoder f_theta + LM head g_phi. forward() serves both DDP-wrapped training passes."""
 
@@ -111,8 +118,7 @@ class MaskedLMRoberta(Backbone):
                                                           output_loading_info=True)
         except (OSError, ValueError) as err:
             raise ConfigError(f"weights {name_or_path!r}: {str(err).splitlines()[0]}") from None
-        differ = [f"{k} {getattr(hf.config, k)} (model has {getattr(self.config, k)})"
-                  for k in ARCHITECTURE if getattr(hf.config, k, None) != getattr(self.config, k)]
+        differ = architecture_differences(hf.config, self.config)
         if differ:
             raise ConfigError(f"weights {name_or_path!r}: do not fit this model ({', '.join(differ)})")
         missing = sorted(info["missing_keys"])
@@ -140,12 +146,13 @@ class MaskedLMRoberta(Backbone):
         self.tokenizer = tokenizer
 
 
-def tiny() -> MaskedLMRoberta:
-    """Tests and the demo: 2 layers of 64, on the builtin:text tokenizer (trained on first use)."""
-    from raysd.data.text import builtin_tokenizer
+def tiny(tokenizer=None) -> MaskedLMRoberta:
+    """Tests and the demos: 2 layers of 64, on `tokenizer` (default: the builtin:text tokenizer,
+    trained on first use). The shape never depends on the tokenizer: any of raysd's BPEs fits."""
+    from raysd.data.text import VOCAB_SIZE, builtin_tokenizer
 
-    tokenizer = builtin_tokenizer()
-    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2,
+    tokenizer = builtin_tokenizer() if tokenizer is None else tokenizer
+    config = RobertaConfig(vocab_size=VOCAB_SIZE, hidden_size=64, num_hidden_layers=2,
                            num_attention_heads=2, intermediate_size=128,
                            max_position_embeddings=128 + 2, type_vocab_size=1, layer_norm_eps=1e-5,
                            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
