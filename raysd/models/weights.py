@@ -1,6 +1,7 @@
 """Where theta_init, phi_init come from: a hub name, a local directory, the demo's cache, or none.
 
-Sources: `none` (random), `builtin:demo` (tiny ViT MAE-pre-trained by raysd on first use),
+Sources: `none` (random), `builtin:demo` (a ViT MAE-pre-trained, or roberta_tiny masked-LM-
+pre-trained, by raysd.bootstrap on first use),
 `hf:ID[@REVISION]` (Hugging Face ViTMAE / RoBERTa checkpoint, encoder and decoder; a revision
 - branch, tag or commit - pins what a study downloads), `timm:NAME`
 (timm encoder weights, fresh decoder), or a local directory saved by raysd or by transformers.
