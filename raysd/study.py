@@ -221,6 +221,9 @@ def ensure_ray(address: str | None, verbose: bool) -> None:
         return
     # Local Ray, every server on loopback (Ray would otherwise bind the network address).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if not verbose:  # Ray's note that the private Ray has token auth on; a warning it is off stays
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+            lambda record: "authentication is enabled" not in record.getMessage())
     start_local_ray(num_cpus=os.cpu_count() or 1, **kwargs)
 
 
