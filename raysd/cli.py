@@ -95,13 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="methods (or a study's top trials) over seeds: "
                                              "mean ± std and paired differences")
     _study_args(compare)
-    compare.add_argument("--methods", default="finetune,further_pretrain,self_distill",
-                         help="comma-separated methods (default: all three)")
+    compare.add_argument("--methods", help="comma-separated methods (default: all three)")
     compare.add_argument("--rounds", help="comma-separated T' for self_distill (default: the space's)")
-    compare.add_argument("--seeds", type=int, default=3, help="seeds per method or trial (default 3)")
+    compare.add_argument("--seeds", type=int, help=f"seeds per method or trial (default {SEEDS})")
     compare.add_argument("--from", dest="from_study", metavar="STUDY",
                          help="compare this study's top trials instead of methods")
-    compare.add_argument("--top", type=int, default=3, help="with --from: how many trials")
+    compare.add_argument("--top", type=int, help=f"with --from: how many trials (default {TOP})")
+    compare.add_argument("--resume", metavar="STUDY_DIR", help="finish a comparison that was interrupted")
     sub.add_parser("spaces", help="list the built-in search spaces")
     report = sub.add_parser("report", help="tables and plots of a finished study")
     report.add_argument("study", help="<storage>/<study> folder or URI")
@@ -124,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"raysd: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("raysd: interrupted; resume with raysd tune --resume <storage>/<study>", file=sys.stderr)
+        command = "compare" if args.command == "compare" else "tune"
+        print(f"raysd: interrupted; resume with raysd {command} --resume <storage>/<study>",
+              file=sys.stderr)
         return 130
 
 
@@ -139,6 +141,10 @@ def cmd_spaces(args) -> int:
 # Flags that --resume cannot take: the study keeps the space, data and size it started with.
 RESUME_CONFLICTS = ("space", "data", "set", "name", "workers", "gpu", "num_samples", "max_concurrent",
                     "optuna_storage", "keep_models", "logger")
+
+# Flags of compare that choose its trials: a resumed comparison keeps those it started with.
+COMPARE_ONLY = ("methods", "rounds", "seeds", "from_study", "top")
+SEEDS, TOP = 3, 3
 
 
 def _prepare(args, single: bool, space=None):
@@ -158,6 +164,7 @@ def _prepare(args, single: bool, space=None):
             raise ConfigError(f"--resume continues the study as it was started; drop {', '.join(given)}")
         study_uri = _absolute_uri(args.resume)
         space = load_study_space(study_uri)
+        _check_resumed_by(args.command, study_uri)
         return space, study_uri
     if space is None and not args.space:
         raise ConfigError("--space is required (see raysd spaces)")
@@ -180,6 +187,19 @@ def _prepare(args, single: bool, space=None):
 
         optuna_study.check_new(f"{storage}/{name}", space.study.optuna_storage)
     return space, f"{storage}/{name}"
+
+
+def _check_resumed_by(command: str, study_uri: str) -> None:
+    """A comparison is resumed by compare (which writes its table), a study by tune."""
+    from raysd.study import compare_variants
+
+    is_compare = compare_variants(study_uri) is not None
+    if is_compare and command != "compare":
+        raise ConfigError(f"--resume {study_uri}: a raysd compare study; finish it with "
+                          f"raysd compare --resume {study_uri}")
+    if command == "compare" and not is_compare:
+        raise ConfigError(f"--resume {study_uri}: not a raysd compare study; finish it with "
+                          f"raysd tune --resume {study_uri}")
 
 
 def _smoke(args, space):
@@ -271,13 +291,42 @@ def cmd_run(args) -> int:
 
 def cmd_compare(args) -> int:
     """Every variant x seed as one side-by-side Ray Tune run, then the table of their results."""
-    import pandas as pd
+    args.num_samples = None
+    if args.resume:
+        given = [f"--{flag.replace('_', '-')}".replace("from-study", "from") for flag in COMPARE_ONLY
+                 if getattr(args, flag) is not None]
+        if given:
+            raise ConfigError(f"--resume continues the comparison as it was started; drop {', '.join(given)}")
+        space, study_uri = _prepare(args, single=False)
+        from raysd.study import compare_variants
 
-    from raysd.compare import method_variants, plot, summary_table, trial_variants
+        variants, labels = None, compare_variants(study_uri)
+    else:
+        space, study_uri, variants = _compare_trials(args)
+        labels = list(dict.fromkeys(v["variant"] for v in variants))
+    from raysd.study import ensure_ray, run_study
+
+    os.chdir(tempfile.gettempdir())
+    ensure_ray(args.address, args.verbose)
+    what = "the comparison" if args.resume else f"{len(variants)} trials"
+    print(f"raysd: {'resuming' if args.resume else 'comparing'} {what} in {study_uri}")
+    outcome = run_study(space, study_uri, resume=bool(args.resume), max_concurrent=args.max_concurrent,
+                        verbose=args.verbose, variants=variants)
+    if not outcome.finished:  # Ctrl-C: Tune saved its state; no table of a comparison half run
+        print(f"raysd: interrupted; finish it with raysd compare --resume {study_uri}", file=sys.stderr)
+        return 130
+    return _compare_table(space, study_uri, labels)
+
+
+def _compare_trials(args):
+    """(space, study URI, variants) of a new comparison, validated before Ray starts."""
+    from raysd.compare import method_variants, trial_variants
     from raysd.storage import TRIALS, Store
 
-    base = None
+    seeds = SEEDS if args.seeds is None else args.seeds
     if args.from_study:
+        import pandas as pd
+
         from raysd.spaces import load_space_text
         from raysd.study import load_study_space
 
@@ -286,47 +335,47 @@ def cmd_compare(args) -> int:
         trials = pd.DataFrame(Store(source).read_rows("results", TRIALS))
         if trials.empty:
             raise ConfigError(f"--from {source}: no trials recorded")
-        variants = trial_variants(trials, studied.study.metric, studied.study.mode, args.top, args.seeds)
+        variants = trial_variants(trials, studied.study.metric, studied.study.mode,
+                                  TOP if args.top is None else args.top, seeds)
         base = load_space_text(Store(source).read_text("space.yaml"), f"{source}/space.yaml",
                                studied.name, _overrides(args))
+    elif not args.space:
+        raise ConfigError("--space (or --from STUDY, or --resume STUDY_DIR) is required")
     else:
-        variants = []  # filled once the space is known (the default T')
-    if base is None and not args.space:
-        raise ConfigError("--space (or --from STUDY) is required")
-    if base is None:
         from raysd.spaces import load_space
 
         base = load_space(args.space, _overrides(args))
         rounds = [int(r) for r in args.rounds.split(",")] if args.rounds else []
-        variants = method_variants([m.strip() for m in args.methods.split(",")], rounds, args.seeds)
+        methods = (args.methods or "finetune,further_pretrain,self_distill").split(",")
+        variants = method_variants([m.strip() for m in methods], rounds, seeds)
     space = dataclasses.replace(base, params=(), study=dataclasses.replace(base.study, scheduler=None))
     args.name = args.name or f"{space.name}-compare-{time.strftime('%Y%m%d-%H%M%S')}"
-    args.num_samples = None
     space, study_uri = _prepare(args, single=False, space=space)
     for variant in variants:  # every variant's values must make a valid trial
         space.trial_config(variant["values"])
-    from raysd.study import ensure_ray, run_study
+    return space, study_uri, variants
 
-    os.chdir(tempfile.gettempdir())
-    ensure_ray(args.address, args.verbose)
-    print(f"raysd: comparing {len(variants)} trials in {study_uri}")
-    outcome = run_study(space, study_uri, max_concurrent=args.max_concurrent, verbose=args.verbose,
-                        variants=variants)
-    rows = pd.DataFrame(Store(study_uri).read_rows("results", TRIALS))
+
+def _compare_table(space, study_uri: str, labels: list[str]) -> int:
+    """compare.txt and compare.png from the comparison's trials; printed too."""
+    import pandas as pd
+
+    from raysd.compare import baseline_of, plot, summary_table
+    from raysd.report import figure_png
+    from raysd.storage import TRIALS, Store
+
+    store = Store(study_uri)
+    rows = pd.DataFrame(store.read_rows("results", TRIALS))
     if rows.empty or "variant" not in rows.columns:
         return 1
-    labels = list(dict.fromkeys(v["variant"] for v in variants))
-    baseline = "finetune" if "finetune" in labels else labels[0]
+    baseline = baseline_of(labels)
     table = summary_table(rows, space.study.metric, baseline)
     text = (f"{space.study.metric} over seeds (mean ± std); paired differences against {baseline} "
             "(same seed) with a 95 % t-interval\n" + table.to_string(index=False) + "\n")
-    from raysd.report import figure_png
-
-    store = Store(study_uri)
     store.write_text(text, "results", "compare.txt")
     store.write_bytes(figure_png(plot(rows, space.study.metric)), "results", "compare.png")
     print(text + f"raysd: table and plot in {study_uri}/results (compare.txt, compare.png)")
-    return 0 if outcome.counts.get("completed") else 1
+    return 0 if (rows["status"] == "completed").any() else 1
 
 
 def cmd_report(args) -> int:

@@ -58,6 +58,12 @@ def trial_variants(trials: pd.DataFrame, metric: str, mode: str, top: int, seeds
     return variants
 
 
+def baseline_of(labels: list[str]) -> str:
+    """The variant the others are paired against: finetune, else the first (with --from, the
+    study's best trial)."""
+    return "finetune" if "finetune" in labels else labels[0]
+
+
 def _missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 

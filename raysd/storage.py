@@ -13,9 +13,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 TRIALS, HISTORY, PARTS = "trials.parquet", "history.parquet", "history_parts"
-MODELS = "models"
+MODELS = "models"  # <study>/models/<trial id>/: a trial's fine-tuned model
 SPACE_FILE = "space.yaml"  # the space a study runs, overrides applied
-STUDY_FILE = "study.yaml"  # what `raysd ls` shows: the space name, when and how it was started  # <study>/models/<trial id>/: a trial's fine-tuned model
+# What `raysd ls` shows (the space name, when and by which raysd it was started) and, for
+# `raysd compare`, its variants in order, so `compare --resume` can write the same table.
+STUDY_FILE = "study.yaml"
 
 
 class Store:

@@ -290,8 +290,11 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
         study = {**dataclasses.asdict(space.study), "num_samples": total}
         store.write_text(yaml.safe_dump({**space.doc, "search": _search_doc(space), "study": study},
                                         sort_keys=False), SPACE_FILE)
-        store.write_text(yaml.safe_dump({"space": space.name, "raysd": raysd.__version__,
-                                         "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}), STUDY_FILE)
+        about = {"space": space.name, "raysd": raysd.__version__,
+                 "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+        if variants:  # raysd compare: its variants in order, for compare --resume's table
+            about["compare"] = list(dict.fromkeys(v["variant"] for v in variants))
+        store.write_text(yaml.safe_dump(about, sort_keys=False), STUDY_FILE)
     if space.doc.get("weights") == "builtin:demo":
         demo_theta(space.doc["model"])  # build once here, not in every trial at once
     trainable = tune.with_resources(
@@ -448,6 +451,13 @@ def load_study_space(study_uri: str) -> Space:
             sched.pop(key, None)
     return load_space_text(yaml.safe_dump(doc, sort_keys=False), f"{study_uri}/{SPACE_FILE}",
                            name=study_uri.rstrip("/").rsplit("/", 1)[-1])
+
+
+def compare_variants(study_uri: str) -> list[str] | None:
+    """The variants of a `raysd compare` study, in order; None for a study of `raysd tune`."""
+    store = Store(study_uri)
+    about = yaml.safe_load(store.read_text(STUDY_FILE)) if store.exists(STUDY_FILE) else None
+    return (about or {}).get("compare")
 
 
 def summarize(study_uri: str, space: Space, total: int) -> StudyOutcome:

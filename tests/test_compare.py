@@ -1,12 +1,18 @@
 """raysd compare: which trials it runs, the table it prints, and a real side-by-side run."""
 import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from scipy import stats
 
-from helpers import TINY
+from helpers import TINY, kill_processes_mentioning
 from raysd import cli
 from raysd.compare import method_variants, summary_table, trial_variants
 from raysd.errors import ConfigError
@@ -63,3 +69,48 @@ def test_compare_runs_methods_by_seeds_side_by_side_and_writes_the_table(ray_loc
     text = (tmp_path / "cmp" / "results" / "compare.txt").read_text()
     assert "self_distill" in text and "test_accuracy - finetune" in text and text in out
     assert (tmp_path / "cmp" / "results" / "compare.png").stat().st_size > 1000
+
+
+def test_an_interrupted_comparison_resumes_and_writes_its_table(tmp_path, capsys):
+    """Ctrl-C mid-comparison exits 130 naming `raysd compare --resume`; that finishes the
+    trials left and writes the table, without re-running the finished ones. Resuming it with
+    `tune`, or with flags that choose other trials, is refused before Ray starts."""
+    ray_tmp = tempfile.mkdtemp(prefix="rsd", dir="/tmp")  # short: Ray's socket paths are length-limited
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    study = tmp_path / "cmp"
+    trials_file, table = study / "results" / "trials.parquet", study / "results" / "compare.txt"
+    command = [sys.executable, "-m", "raysd.cli", "compare", "--space", "demo", *TINY,
+               "--methods", "finetune,further_pretrain", "--seeds", "1", "--max-concurrent", "1",
+               "--storage", str(tmp_path), "--name", "cmp"]
+    try:
+        driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, start_new_session=True)
+        deadline = time.time() + 400
+        while not trials_file.exists() and time.time() < deadline and driver.poll() is None:
+            time.sleep(0.5)  # the first trial is recorded; the second one is running
+        assert driver.poll() is None, driver.communicate()[1][-3000:]
+        driver.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        out, err = driver.communicate(timeout=300)
+        assert driver.returncode == 130, out[-2000:] + err[-2000:]
+        assert f"raysd compare --resume {study}" in err and not table.exists()
+        done_before = pq.read_table(trials_file).to_pandas()
+        assert len(done_before) == 1
+
+        assert cli.main(["tune", "--resume", str(study)]) == 2
+        assert cli.main(["compare", "--resume", str(study), "--seeds", "3"]) == 2
+        errors = capsys.readouterr().err
+        assert f"a raysd compare study; finish it with raysd compare --resume {study}" in errors
+        assert "drop --seeds" in errors
+
+        resumed = subprocess.run([sys.executable, "-m", "raysd.cli", "compare", "--resume", str(study)],
+                                 env=env, capture_output=True, text=True, timeout=600)
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-2000:]
+    finally:
+        kill_processes_mentioning(ray_tmp)
+    after = pq.read_table(trials_file).to_pandas()
+    assert sorted(after.method) == ["finetune", "further_pretrain"] and set(after.status) == {"completed"}
+    first = after[after.trial_id == done_before.trial_id[0]].iloc[0]  # recorded once, not re-run
+    assert first.wall_seconds == done_before.wall_seconds[0]
+    text = table.read_text()
+    assert text in resumed.stdout and "test_accuracy - finetune" in text
+    assert {"finetune", "further_pretrain"} <= set(text.split()) and "(baseline)" in text
