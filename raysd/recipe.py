@@ -28,7 +28,7 @@ from torch import nn
 from raysd import __version__
 from raysd.artifacts import METHOD_VERSION, digest, state_hash
 from raysd.config import TrialConfig
-from raysd.data import Task, source_fingerprint
+from raysd.data import Task
 from raysd.stages import (Hooks, NonFiniteLoss, StageProgress, StageRun, finetune_and_evaluate,
                           further_pretrain, knn_signal, self_distill_round)
 
@@ -205,7 +205,7 @@ def init_key(cfg: TrialConfig, init: nn.Module, task: Task) -> str:
     """The key of theta_init on this task: the root of every stage key of the trial."""
     return digest({"method_version": METHOD_VERSION, "model": cfg.model, "weights": cfg.weights,
                    "theta_init": state_hash(init.state_dict()), "data": task.source,
-                   "data_fingerprint": source_fingerprint(task.source),
+                   "data_fingerprint": task.fingerprint,
                    "max_length": cfg.max_length if task.modality == "text" else None})
 
 

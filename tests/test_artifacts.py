@@ -77,16 +77,25 @@ def test_theta_init_content_and_the_data_are_part_of_the_key(digits):
 
 
 def test_a_directory_sources_fingerprint_follows_its_files(tmp_path):
-    from raysd.data import source_fingerprint
+    """A jsonl task's fingerprint (part of every artifact key) follows its files, without
+    reading them: an edited or an added file changes it."""
+    from raysd.data import load_task
+    from raysd.data.text import builtin_tokenizer
 
-    (tmp_path / "train").mkdir()
-    (tmp_path / "train" / "a.jsonl").write_text("x")
-    first = source_fingerprint(f"jsonl:{tmp_path}")
-    assert source_fingerprint(f"jsonl:{tmp_path}") == first
-    (tmp_path / "train" / "a.jsonl").write_text("xy")
-    second = source_fingerprint(f"jsonl:{tmp_path}")
-    (tmp_path / "train" / "b.jsonl").write_text("x")
-    assert len({first, second, source_fingerprint(f"jsonl:{tmp_path}")}) == 3
+    for name in ("train", "dev", "test"):
+        lines = [{"text": f"{word} number {i}", "label": word} for i in range(4) for word in "ab"]
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+    def fingerprint():
+        return load_task(f"jsonl:{tmp_path}", tokenizer=builtin_tokenizer(), max_length=16).fingerprint
+
+    first = fingerprint()
+    assert fingerprint() == first != ""
+    with (tmp_path / "train.jsonl").open("a") as f:
+        f.write(json.dumps({"text": "a new line", "label": "a"}) + "\n")
+    second = fingerprint()
+    (tmp_path / "notes.txt").write_text("x")
+    assert len({first, second, fingerprint()}) == 3
 
 
 def test_lease_one_builder_others_wait_and_a_dead_builders_lease_expires(tmp_path):

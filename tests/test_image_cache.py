@@ -99,16 +99,22 @@ def test_a_built_cache_is_read_without_decoding(tmp_path, monkeypatch):
 
 def test_a_changed_or_added_image_makes_a_new_cache(tmp_path, cache):
     root = _folder(tmp_path / "data")
-    first = _cache_dir(_load(root))
+    tasks = [_load(root)]
+    first = _cache_dir(tasks[0])
     built = (first / "train.npy").stat().st_mtime_ns
     assert _cache_dir(_load(root)) == first and (first / "train.npy").stat().st_mtime_ns == built
 
     image = root / "test" / "bee" / "0.jpg"
     os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
-    touched = _cache_dir(_load(root))
+    tasks.append(_load(root))
+    touched = _cache_dir(tasks[-1])
     Image.new("RGB", (9, 9)).save(root / "train" / "ant" / "new.png")
     added = _load(root)
+    tasks.append(added)
     assert len({first, touched, _cache_dir(added)}) == 3 and len(added.unlabelled) == 16
+    # The task's fingerprint (in every artifact key) is the cache's: it follows the images too.
+    assert len({task.fingerprint for task in tasks}) == 3
+    assert _load(root).fingerprint == added.fingerprint
     assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == sorted(
         p.name for p in (first, touched, _cache_dir(added)))  # no half-built folder left
 

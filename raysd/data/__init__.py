@@ -29,6 +29,9 @@ class Task:
     test: Dataset
     metrics: tuple[str, ...]  # reported on val and test; the first is the headline
     labels: tuple[str, ...] | None = None  # class names by index, where the source names them
+    # What identifies the data beyond `source` (artifact keys): a hash of a folder's files, taken
+    # by the loader from the listing it reads anyway; "" for builtin sets.
+    fingerprint: str = ""
 
 
 def load_task(source: str, *, image_size: int | None = None, tokenizer: Any = None,
@@ -59,12 +62,6 @@ def load_task(source: str, *, image_size: int | None = None, tokenizer: Any = No
         loader = jsonl_task if kind == "jsonl" else hfdisk_task
         return loader(path, tokenizer, max_length, source)
     raise _unknown(source)
-
-
-def source_fingerprint(source: str) -> str:
-    """What identifies the data behind a source beyond its name: its files, for directories."""
-    kind, _, arg = source.partition(":")
-    return fingerprint_dir(Path(arg).expanduser()) if kind in ("imagefolder", "jsonl", "hfdisk") else ""
 
 
 def fingerprint_dir(path: Path) -> str:

@@ -117,8 +117,10 @@ def imagefolder_task(root: Path, image_size: int, source: str, augment: str = "f
         val = Subset(train_plain, val_idx.tolist())
         train_plain = Subset(train_plain, train_idx.tolist())
         train_aug = Subset(train_aug, train_idx.tolist())
+    # The cache's name hashes every image's path, size and mtime: the data's fingerprint, with
+    # no second walk of the folder.
     return Task(source, "image", len(classes), train_aug, train_plain, val, test, METRICS,
-                tuple(classes))
+                tuple(classes), fingerprint=cache.name)
 
 
 class CachedImages(Dataset):

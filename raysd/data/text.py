@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from raysd.data import Task
+from raysd.data import Task, fingerprint_dir
 from raysd.data.images import split_indices
 from raysd.errors import ConfigError
 
@@ -58,10 +58,10 @@ def _need_tokenizer(tokenizer: Any, source: str) -> None:
 
 
 def _task(source: str, splits: dict[str, tuple[list[str], list[int]]], labels: list,
-          tokenizer: Any, max_length: int) -> Task:
+          tokenizer: Any, max_length: int, fingerprint: str = "") -> Task:
     train, val, test = (encode(*splits[s], tokenizer, max_length) for s in ("train", "val", "test"))
     return Task(source, "text", len(labels), train, train, val, test, METRICS,
-                tuple(str(label) for label in labels))
+                tuple(str(label) for label in labels), fingerprint)
 
 
 # ---- builtin:text ---------------------------------------------------------------------------
@@ -241,7 +241,7 @@ def jsonl_task(path: Path, tokenizer: Any, max_length: int, source: str) -> Task
     """DIR/train.jsonl, dev.jsonl, test.jsonl; one {"text", "label"} object per line."""
     _need_tokenizer(tokenizer, source)
     splits, classes = _jsonl_splits(Path(path), source)
-    return _task(source, splits, classes, tokenizer, max_length)
+    return _task(source, splits, classes, tokenizer, max_length, fingerprint_dir(Path(path)))
 
 
 # ---- hfdisk:DIR -----------------------------------------------------------------------------
@@ -287,4 +287,4 @@ def hfdisk_task(path: Path, tokenizer: Any, max_length: int, source: str) -> Tas
         if unknown:
             raise ConfigError(f"data {source!r}: split {name} has label {unknown[0]!r}, unseen in train")
         splits[split] = (texts, [index[y] for y in labels])
-    return _task(source, splits, names or classes, tokenizer, max_length)
+    return _task(source, splits, names or classes, tokenizer, max_length, fingerprint_dir(Path(path)))
