@@ -142,8 +142,9 @@ def cmd_spaces(args) -> int:
 RESUME_CONFLICTS = ("space", "data", "set", "name", "workers", "gpu", "num_samples", "max_concurrent",
                     "optuna_storage", "keep_models", "logger")
 
-# Flags of compare that choose its trials: a resumed comparison keeps those it started with.
-COMPARE_ONLY = ("methods", "rounds", "seeds", "from_study", "top")
+# Flags of compare that choose its trials (dest: flag): a resumed comparison keeps its own.
+COMPARE_ONLY = {"methods": "--methods", "rounds": "--rounds", "seeds": "--seeds",
+                "from_study": "--from", "top": "--top"}
 SEEDS, TOP = 3, 3
 
 
@@ -293,8 +294,7 @@ def cmd_compare(args) -> int:
     """Every variant x seed as one side-by-side Ray Tune run, then the table of their results."""
     args.num_samples = None
     if args.resume:
-        given = [f"--{flag.replace('_', '-')}".replace("from-study", "from") for flag in COMPARE_ONLY
-                 if getattr(args, flag) is not None]
+        given = [flag for dest, flag in COMPARE_ONLY.items() if getattr(args, dest) is not None]
         if given:
             raise ConfigError(f"--resume continues the comparison as it was started; drop {', '.join(given)}")
         space, study_uri = _prepare(args, single=False)
