@@ -253,8 +253,6 @@ def write_report(study_uri: str, top: int = 5) -> str:
 
 def list_studies(storage: str) -> str:
     """`raysd ls`: one line per study under `storage`, newest first."""
-    import yaml
-
     from raysd.storage import SPACE_FILE, STUDY_FILE
 
     root = Store(storage)
@@ -263,8 +261,7 @@ def list_studies(storage: str) -> str:
         study = Store(f"{storage}/{name}")
         if not study.exists(SPACE_FILE):
             continue
-        doc = yaml.safe_load(study.read_text(SPACE_FILE)) or {}
-        about = yaml.safe_load(study.read_text(STUDY_FILE)) if study.exists(STUDY_FILE) else {}
+        doc, about = study.read_yaml(SPACE_FILE), study.read_yaml(STUDY_FILE)
         trials = pd.DataFrame(study.read_rows("results", TRIALS))
         counts = {s: int((trials["status"] == s).sum()) if len(trials) else 0 for s in STATUSES}
         settings = doc.get("study") or {}
@@ -272,7 +269,7 @@ def list_studies(storage: str) -> str:
         done = ranked(trials, metric, mode)
         newest = max((study.fs.get_file_info(study.path(*p)).mtime for p in
                       (("results", TRIALS), (SPACE_FILE,)) if study.exists(*p)), default=None)
-        rows.append({"study": name, "space": (about or {}).get("space", "?"), "model": doc.get("model"),
+        rows.append({"study": name, "space": about.get("space", "?"), "model": doc.get("model"),
                      **counts, "best": f"{metric} {done.iloc[0][metric]:.4f}" if len(done) else "-",
                      "updated": newest.strftime("%Y-%m-%d %H:%M") if newest else "-"})
     if not rows:

@@ -40,6 +40,12 @@ class Store:
     def read_text(self, *parts: str) -> str:
         return self.read_bytes(*parts).decode()
 
+    def read_yaml(self, *parts: str) -> dict:
+        """A YAML mapping ({} when the file is absent or empty), e.g. SPACE_FILE, STUDY_FILE."""
+        import yaml
+
+        return (yaml.safe_load(self.read_text(*parts)) if self.exists(*parts) else None) or {}
+
     def write_text(self, text: str, *parts: str) -> None:
         self.write_bytes(text.encode(), *parts)
 

@@ -444,7 +444,7 @@ def load_study_space(study_uri: str) -> Space:
     store = Store(study_uri)
     if not store.exists(SPACE_FILE):
         raise ConfigError(f"{study_uri}: not a raysd study (no {SPACE_FILE})")
-    doc = yaml.safe_load(store.read_text(SPACE_FILE)) or {}
+    doc = store.read_yaml(SPACE_FILE)
     sched = (doc.get("study") or {}).get("scheduler")
     if isinstance(sched, dict):  # studies saved when ASHA ran on step counts: keys now gone
         for key in ("metric", "mode", "max_t"):
@@ -455,9 +455,7 @@ def load_study_space(study_uri: str) -> Space:
 
 def compare_variants(study_uri: str) -> list[str] | None:
     """The variants of a `raysd compare` study, in order; None for a study of `raysd tune`."""
-    store = Store(study_uri)
-    about = yaml.safe_load(store.read_text(STUDY_FILE)) if store.exists(STUDY_FILE) else None
-    return (about or {}).get("compare")
+    return Store(study_uri).read_yaml(STUDY_FILE).get("compare")
 
 
 def summarize(study_uri: str, space: Space, total: int) -> StudyOutcome:
