@@ -191,8 +191,6 @@ def export_model(model_uri: str, out_dir: str, card: dict) -> Path:
 
 # ---- ViT: raysd (timm encoder) -> transformers ViTForImageClassification ---------------------
 
-
-
 def _label_config(meta: dict) -> dict:
     if not meta["labels"]:
         return {"num_labels": meta["num_classes"]}
