@@ -30,7 +30,9 @@ def test_wheel_ships_the_spaces_and_runs_a_trial(marked_env, tmp_path):
     assert where.startswith(str(site)), where  # not the repository's folder
 
     spaces = run_ok([venv / "bin" / "raysd", "spaces"], outside, cwd=tmp_path).stdout.split("\n")
-    assert {"demo", "vit_small", "vit_base_mae", "roberta_base"} <= {line.split()[0] for line in spaces if line}
+    shipped = {path.stem for path in (REPO / "search_spaces").glob("*.yaml")}  # demo_text too
+    assert shipped >= {"demo", "demo_text", "vit_small", "vit_base_mae", "roberta_base"}
+    assert shipped <= {line.split()[0] for line in spaces if line}
 
     out = subprocess.run([venv / "bin" / "raysd", "run", "--space", "demo", *TINY,
                           "--storage", tmp_path / "s", "--name", "wheel"], env=outside, cwd=tmp_path,
