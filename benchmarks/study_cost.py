@@ -13,12 +13,12 @@ projected to the paper's budgets (Table 9) from the per-sample stage costs measu
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import sys
 import tempfile
 import time
 
+from raysd import schema
 from raysd.artifacts import ArtifactStore
 from raysd.bootstrap import theta_init
 from raysd.data import load_task
@@ -38,12 +38,14 @@ def configs(scale: float) -> list:
     out = []
     for params in GRID:
         cfg = space.trial_config(params)
-        scaled = {stage: dataclasses.replace(
-            getattr(cfg, stage), steps=max(2, int(getattr(cfg, stage).steps * scale)),
-            warmup_steps=int(getattr(cfg, stage).warmup_steps * scale))
-            for stage in ("further_pretrain", "self_distill", "finetune")}
-        every = max(1, int(cfg.eval_every * scale)) if cfg.eval_every else 0
-        out.append(dataclasses.replace(cfg, eval_every=every, checkpoint_every=10**9, **scaled))
+        scaled = {}
+        for stage in ("further_pretrain", "self_distill", "finetune"):
+            scfg = getattr(cfg, stage)
+            scaled.update({f"{stage}.steps": max(2, int(scfg.steps * scale)),
+                           f"{stage}.warmup_steps": int(scfg.warmup_steps * scale)})
+        every = max(1, int(cfg.evaluation.every * scale)) if cfg.evaluation.every else 0
+        out.append(schema.with_values(cfg, {**scaled, "evaluation.every": every,
+                                            "logging.checkpoint_every": 10**9}))
     return out
 
 
@@ -56,8 +58,9 @@ def run(cfgs: list, task, store_dir: str | None) -> list[tuple[dict, float]]:
                             Hooks(artifacts=store))
         results.append((summary, time.perf_counter() - started))
         reused = [k[len("reused_"):] for k, v in summary.items() if k.startswith("reused_") and v]
-        print(f"  {i + 1:2d}/{len(cfgs)} gamma {cfg.mask_ratio:.2f} lambda {cfg.mae_weight:.1f} "
-              f"T' {cfg.rounds}  val_accuracy {summary['val_accuracy']:.4f}  "
+        print(f"  {i + 1:2d}/{len(cfgs)} gamma {cfg.mask_ratio:.2f} "
+              f"lambda {cfg.self_distill.mae_weight:.1f} "
+              f"T' {cfg.self_distill.rounds}  val_accuracy {summary['val_accuracy']:.4f}  "
               f"trained {summary['trained_seconds']:6.1f} s  reused: {', '.join(reused) or '-'}",
               flush=True)
     return results
@@ -81,7 +84,8 @@ def tree_cost(cfgs: list, unit: dict[str, float], shared: bool) -> float:
     nodes, cost = set(), 0.0
     for cfg in cfgs:
         path = [("further_pretrain", cfg.mask_ratio)]
-        path += [("self_distill", cfg.mask_ratio, cfg.mae_weight, t) for t in range(1, cfg.rounds + 1)]
+        path += [("self_distill", cfg.mask_ratio, cfg.self_distill.mae_weight, t)
+                 for t in range(1, cfg.self_distill.rounds + 1)]
         for node in path:
             if not shared or node not in nodes:
                 cost += unit[node[0]]

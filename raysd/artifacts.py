@@ -1,9 +1,9 @@
 """Stage outputs as content-addressed artifacts, shared by the trials of a study (or of studies).
 
 A pre-training stage's output (theta_0 of further pre-training, theta_t of round t) is fully
-determined by its inputs: the model, theta_init, D_u, gamma (and lambda), the stage's settings,
-the seed, the number of ranks, the precision and the previous stage. `stage_key` hashes those;
-a trial whose key exists loads the output instead of training it.
+determined by its inputs: theta_init, D_u, every setting the schema (config.py) declares able to
+change it, the number of ranks, the device, the method's code, the libraries and the previous
+stage. `stage_key` hashes those; a trial whose key exists loads the output instead of training it.
 
 Layout under the store's URI (a local folder, NFS, s3://, gs://):
     <key>/weights.pt    the stage's state_dict (loaded with weights_only=True)
@@ -14,7 +14,10 @@ Correctness never depends on the lease: two builders of one key write identical 
 """
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
+import importlib.metadata
 import io
 import json
 import os
@@ -22,13 +25,17 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
 from raysd.storage import Store
 
-# Bump when a change to the method changes what a stage computes from the same inputs.
-METHOD_VERSION = "1"
+# The code that computes a stage's output: its hash (comments and docstrings aside) is part of
+# every key, so a change to the method never reuses what was built before it.
+METHOD_CODE = ("stages.py", "losses.py", "teacher.py", "features.py", "recipe.py", "bootstrap.py",
+               "models", "data")
+LIBRARIES = ("torch", "timm", "transformers", "tokenizers")
 LEASE_SECONDS = float(os.environ.get("RAYSD_LEASE_SECONDS", "120"))
 META, WEIGHTS = "meta.json", "weights.pt"
 
@@ -46,6 +53,43 @@ def state_hash(state: dict[str, torch.Tensor]) -> str:
         h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return h.hexdigest()
+
+
+@functools.cache
+def code_version() -> str:
+    """A hash of the method's code as Python reads it: editing a comment or a docstring keeps
+    it, editing a statement changes it."""
+    root = Path(__file__).parent
+    h = hashlib.sha256()
+    for name in METHOD_CODE:
+        files = sorted((root / name).glob("*.py")) if (root / name).is_dir() else [root / name]
+        for file in files:
+            h.update(file.relative_to(root).as_posix().encode())
+            h.update(_statements(file.read_text()).encode())
+    return h.hexdigest()[:16]
+
+
+def _statements(source: str) -> str:
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
+@functools.cache
+def library_versions() -> dict[str, str]:
+    """The versions of the libraries whose kernels and defaults shape a stage's output."""
+    out = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
 
 
 class ArtifactStore:

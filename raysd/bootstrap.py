@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from raysd import __version__, models
-from raysd.artifacts import METHOD_VERSION, ArtifactStore, digest
+from raysd.artifacts import ArtifactStore, code_version, digest, library_versions
 from raysd.cache import cache_root
-from raysd.config import StageConfig, TrialConfig
+from raysd.config import LoggingConfig, StageConfig, TrialConfig
 from raysd.data.corpus import corpus_fingerprint, demo_corpus, packed
 from raysd.data.images import TensorImages, natural_crops
 from raysd.data.text import TokenizedText, tokenizer_from_json, tokenizer_recipe, train_tokenizer
@@ -64,7 +64,8 @@ def demo_key(model_name: str) -> str:
         recipe = {"stage": TEXT_PRETRAIN, "mask_ratio": TEXT_MASK_RATIO,
                   "max_length": TEXT_MAX_LENGTH, "dropout": TEXT_DROPOUT,
                   "corpus": corpus_fingerprint(), "tokenizer": tokenizer_recipe()}
-    return digest({"method_version": METHOD_VERSION, "demo": model_name, "seed": SEED, **recipe})
+    return digest({"code": code_version(), "libraries": library_versions(), "demo": model_name,
+                   "seed": SEED, **recipe})
 
 
 def demo_theta(model_name: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -127,7 +128,7 @@ def _pretrain(model_name: str, init: nn.Module, data, stage: StageConfig, mask_r
     """Masked auto-encoding from `init` with the method's own stage loop. -> (weights, rows)"""
     cfg = TrialConfig(model=model_name, weights="none", data=source, method="further_pretrain",
                       mask_ratio=mask_ratio, further_pretrain=stage, seed=SEED,
-                      log_every=max(1, stage.steps // 8), checkpoint_every=10**9)
+                      logging=LoggingConfig(log_every=max(1, stage.steps // 8), checkpoint_every=10**9))
     rows: list[dict] = []
 
     def report(metrics: dict, state) -> None:

@@ -28,7 +28,7 @@ def _absolute_data(value: str) -> str:
 
 
 def _overrides(args) -> dict:
-    from raysd.spaces import parse_overrides
+    from raysd.overrides import parse_overrides
 
     values = parse_overrides(args.set or [])
     if args.data:
@@ -150,7 +150,8 @@ SEEDS, TOP = 3, 3
 
 def _prepare(args, single: bool, space=None):
     """Validate everything that can be validated before Ray starts."""
-    from raysd.spaces import check_inputs, load_space
+    from raysd.checks import check_inputs
+    from raysd.spaces import load_space
 
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent must be >= 1 (got {args.max_concurrent})")
@@ -205,11 +206,12 @@ def _check_resumed_by(command: str, study_uri: str) -> None:
 
 def _smoke(args, space):
     """The space shrunk by --smoke (flags given with --set win), and one block saying how."""
-    from raysd.spaces import current_value, load_space, smoke_overrides
+    from raysd.overrides import current_value, smoke_overrides
+    from raysd.spaces import load_space
 
     remote = bool(args.address or os.environ.get("RAY_ADDRESS"))
     cfg = space.trial_config()
-    use_gpu = cfg.use_gpu and (remote or _local_gpu())
+    use_gpu = cfg.resources.use_gpu and (remote or _local_gpu())
     user = _overrides(args)
     changes = {k: v for k, v in smoke_overrides(space, use_gpu).items() if k not in user}
     changes = {k: v for k, v in changes.items() if (current_value(space, k) or None) != (v or None)}

@@ -1,13 +1,23 @@
-"""Typed, frozen settings of one trial. Built once from a space file; no Ray, no torch."""
+"""The settings of one trial, in the space file's shape, each declared once (schema.py).
+
+Every field says its default, its rule, whether a space may search it and which stage
+outputs it can change; artifact keys are built from those declarations, and
+tests/test_schema.py refuses a field that declares nothing. No Ray, no torch.
+"""
 from __future__ import annotations
 
 import dataclasses
+import json
+from typing import Any
+
+from raysd.errors import ConfigError
+from raysd.schema import (BOOLEAN, EVERYTHING, NOTHING, OWN_STAGE, PRETRAIN, Rule, flatten, integer,
+                          number, one_of, section, setting, text)
 
 METHODS = ("finetune", "further_pretrain", "self_distill")
 # Ray Train's placement strategies: pack ranks on few nodes (fast all-reduce) or spread them.
 PLACEMENTS = {"pack": "PACK", "spread": "SPREAD", "strict_pack": "STRICT_PACK",
               "strict_spread": "STRICT_SPREAD"}
-
 SIGNALS = ("knn", "none")
 # Fine-tuning augmentation of images: the reference's horizontal flip, a random resized crop
 # (scale 0.08-1) plus flip, or none.
@@ -16,60 +26,135 @@ AUGMENTS = ("flip", "rrc", "none")
 PRECISIONS = ("fp32", "tf32", "bf16")
 # auto: cache f_teacher(D_u) when a round draws at least len(D_u) samples; on: always; off: never.
 TEACHER_CACHE = ("auto", "on", "off")
+RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def _custom_ok(value: Any) -> bool:
+    pairs = value.items() if isinstance(value, dict) else value
+    try:
+        return all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and v > 0 for k, v in pairs)
+    except (TypeError, ValueError):
+        return False
+
+
+CUSTOM = Rule(lambda v: isinstance(v, (dict, tuple, list)) and _custom_ok(v),
+              "a mapping of resource name -> amount > 0",
+              lambda v: tuple(sorted((k, float(n)) for k, n in (v.items() if isinstance(v, dict) else v))))
+OPTIONAL_TEXT = Rule(lambda v: v is None or (isinstance(v, str) and bool(v)), "a GPU type such as A100 or H100")
+
+# The keys of a stage section, shared by the three stages; only their defaults differ.
+_STAGE = dict(changes=OWN_STAGE)
 
 
 @dataclasses.dataclass(frozen=True)
 class StageConfig:
     """One training stage: a fixed step budget, AdamW, linear warm-up then linear decay."""
 
-    steps: int
-    batch_size: int  # global, split evenly across workers
-    lr: float
-    weight_decay: float = 0.01
-    warmup_steps: int = 0
-    beta2: float = 0.999
-    grad_clip: float = 0.0  # 0 = no clipping
+    steps: int = setting(100, integer(1), **_STAGE)
+    batch_size: int = setting(64, integer(1), **_STAGE, doc="global, split evenly across workers")
+    lr: float = setting(1.5e-4, number(0, low_open=True), **_STAGE)
+    weight_decay: float = setting(0.01, number(0), **_STAGE)
+    warmup_steps: int = setting(0, integer(0), **_STAGE)
+    beta2: float = setting(0.95, number(0, 1, low_open=True), **_STAGE)
+    grad_clip: float = setting(0.0, number(0), **_STAGE, doc="0 = no clipping")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig(StageConfig):
+    """A round of self-distillation: the stage settings, plus T', lambda and the teacher cache."""
+
+    rounds: int = setting(1, integer(0), changes=NOTHING,
+                          doc="T': round t's output does not depend on how many rounds follow it")
+    mae_weight: float = setting(1.0, number(0), changes=("self_distill",), doc="lambda")
+    teacher_cache: str = setting("auto", one_of(*TEACHER_CACHE), changes=("self_distill",),
+                                 doc="keyed as what it resolves to: on or off")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig(StageConfig):
+    """Fine-tuning on D_tr: the stage settings (the reference's defaults), dropout, augmentation."""
+
+    batch_size: int = setting(32, integer(1), **_STAGE, doc="global, split evenly across workers")
+    lr: float = setting(1e-4, number(0, low_open=True), **_STAGE)
+    warmup_steps: int = setting(10, integer(0), **_STAGE)
+    beta2: float = setting(0.999, number(0, 1, low_open=True), **_STAGE)
+    grad_clip: float = setting(1.0, number(0), **_STAGE, doc="0 = no clipping")
+    dropout: float = setting(0.1, number(0, 1), changes=("finetune",),
+                             doc="hidden dropout while fine-tuning (the reference's 0.1)")
+    augment: str = setting("flip", one_of(*AUGMENTS), changes=("finetune",))
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationConfig:
+    batch_size: int = setting(256, integer(1), changes=("self_distill",),
+                              doc="also the batch of cached teacher targets, the only place it "
+                                  "changes an artifact (dropped from the key when not cached)")
+    every: int = setting(0, integer(0), changes=NOTHING,
+                         doc="fine-tuning steps between validation passes (0 = only at the end)")
+    max_examples: int = setting(0, integer(0), changes=("finetune",),
+                                doc="evaluate on the first N examples of each split (0 = all)")
+    signal: str = setting("knn", one_of(*SIGNALS), changes=("signal",),
+                          doc="early signal after each pre-training stage")
+    signal_examples: int = setting(10000, integer(0), changes=("signal",),
+                                   doc="k-NN bank and queries: a fixed random subset of N of D_u "
+                                       "and of val, the same for every trial (0 = all)")
+    val_fraction: float = setting(0.1, number(0, 1, low_open=True), changes=EVERYTHING,
+                                  doc="of train held out for validation when the data has no val "
+                                      "split; it changes D_u, so every stage")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResourcesConfig:
+    workers: int = setting(1, integer(1), changes=("further_pretrain", "self_distill", "finetune"),
+                           doc="Ray Train workers (DDP ranks); each rank draws its own masks")
+    use_gpu: bool = setting(False, BOOLEAN, changes=EVERYTHING, searchable=False)
+    cpus_per_worker: float = setting(1.0, number(0, low_open=True), changes=NOTHING, searchable=False)
+    loader_workers: int = setting(0, integer(0), changes=NOTHING, searchable=False,
+                                  doc="DataLoader processes per rank; batches are drawn by step")
+    placement: str = setting("pack", one_of(*PLACEMENTS), changes=NOTHING, searchable=False)
+    custom: tuple[tuple[str, float], ...] = setting((), CUSTOM, changes=NOTHING, searchable=False,
+                                                   doc="per worker, e.g. {a100: 1}")
+    accelerator_type: str | None = setting(None, OPTIONAL_TEXT, changes=NOTHING, searchable=False,
+                                           doc="e.g. A100: only nodes with that GPU")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    log_every: int = setting(10, integer(1), changes=NOTHING, searchable=False)
+    checkpoint_every: int = setting(100, integer(1), changes=NOTHING, searchable=False)
+    keep_checkpoints: bool = setting(False, BOOLEAN, changes=NOTHING, searchable=False,
+                                     doc="keep a completed trial's Ray Train checkpoints")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrialConfig:
-    model: str
-    weights: str
-    data: str
-    method: str = "self_distill"
-    mask_ratio: float = 0.75  # gamma
-    rounds: int = 1  # T'
-    mae_weight: float = 1.0  # lambda
-    further_pretrain: StageConfig = StageConfig(steps=100, batch_size=64, lr=1.5e-4, beta2=0.95)
-    self_distill: StageConfig = StageConfig(steps=100, batch_size=64, lr=1.5e-4, beta2=0.95)
-    finetune: StageConfig = StageConfig(steps=100, batch_size=32, lr=1e-4, warmup_steps=10, grad_clip=1.0)
-    eval_batch_size: int = 256
-    eval_every: int = 0  # fine-tuning steps between validation passes (0 = only at the end)
-    eval_max_examples: int = 0  # evaluate on the first N examples of each split (0 = all)
-    val_fraction: float = 0.1  # of train held out for validation when the data has no val split
-    finetune_dropout: float = 0.1  # hidden dropout while fine-tuning (the reference's 0.1)
-    finetune_augment: str = "flip"  # a key of AUGMENTS
-    precision: str = "bf16"  # a key of PRECISIONS
-    signal: str = "knn"  # early signal after each pre-training stage: a key of SIGNALS
-    signal_examples: int = 10000  # k-NN bank and queries: the first N of D_u and of val (0 = all)
-    teacher_cache: str = "auto"  # a key of TEACHER_CACHE
-    max_length: int = 128  # text models: tokens per example
-    seed: int = 0
-    log_every: int = 10
-    checkpoint_every: int = 100
-    num_workers: int = 1  # Ray Train workers (DDP ranks)
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    loader_workers: int = 0  # DataLoader processes per rank
-    placement: str = "pack"  # a key of PLACEMENTS
-    custom_resources: tuple[tuple[str, float], ...] = ()  # per worker, e.g. (("a100", 1),)
-    accelerator_type: str | None = None  # e.g. "A100": only nodes with that GPU
-    keep_checkpoints: bool = False  # keep a completed trial's Ray Train checkpoints
+    """One trial, as the space file writes it: cfg.self_distill.rounds is YAML's
+    self_distill.rounds, Parquet's cfg.self_distill.rounds and Optuna's self_distill.rounds."""
+
+    model: str = setting(None, text("a model name such as vit_tiny"), changes=EVERYTHING)
+    weights: str = setting("none", text("a weights source such as timm:NAME, hf:ID or a folder"),
+                           changes=EVERYTHING)
+    data: str = setting(None, text("a data source such as builtin:digits"), changes=EVERYTHING)
+    method: str = setting("self_distill", one_of(*METHODS), changes=NOTHING,
+                          doc="which stages run; a stage computes the same under every method")
+    seed: int = setting(0, integer(0), changes=EVERYTHING)
+    mask_ratio: float = setting(0.75, number(0, 1, low_open=True), changes=PRETRAIN, doc="gamma")
+    max_length: int = setting(128, integer(1), changes=EVERYTHING,
+                              doc="text models: tokens per example (dropped from image keys)")
+    precision: str = setting("bf16", one_of(*PRECISIONS), changes=EVERYTHING,
+                             doc="keyed as what runs: fp32 on a CPU")
+    further_pretrain: StageConfig = section(StageConfig)
+    self_distill: DistillConfig = section(DistillConfig)
+    finetune: FinetuneConfig = section(FinetuneConfig)
+    evaluation: EvaluationConfig = section(EvaluationConfig)
+    resources: ResourcesConfig = section(ResourcesConfig)
+    logging: LoggingConfig = section(LoggingConfig)
 
     def worker_resources(self) -> dict[str, float]:
         """What one Ray Train worker asks of a node."""
-        return {"CPU": self.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {}),
-                **dict(self.custom_resources)}
+        res = self.resources
+        return {"CPU": res.cpus_per_worker, **({"GPU": 1} if res.use_gpu else {}), **dict(res.custom)}
 
     def pretrain_stages(self) -> int:
         """Stages before fine-tuning: further pre-training and the T' rounds."""
@@ -81,5 +166,66 @@ class TrialConfig:
         if self.method != "finetune":
             plan.append(("further_pretrain", 0))
         if self.method == "self_distill":
-            plan += [("self_distill", t) for t in range(1, self.rounds + 1)]
+            plan += [("self_distill", t) for t in range(1, self.self_distill.rounds + 1)]
         return plan + [("finetune", 0)]
+
+
+STAGES = ("further_pretrain", "self_distill", "finetune")
+
+
+def check(cfg: TrialConfig, where: str) -> None:
+    """The rules between settings, which no single field can state."""
+    from raysd import models
+
+    def require(ok: bool, key: str, what: str, got: Any) -> None:
+        if not ok:
+            raise ConfigError(f"{where}: {key}: must be {what} (got {got!r})")
+
+    require(cfg.model in models.names(), "model", f"one of {', '.join(models.names())}", cfg.model)
+    res = cfg.resources
+    for stage in STAGES:
+        scfg = getattr(cfg, stage)
+        require(scfg.warmup_steps <= scfg.steps, f"{stage}.warmup_steps",
+                f"at most {stage}.steps = {scfg.steps}", scfg.warmup_steps)
+    require(cfg.evaluation.every <= cfg.finetune.steps, "evaluation.every",
+            f"at most finetune.steps = {cfg.finetune.steps} (0: only at the end)", cfg.evaluation.every)
+    for stage in STAGES:
+        batch = getattr(cfg, stage).batch_size
+        require(batch % res.workers == 0, f"{stage}.batch_size",
+                f"divisible by resources.workers={res.workers} (it is the global batch)", batch)
+    reserved = set(RESERVED_RESOURCES) & {k for k, _ in res.custom}
+    require(not reserved, "resources.custom", "free of CPU/GPU/memory (they have their own keys)",
+            dict(res.custom))
+    require(res.accelerator_type is None or res.use_gpu, "resources.accelerator_type",
+            "set only with resources.use_gpu: true", res.accelerator_type)
+
+
+def columns(cfg: TrialConfig) -> dict[str, Any]:
+    """The `cfg.*` columns of a trials.parquet row: every setting under its dotted name."""
+    out = {}
+    for name, value in flatten(cfg).items():
+        if name == "resources.custom":  # a JSON object: Parquet cannot hold rows of varying keys
+            value = json.dumps(dict(value), sort_keys=True)
+        out[f"cfg.{name}"] = value
+    return out
+
+
+# Studies written before the schema named settings by their old field names; readers rename
+# those columns so old and new studies read alike.
+LEGACY_COLUMNS = {f"cfg.{old}": f"cfg.{new}" for old, new in {
+    "rounds": "self_distill.rounds", "mae_weight": "self_distill.mae_weight",
+    "teacher_cache": "self_distill.teacher_cache", "eval_batch_size": "evaluation.batch_size",
+    "eval_every": "evaluation.every", "eval_max_examples": "evaluation.max_examples",
+    "signal": "evaluation.signal", "signal_examples": "evaluation.signal_examples",
+    "val_fraction": "evaluation.val_fraction", "finetune_dropout": "finetune.dropout",
+    "finetune_augment": "finetune.augment", "log_every": "logging.log_every",
+    "checkpoint_every": "logging.checkpoint_every", "keep_checkpoints": "logging.keep_checkpoints",
+    "num_workers": "resources.workers", "use_gpu": "resources.use_gpu",
+    "cpus_per_worker": "resources.cpus_per_worker", "loader_workers": "resources.loader_workers",
+    "placement": "resources.placement", "custom_resources": "resources.custom",
+    "accelerator_type": "resources.accelerator_type"}.items()}
+
+
+def current_columns(names: list[str]) -> dict[str, str]:
+    """{old column: its current name} for the legacy columns among `names`."""
+    return {old: new for old, new in LEGACY_COLUMNS.items() if old in names and new not in names}

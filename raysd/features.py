@@ -40,9 +40,9 @@ def represent_all(model: nn.Module, dataset: Dataset, cfg, hooks, indices: list[
         part = torch.zeros(end - begin, module.hidden_size, device=hooks.device)
         part_y = torch.zeros(end - begin, dtype=torch.long, device=hooks.device)
         mine = list(range(begin + hooks.rank, end, hooks.world_size))  # positions in `indices`
-        chunks = [mine[i: i + cfg.eval_batch_size] for i in range(0, len(mine), cfg.eval_batch_size)]
+        chunks = [mine[i: i + cfg.evaluation.batch_size] for i in range(0, len(mine), cfg.evaluation.batch_size)]
         loader = DataLoader(dataset, batch_sampler=[[indices[p] for p in c] for c in chunks],
-                            num_workers=cfg.loader_workers, pin_memory=hooks.device.type == "cuda")
+                            num_workers=cfg.resources.loader_workers, pin_memory=hooks.device.type == "cuda")
         for positions, batch in zip(chunks, loader):
             batch = {k: v.to(hooks.device, non_blocking=True) for k, v in batch.items()}
             with autocast(hooks):

@@ -66,7 +66,7 @@ class ProgressPrinter(Callback):
         cfg = self.space.trial_config(values)
         stage, round_ = row["stage"], row.get("round", 0)
         stage_cfg = getattr(cfg, stage)
-        text = stage + (f" round {round_}/{cfg.rounds}" if stage == "self_distill" else "")
+        text = stage + (f" round {round_}/{cfg.self_distill.rounds}" if stage == "self_distill" else "")
         text += f" step {row.get('step', 0)}/{stage_cfg.steps}"
         rate = row.get("samples_per_s")
         if rate:

@@ -21,18 +21,21 @@ import contextlib
 import copy
 import dataclasses
 import time
+from typing import Callable
 
 import torch
 from torch import nn
 
 from raysd import __version__
-from raysd.artifacts import METHOD_VERSION, digest, state_hash
+from raysd.artifacts import code_version, digest, library_versions, state_hash
 from raysd.config import TrialConfig
+from raysd.schema import key_inputs
 from raysd.data import Task
-from raysd.stages import (Hooks, NonFiniteLoss, StageProgress, StageRun, finetune_and_evaluate,
+from raysd.stages import (Hooks, NonFiniteLoss, MidStage, StageRun, finetune_and_evaluate,
                           further_pretrain, knn_signal, self_distill_round)
+from raysd.teacher import uses_cache
 
-__all__ = ["Hooks", "NonFiniteLoss", "TrialState", "run_trial", "init_key", "stage_key"]
+__all__ = ["Hooks", "NonFiniteLoss", "TrialState", "run_trial", "reuse_or_train", "init_key", "stage_key"]
 POLL_SECONDS = 5.0  # how often a trial waiting for another's artifact looks again
 DECISIONS = ("ready", "build", "wait")
 
@@ -45,21 +48,21 @@ class TrialState:
     theta: dict | None = None  # output of the last finished pre-training stage: the next teacher
     theta_key: str | None = None  # its artifact key (theta_init's key before any stage)
     summary: dict = dataclasses.field(default_factory=dict)  # per-stage cost, keys, signals
-    progress: StageProgress | None = None  # the running stage's own state, mid-stage
+    mid_stage: MidStage | None = None  # the running stage's own state, when stopped mid-way
 
     def to_dict(self) -> dict:
         """Tensors and plain values only, so it loads with torch.load(weights_only=True)."""
         out = {"stage_index": self.stage_index, "theta": self.theta, "theta_key": self.theta_key,
                "summary": self.summary}
-        if self.progress is not None:
-            out["progress"] = dataclasses.asdict(self.progress)
+        if self.mid_stage is not None:
+            out["mid_stage"] = dataclasses.asdict(self.mid_stage)
         return out
 
     @classmethod
     def from_dict(cls, doc: dict) -> "TrialState":
-        progress = doc.get("progress")
+        mid_stage = doc.get("mid_stage", doc.get("progress"))  # "progress": raysd 0.1's name
         return cls(doc["stage_index"], doc["theta"], doc["theta_key"], doc["summary"],
-                   StageProgress(**progress) if progress else None)
+                   MidStage(**mid_stage) if mid_stage else None)
 
 
 def stage_name(stage: str, round_: int) -> str:
@@ -70,88 +73,127 @@ def run_trial(cfg: TrialConfig, task: Task, init: nn.Module, hooks: Hooks) -> di
     """Run every stage of cfg.method from theta_init (`init`, never modified); return the
     trial's summary: final metrics, per-stage seconds, artifact keys, reuse and signals."""
     plan = cfg.stages()
-    if hooks.resume is not None:  # a restarted worker group: say where it picked up
-        state = TrialState.from_dict(hooks.resume)
-        stage, round_ = plan[state.stage_index]
-        step = state.progress.step if state.progress else 0
-        state.summary["restarts"] = state.summary.get("restarts", 0) + 1
-        state.summary["resumed_from"] = f"{stage} round {round_} step {step}"
-    else:
-        # Rank 0's key for all: ranks may hash what they loaded differently (files copied to
-        # each node with other mtimes), and every rank must load the same artifacts.
-        key = init_key(cfg, init, task) if hooks.rank == 0 else ""
-        state = TrialState(theta_key=_from_rank0(key, hooks))
-    summary = state.summary
-
+    state = _resumed(hooks.resume, plan) if hooks.resume is not None else _fresh(cfg, task, init, hooks)
+    ledger = Ledger(state.summary)
+    last: dict = {}
     for index in range(state.stage_index, len(plan)):
         stage, round_ = plan[index]
-        name = stage_name(stage, round_)
         state.stage_index = index
-        offset = sum(getattr(cfg, s).steps for s, _ in plan[:index])
-        run = StageRun(cfg, hooks, stage, round_, offset, resume=state.progress,
-                       checkpoint=lambda p: dataclasses.replace(state, progress=p).to_dict())
-        state.progress = None
-        started = time.perf_counter()
-        if stage == "finetune":
-            last, final, classifier = finetune_and_evaluate(init, state.theta or init.state_dict(),
-                                                            task, run)
-            summary.update(final)
-            if hooks.save_model is not None and hooks.rank == 0:
-                # Before the last report, so a finished trial always has its model; a worker
-                # group that restarts before that report fine-tunes again and saves again.
-                hooks.save_model(classifier, final)
-            trained = True
-        else:
-            key, inputs = stage_key(state.theta_key, cfg, stage, round_, hooks)
-            theta, last, trained = _pretrain(init, state.theta, task, run, key, inputs)
+        run = StageRun(cfg, hooks, stage, round_, offset=sum(getattr(cfg, s).steps for s, _ in plan[:index]),
+                       resume=state.mid_stage,
+                       checkpoint=lambda m: dataclasses.replace(state, mid_stage=m).to_dict())
+        state.mid_stage = None
+        with ledger.stage(stage_name(stage, round_), getattr(cfg, stage).steps) as entry:
+            if stage == "further_pretrain":
+                key, inputs = agreed_stage_key(state.theta_key, cfg, stage, round_, hooks, task)
+                theta, last, entry.trained = reuse_or_train(
+                    key, inputs, run, task, init, lambda: further_pretrain(init, task.unlabelled, run))
+            elif stage == "self_distill":
+                key, inputs = agreed_stage_key(state.theta_key, cfg, stage, round_, hooks, task)
+                teacher = state.theta  # theta_{t-1}; the student restarts from theta_init
+                theta, last, entry.trained = reuse_or_train(
+                    key, inputs, run, task, init,
+                    lambda: self_distill_round(init, teacher, task.unlabelled, run))
+            else:
+                last, final, classifier = finetune_and_evaluate(init, state.theta or init.state_dict(),
+                                                                task, run)
+                ledger.finish(final)
+                if hooks.save_model is not None and hooks.rank == 0:
+                    # Before the last report, so a finished trial always has its model; a worker
+                    # group that restarts before that report fine-tunes again and saves again.
+                    hooks.save_model(classifier, final)
+                continue
             state.theta, state.theta_key = theta, key
+            entry.artifact(key, last)
             last["stages_done"] = index + 1
-            summary[f"key_{name}"], summary[f"reused_{name}"] = key, not trained
-            if "knn_accuracy" in last:
-                summary[f"knn_accuracy_{name}"] = last["knn_accuracy"]
+        # Stage boundary: checkpoint so a restart never repeats a finished stage; a trial
+        # stopped here (ASHA) keeps the summary so far.
+        state.stage_index = index + 1
+        hooks.report({**last, **state.summary}, state.to_dict())
+    hooks.report({**last, **state.summary, "trial_done": True}, None)
+    return state.summary
+
+
+def _fresh(cfg: TrialConfig, task: Task, init: nn.Module, hooks: Hooks) -> TrialState:
+    # Rank 0's key for all: ranks may hash what they loaded differently (files copied to
+    # each node with other mtimes), and every rank must load the same artifacts.
+    key = init_key(init, task) if hooks.rank == 0 else ""
+    return TrialState(theta_key=_from_rank0(key, hooks))
+
+
+def _resumed(saved: dict, plan: list[tuple[str, int]]) -> TrialState:
+    """A restarted worker group: the saved state, and where it picked up in the summary."""
+    state = TrialState.from_dict(saved)
+    stage, round_ = plan[state.stage_index]
+    step = state.mid_stage.step if state.mid_stage else 0
+    state.summary["restarts"] = state.summary.get("restarts", 0) + 1
+    state.summary["resumed_from"] = f"{stage} round {round_} step {step}"
+    return state
+
+
+class Ledger:
+    """The trial's summary: per-stage seconds and steps, artifact keys, reuse, early signals,
+    and the final metrics. Seconds add up over restarts of a stage."""
+
+    def __init__(self, summary: dict):
+        self.summary = summary
+
+    @contextlib.contextmanager
+    def stage(self, name: str, steps: int):
+        entry = _Entry(self.summary, name)
+        started = time.perf_counter()
+        yield entry
         seconds = time.perf_counter() - started
-        summary[f"seconds_{name}"] = summary.get(f"seconds_{name}", 0.0) + seconds
-        summary[f"steps_{name}"] = getattr(cfg, stage).steps
-        if trained:  # compute this trial spent on training, as opposed to loading artifacts
-            summary["trained_seconds"] = summary.get("trained_seconds", 0.0) + seconds
-        if index + 1 < len(plan):
-            # Stage boundary: checkpoint so a restart never repeats a finished stage.
-            state.stage_index = index + 1
-            hooks.report({**last, **summary}, state.to_dict())  # a trial stopped here keeps them
-    hooks.report({**last, **summary, "trial_done": True}, None)
-    return summary
+        self.summary[f"seconds_{name}"] = self.summary.get(f"seconds_{name}", 0.0) + seconds
+        self.summary[f"steps_{name}"] = steps
+        if entry.trained:  # compute this trial spent on training, as opposed to loading artifacts
+            self.summary["trained_seconds"] = self.summary.get("trained_seconds", 0.0) + seconds
+
+    def finish(self, metrics: dict) -> None:
+        self.summary.update(metrics)
 
 
-def _pretrain(init: nn.Module, teacher: dict | None, task: Task, run: StageRun, key: str,
-              inputs: dict) -> tuple[dict, dict, bool]:
-    """One pre-training stage, loaded when its artifact exists. -> (theta, last row, trained)"""
+@dataclasses.dataclass
+class _Entry:
+    summary: dict
+    name: str
+    trained: bool = True
+
+    def artifact(self, key: str, last: dict) -> None:
+        self.summary[f"key_{self.name}"], self.summary[f"reused_{self.name}"] = key, not self.trained
+        if "knn_accuracy" in last:
+            self.summary[f"knn_accuracy_{self.name}"] = last["knn_accuracy"]
+
+
+def reuse_or_train(key: str, inputs: dict, run: StageRun, task: Task, init: nn.Module,
+                   train: Callable[[], tuple[dict, dict]]) -> tuple[dict, dict, bool]:
+    """A pre-training stage's output: loaded when its artifact exists, else trained under the
+    artifact's lease (waiting while another trial trains it) and saved. Every rank takes part.
+    -> (theta, last row with its early signal, trained)"""
     hooks, store = run.hooks, run.hooks.artifacts
 
-    def train() -> tuple[dict, dict]:
-        if run.stage == "further_pretrain":
-            theta, last = further_pretrain(init, task.unlabelled, run)
-        else:
-            theta, last = self_distill_round(init, teacher, task.unlabelled, run)
+    def trained() -> tuple[dict, dict]:
+        theta, last = train()
         return theta, {**last, **_signal(init, theta, task, run)}
 
     if store is None:
-        return (*train(), True)
+        return (*trained(), True)
     if _agree(store, key, run) == "ready":
         theta, meta = store.load(key)
         last = {**meta["row"], **run.row(getattr(run.cfg, run.stage).steps)}
         # Recomputed when the builder's signal is not this trial's (off, or on other examples);
         # decided by all ranks together, as it runs collectives.
-        stale = torch.tensor([float(meta.get("signal") != _signal_id(run.cfg))], device=hooks.device)
+        stale = torch.tensor([float(meta.get("signal") != signal_id(run.cfg))], device=hooks.device)
         if hooks.all_reduce(stale).item() > 0:
             last = {k: v for k, v in last.items() if k != "knn_accuracy"}
             last.update(_signal(init, theta, task, run))
         return theta, last, False
     started = time.perf_counter()
     with store.building(key) if hooks.rank == 0 else contextlib.nullcontext():
-        theta, last = train()
+        theta, last = trained()
         if hooks.rank == 0:
             store.save(key, theta, {"key": key, "inputs": inputs, "row": last,
-                                    "signal": _signal_id(run.cfg),
+                                    "signal": signal_id(run.cfg),
                                     "seconds": time.perf_counter() - started,
                                     "built_by": store.owner, "raysd_version": __version__})
     return theta, last, True
@@ -188,41 +230,57 @@ def _from_rank0(text: str, hooks: Hooks) -> str:
     return bytes(data[data > 0].tolist()).decode()
 
 
-def _signal_id(cfg: TrialConfig) -> str | None:
-    """What makes two early signals comparable: the kind and the examples it looks at."""
-    return None if cfg.signal == "none" else f"{cfg.signal}:{cfg.signal_examples}"
+def signal_id(cfg: TrialConfig) -> str | None:
+    """What makes two early signals of one artifact comparable: the settings declared to change
+    the signal beyond those already in the artifact's key (its kind, the examples it reads)."""
+    if cfg.evaluation.signal == "none":
+        return None
+    keyed = key_inputs(cfg, "further_pretrain")
+    return digest({k: v for k, v in key_inputs(cfg, "signal").items() if k not in keyed})
 
 
 def _signal(init: nn.Module, theta: dict, task: Task, run: StageRun) -> dict:
-    if run.cfg.signal == "none":
+    if run.cfg.evaluation.signal == "none":
         return {}
     model = copy.deepcopy(init)
     model.load_state_dict(theta)
     return knn_signal(model.to(run.hooks.device), task, run)
 
 
-def init_key(cfg: TrialConfig, init: nn.Module, task: Task) -> str:
-    """The key of theta_init on this task: the root of every stage key of the trial."""
-    return digest({"method_version": METHOD_VERSION, "model": cfg.model, "weights": cfg.weights,
+def init_key(init: nn.Module, task: Task) -> str:
+    """The key of theta_init on this task: the root of every stage key of the trial. The
+    method's code and the libraries it runs on are part of it, so neither a change to a stage
+    nor an upgrade of torch reuses what was built before."""
+    return digest({"code": code_version(), "libraries": library_versions(),
                    "theta_init": state_hash(init.state_dict()), "data": task.source,
-                   "data_fingerprint": task.fingerprint,
-                   "max_length": cfg.max_length if task.modality == "text" else None})
+                   "data_fingerprint": task.fingerprint})
 
 
-def stage_key(parent: str, cfg: TrialConfig, stage: str, round_: int, hooks: Hooks
+def stage_key(parent: str, cfg: TrialConfig, stage: str, round_: int, hooks: Hooks, task: Task
               ) -> tuple[str, dict]:
-    """(key, what it was made of) for a pre-training stage: everything its output depends on."""
+    """(key, what it was made of) for a pre-training stage: its parent's key and every setting
+    the schema declares able to change its output, as it resolves in this run."""
+    on_gpu = hooks.device.type == "cuda"
+    resolved: dict = {"precision": cfg.precision if on_gpu else "fp32",
+                      "max_length": cfg.max_length if task.modality == "text" else None}
+    if stage == "self_distill":
+        distill = cfg.self_distill
+        cached = uses_cache(distill.teacher_cache, distill.steps * distill.batch_size, len(task.unlabelled))
+        resolved["self_distill.teacher_cache"] = "on" if cached else "off"
+        if not cached:  # only cached targets are computed in evaluation-sized batches
+            resolved["evaluation.batch_size"] = None
     inputs = {
         "parent": parent, "stage": stage, "round": round_,
-        "settings": dataclasses.asdict(getattr(cfg, stage)),
-        "mask_ratio": cfg.mask_ratio, "seed": cfg.seed,
-        # Ranks draw their own masks, and kernels round differently per device and precision.
+        "settings": key_inputs(cfg, stage, resolved),
+        # Ranks draw their own masks, and kernels round differently per device.
         "world_size": hooks.world_size,
-        "precision": cfg.precision if hooks.device.type == "cuda" else "fp32",
-        "device": torch.cuda.get_device_name(hooks.device) if hooks.device.type == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name(hooks.device) if on_gpu else "cpu",
     }
-    if stage == "self_distill":
-        inputs.update(mae_weight=cfg.mae_weight, teacher_cache=cfg.teacher_cache)
-        if cfg.teacher_cache != "off":  # the cached targets' batch shape, which kernels see
-            inputs["teacher_batch"] = cfg.eval_batch_size
     return digest(inputs), inputs
+
+
+def agreed_stage_key(parent: str, cfg: TrialConfig, stage: str, round_: int, hooks: Hooks,
+                     task: Task) -> tuple[str, dict]:
+    """Rank 0's stage key on every rank (and its inputs on rank 0, which saves them)."""
+    key, inputs = stage_key(parent, cfg, stage, round_, hooks, task) if hooks.rank == 0 else ("", {})
+    return _from_rank0(key, hooks), inputs

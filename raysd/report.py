@@ -158,7 +158,7 @@ def importances(study_uri: str, space: Space) -> pd.Series | None:
 
 def plot_gamma_lambda(done: pd.DataFrame, space: Space, store: Store, study_uri: str) -> str | None:
     """The joint view of the masking ratio and the MAE weight: one panel per T', colour = metric."""
-    gamma, lam, rounds = "param.mask_ratio", "param.self_distill.mae_weight", "cfg.rounds"
+    gamma, lam, rounds = "param.mask_ratio", "param.self_distill.mae_weight", "cfg.self_distill.rounds"
     if gamma not in done.columns or lam not in done.columns or done[lam].isna().all():
         return None
     sampled = done[done[lam].notna()]

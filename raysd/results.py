@@ -5,7 +5,6 @@ Each write replaces a whole file atomically, so readers never see a truncated fi
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import sys
@@ -18,6 +17,7 @@ import pyarrow.fs as pafs
 from ray.tune import Callback
 
 import raysd
+from raysd.config import columns
 from raysd.spaces import Space
 from raysd.storage import HISTORY, MODELS, PARTS, TRIALS, Store
 
@@ -51,11 +51,7 @@ def trial_row(space: Space, trial_id: str, config: dict, last: dict, status: str
     if variant:
         row.update(variant=variant["variant"], method=cfg.method, seed=cfg.seed)
     row.update({f"param.{k}": _clean(v) for k, v in values.items()})
-    settings = dataclasses.asdict(cfg)
-    for stage in ("further_pretrain", "self_distill", "finetune"):
-        for key, value in settings.pop(stage).items():
-            settings[f"{stage}.{key}"] = value
-    row.update({f"cfg.{k}": v for k, v in settings.items()})
+    row.update(columns(cfg))
     row.update({k: v for k, v in last.items()
                 if k.startswith(FINAL_PREFIXES) or k in FINAL_KEYS})
     row["wall_seconds"] = wall_seconds

@@ -60,7 +60,7 @@ class Hooks:
 
 
 @dataclasses.dataclass
-class StageProgress:
+class MidStage:
     """A stage stopped mid-way: everything needed to continue it exactly."""
 
     step: int
@@ -77,9 +77,9 @@ class StageRun:
     hooks: Hooks
     stage: str
     round: int
-    offset: int = 0  # steps of the trial's earlier stages: rows' trial-wide `progress`
-    resume: StageProgress | None = None
-    checkpoint: Callable[[StageProgress], dict] | None = None  # -> the state report() saves
+    offset: int = 0  # steps of the trial's earlier stages, so a row's `progress` is its trial-wide step
+    resume: MidStage | None = None
+    checkpoint: Callable[[MidStage], dict] | None = None  # -> the state report() saves
 
     def row(self, step: int) -> dict:
         return {"stage": self.stage, "round": self.round, "step": step, "progress": self.offset + step}
@@ -123,7 +123,7 @@ def self_distill_round(init: nn.Module, teacher_weights: dict, d_u: Dataset, run
     targets = teacher_targets(teacher, d_u, cfg, hooks, samples=cfg.self_distill.steps
                               * cfg.self_distill.batch_size)
     student = copy.deepcopy(init)
-    lam = cfg.mae_weight
+    lam = cfg.self_distill.mae_weight
     if lam == 0:
         # lambda = 0: the decoder takes no part, so it must not move (not even by weight decay).
         student.decoder.requires_grad_(False)
@@ -151,7 +151,7 @@ def finetune_and_evaluate(init: nn.Module, weights: dict, task: Task, run: Stage
     backbone = copy.deepcopy(init)
     backbone.load_state_dict(weights)
     classifier = Classifier(backbone, task.num_classes)
-    set_hidden_dropout(classifier.backbone, cfg.finetune_dropout)
+    set_hidden_dropout(classifier.backbone, cfg.finetune.dropout)
     torch.manual_seed(_seed(cfg.seed, "head"))  # same head init on every rank and every retry
     classifier.head.reset_parameters()
     model = hooks.wrap(classifier.to(hooks.device))
@@ -237,7 +237,7 @@ def train_loop(model: nn.Module, step_loss, scfg: StageConfig, dataset: Dataset,
         start = run.resume.step
     per_rank = max(1, scfg.batch_size // hooks.world_size)
     batches = step_batches(dataset, per_rank, seed=run.seed(), start=start, stop=scfg.steps,
-                           rank=hooks.rank, world=hooks.world_size, workers=cfg.loader_workers)
+                           rank=hooks.rank, world=hooks.world_size, workers=cfg.resources.loader_workers)
     model.train()
     window_start, window_samples = time.perf_counter(), 0
     for step, batch in enumerate(batches, start=start):
@@ -261,19 +261,19 @@ def train_loop(model: nn.Module, step_loss, scfg: StageConfig, dataset: Dataset,
         scheduler.step()
         window_samples += len(batch[next(iter(batch))]) * hooks.world_size
         steps_done = step + 1
-        if steps_done % cfg.log_every == 0 or steps_done == scfg.steps:
+        if steps_done % cfg.logging.log_every == 0 or steps_done == scfg.steps:
             elapsed = time.perf_counter() - window_start
             metrics = {**run.row(steps_done), "loss": value,
                        **{k: float(v.detach()) for k, v in parts.items()},
                        "lr": scheduler.get_last_lr()[0], "samples_per_s": window_samples / elapsed}
-            if validate is not None and cfg.eval_every and (steps_done % cfg.eval_every == 0 or steps_done == scfg.steps):
+            if validate is not None and cfg.evaluation.every and (steps_done % cfg.evaluation.every == 0 or steps_done == scfg.steps):
                 metrics.update(validate())
                 model.train()
             if steps_done == scfg.steps:
                 return metrics
             state = None
-            if steps_done % cfg.checkpoint_every == 0 and run.checkpoint is not None:
-                state = run.checkpoint(StageProgress(steps_done, unwrap(model).state_dict(),
+            if steps_done % cfg.logging.checkpoint_every == 0 and run.checkpoint is not None:
+                state = run.checkpoint(MidStage(steps_done, unwrap(model).state_dict(),
                                                      optimizer.state_dict(), scheduler.state_dict()))
             hooks.report(metrics, state)
             window_start, window_samples = time.perf_counter(), 0
@@ -288,8 +288,8 @@ def evaluate(model: nn.Module, dataset: Dataset, task: Task, cfg: TrialConfig, h
     c = task.num_classes
     confusion = torch.zeros(c * c, dtype=torch.float64, device=hooks.device)
     loss_sum = torch.zeros(1, dtype=torch.float64, device=hooks.device)
-    for batch in shard_batches(dataset, cfg.eval_batch_size, hooks.rank, hooks.world_size,
-                               cfg.loader_workers, cfg.eval_max_examples):
+    for batch in shard_batches(dataset, cfg.evaluation.batch_size, hooks.rank, hooks.world_size,
+                               cfg.resources.loader_workers, cfg.evaluation.max_examples):
         batch = {k: v.to(hooks.device) for k, v in batch.items()}
         with autocast(hooks):
             logits = model(batch).float()
@@ -325,9 +325,9 @@ def knn_signal(model: nn.Module, task: Task, run: StageRun, k: int = 20,
     was_training = model.training
     model.eval()
     bank, bank_y = represent_all(model, task.unlabelled, cfg, hooks,
-                                 sample_indices(len(task.unlabelled), cfg.signal_examples))
+                                 sample_indices(len(task.unlabelled), cfg.evaluation.signal_examples))
     query, query_y = represent_all(model, task.val, cfg, hooks,
-                                   sample_indices(len(task.val), cfg.signal_examples))
+                                   sample_indices(len(task.val), cfg.evaluation.signal_examples))
     model.train(was_training)
     sims = F.normalize(query, dim=1) @ F.normalize(bank, dim=1).T  # [Q, N]
     top, index = sims.topk(min(k, len(bank)), dim=1)  # [Q, k]

@@ -80,9 +80,9 @@ def trial_driver(config: dict, space: Space, train_storage: str, artifacts: str 
                            "fatal_file": f"{run_uri}/{FATAL_FILE}", "artifacts": artifacts,
                            "model_uri": f"{models}/{name}" if models else None},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-            resources_per_worker=cfg.worker_resources(), accelerator_type=cfg.accelerator_type,
-            placement_strategy=PLACEMENTS[cfg.placement]),
+            num_workers=cfg.resources.workers, use_gpu=cfg.resources.use_gpu,
+            resources_per_worker=cfg.worker_resources(), accelerator_type=cfg.resources.accelerator_type,
+            placement_strategy=PLACEMENTS[cfg.resources.placement]),
         # Named after the Tune trial: a retried or restored trial finds its own checkpoints.
         run_config=ray.train.RunConfig(
             name=name, storage_path=train_storage, callbacks=[TuneReportCallback()],
@@ -101,7 +101,7 @@ def trial_driver(config: dict, space: Space, train_storage: str, artifacts: str 
     if fs.get_file_info(fatal).type != pafs.FileType.NotFound:
         with fs.open_input_stream(fatal) as f:
             raise TrialFailed(f.read().decode())
-    if not cfg.keep_checkpoints:  # the trial is recorded; its step checkpoints have no further use
+    if not cfg.logging.keep_checkpoints:  # the trial is recorded; its step checkpoints have no further use
         fs.delete_dir(run_dir)
 
 
@@ -137,8 +137,8 @@ def study_marker(train_storage: str) -> str | None:
 def worker_bundle(cfg: TrialConfig) -> dict[str, float]:
     """One Ray Train worker's resources as a node must offer them."""
     need = cfg.worker_resources()
-    if cfg.accelerator_type:
-        need[f"accelerator_type:{cfg.accelerator_type}"] = 0.001
+    if cfg.resources.accelerator_type:
+        need[f"accelerator_type:{cfg.resources.accelerator_type}"] = 0.001
     return need
 
 
@@ -150,15 +150,15 @@ def slots(node: dict, need: dict) -> int:
 def trials_that_fit(cfg: TrialConfig, nodes: list[dict]) -> int:
     """Trials whose worker groups fit on these nodes at once, under the trial's placement."""
     per_node = [slots(node, worker_bundle(cfg)) for node in nodes]
-    if cfg.placement == "strict_pack":
-        return sum(n // cfg.num_workers for n in per_node)
-    if cfg.placement == "strict_spread":  # each trial's workers on distinct nodes
+    if cfg.resources.placement == "strict_pack":
+        return sum(n // cfg.resources.workers for n in per_node)
+    if cfg.resources.placement == "strict_spread":  # each trial's workers on distinct nodes
         trials = 0
-        while sum(min(n, trials + 1) for n in per_node) >= (trials + 1) * cfg.num_workers \
-                and sum(n > 0 for n in per_node) >= cfg.num_workers:
+        while sum(min(n, trials + 1) for n in per_node) >= (trials + 1) * cfg.resources.workers \
+                and sum(n > 0 for n in per_node) >= cfg.resources.workers:
             trials += 1
         return trials
-    return sum(per_node) // cfg.num_workers
+    return sum(per_node) // cfg.resources.workers
 
 
 def autoscaler_node_types() -> list[dict] | None:
@@ -196,11 +196,11 @@ def plan_concurrency(space: Space, max_concurrent: int | None, num_samples: int)
     if node_types is None:  # nothing will be added: run what fits
         if fits_now < 1:
             raise ConfigError(
-                f"this cluster cannot hold one trial's {cfg.num_workers} workers ({what} each, "
-                f"placement {cfg.placement}); lower resources.workers or change resources.placement")
+                f"this cluster cannot hold one trial's {cfg.resources.workers} workers ({what} each, "
+                f"placement {cfg.resources.placement}); lower resources.workers or change resources.placement")
         return min(limit or fits_now, fits_now)
     if fits_now < 1:
-        print(f"raysd: no node can take a trial's {cfg.num_workers} worker(s) ({what}) yet; "
+        print(f"raysd: no node can take a trial's {cfg.resources.workers} worker(s) ({what}) yet; "
               "waiting for the autoscaler to add nodes", flush=True)
     return limit or max(1, min(num_samples, space.study.n_startup_trials or num_samples))
 

@@ -56,9 +56,14 @@ class CachedTargets:
         return self.table[index.to(self.table.device)].to(self.device, non_blocking=True)
 
 
+def uses_cache(setting: str, samples: int, size: int) -> bool:
+    """Whether a round caches f_teacher(D_u): `on`, or `auto` when it draws at least len(D_u)."""
+    return setting == "on" or (setting == "auto" and samples >= size)
+
+
 def teacher_targets(teacher: nn.Module, d_u: Dataset, cfg, hooks, samples: int):
     """CachedTargets when the round draws at least len(D_u) samples (`samples`), else live."""
-    if cfg.teacher_cache == "off" or (cfg.teacher_cache == "auto" and samples < len(d_u)):
+    if not uses_cache(cfg.self_distill.teacher_cache, samples, len(d_u)):
         return LiveTargets(teacher, d_u)
     place = hooks.device
     if place.type == "cuda" and not _fits(len(d_u) * teacher.hidden_size * 4, place):

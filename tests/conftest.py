@@ -11,18 +11,24 @@ os.environ["RAYSD_CACHE"] = tempfile.mkdtemp(prefix="raysd-test-cache-")
 
 import pytest  # noqa: E402
 
-from raysd.config import StageConfig, TrialConfig  # noqa: E402
+from raysd import config, schema  # noqa: E402
+from raysd.config import TrialConfig  # noqa: E402
+
+TINY_STAGE = {"steps": 4, "batch_size": 16, "lr": 1e-3}
+TINY = {"model": "vit_tiny", "weights": "none", "data": "builtin:digits",
+        "further_pretrain": TINY_STAGE, "self_distill": TINY_STAGE,
+        "finetune": {**TINY_STAGE, "warmup_steps": 2},
+        "evaluation": {"batch_size": 512, "signal_examples": 256},
+        "logging": {"log_every": 2, "checkpoint_every": 2}}
 
 
-def tiny_config(**overrides) -> TrialConfig:
-    """A ViT trial small enough for a unit test on one CPU core."""
-    stage = StageConfig(steps=4, batch_size=16, lr=1e-3, beta2=0.95)
-    base = dict(model="vit_tiny", weights="none", data="builtin:digits", further_pretrain=stage,
-                self_distill=stage, finetune=StageConfig(steps=4, batch_size=16, lr=1e-3,
-                                                         warmup_steps=2, grad_clip=1.0),
-                eval_batch_size=512, log_every=2, checkpoint_every=2, signal_examples=256)
-    base.update(overrides)
-    return TrialConfig(**base)
+def tiny_config(values: dict | None = None, /, **top) -> TrialConfig:
+    """A ViT trial small enough for a unit test on one CPU core, with settings changed by
+    dotted name (`{"self_distill.rounds": 2}`) or, for top-level ones, by keyword."""
+    cfg = schema.with_values(schema.parse(TrialConfig, TINY, "tiny_config"), {**(values or {}), **top},
+                             "tiny_config")
+    config.check(cfg, "tiny_config")
+    return cfg
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ from conftest import tiny_config
 from raysd import models
 from raysd.artifacts import ArtifactStore, state_hash
 from raysd.losses import distill_loss
-from raysd.config import StageConfig
 from raysd.recipe import Hooks, init_key, run_trial, stage_key, stage_name
 from raysd.teacher import CachedTargets, LiveTargets, teacher_targets
 
@@ -29,10 +28,10 @@ def _trial(cfg, task, store=None):
 
 def test_a_trial_reuses_the_stages_another_trained_with_identical_results(digits, tmp_path):
     store = ArtifactStore(str(tmp_path / "artifacts"), owner="a")
-    short, _ = _trial(tiny_config(rounds=1), digits, store)
+    short, _ = _trial(tiny_config({"self_distill.rounds": 1}), digits, store)
     assert not short["reused_further_pretrain"] and not short["reused_self_distill_1"]
     # T'=2 with the same gamma, lambda, seed: theta_0 and theta_1 are loaded, only round 2 trains.
-    long_cfg = tiny_config(rounds=2)
+    long_cfg = tiny_config({"self_distill.rounds": 2})
     reused, rows = _trial(long_cfg, digits, ArtifactStore(store.uri, owner="b"))
     assert reused["reused_further_pretrain"] and reused["reused_self_distill_1"]
     assert not reused["reused_self_distill_2"]
@@ -47,27 +46,41 @@ def test_a_trial_reuses_the_stages_another_trained_with_identical_results(digits
 
 def _keys(cfg, task, init=None):
     """The artifact keys of a trial's pre-training stages, as run_trial forms them."""
-    key, keys = init_key(cfg, init or _init(), task), {}
+    key, keys = init_key(init or _init(), task), {}
     for stage, round_ in cfg.stages()[:-1]:
-        key, _ = stage_key(key, cfg, stage, round_, Hooks())
+        key, _ = stage_key(key, cfg, stage, round_, Hooks(), task)
         keys[stage_name(stage, round_)] = key
     return keys
 
 
 @pytest.mark.parametrize("change,shares_theta_0", [
-    (dict(mask_ratio=0.5), False), (dict(seed=1), False), (dict(weights="other"), False),
-    (dict(further_pretrain=StageConfig(steps=5, batch_size=16, lr=1e-3, beta2=0.95)), False),
-    (dict(mae_weight=0.5), True), (dict(teacher_cache="on"), True),
-    (dict(eval_batch_size=7), True),  # the teacher cache's batches: bf16 kernels may round by shape
-    (dict(self_distill=StageConfig(steps=4, batch_size=16, lr=2e-3, beta2=0.95)), True),
+    ({"mask_ratio": 0.5}, False), ({"seed": 1}, False), ({"weights": "other"}, False),
+    ({"further_pretrain.steps": 5}, False), ({"further_pretrain.lr": 2e-3}, False),
+    ({"evaluation.val_fraction": 0.2}, False),  # D_u of a source without a val split
+    ({"self_distill.mae_weight": 0.5}, True), ({"self_distill.teacher_cache": "on"}, True),
+    # the teacher cache's batches: bf16 kernels may round by shape
+    ({"self_distill.teacher_cache": "on", "evaluation.batch_size": 7}, True),
+    ({"self_distill.lr": 2e-3}, True), ({"self_distill.steps": 5}, True),
 ])
 def test_keys_change_with_every_input_that_changes_the_weights(digits, change, shares_theta_0):
-    base, other = _keys(tiny_config(), digits), _keys(tiny_config(**change), digits)
+    base, other = _keys(tiny_config(), digits), _keys(tiny_config(change), digits)
+    if "evaluation.batch_size" in change:
+        base = _keys(tiny_config({"self_distill.teacher_cache": "on"}), digits)
     assert other["self_distill_1"] != base["self_distill_1"]
     assert (other["further_pretrain"] == base["further_pretrain"]) == shares_theta_0
-    # Settings that cannot change the weights leave every key alone.
-    same = _keys(tiny_config(log_every=1, checkpoint_every=1, loader_workers=1, signal="none"), digits)
-    assert same == base
+
+
+def test_settings_that_cannot_change_the_weights_leave_every_key_alone(digits):
+    base = _keys(tiny_config(), digits)
+    same = {"logging.log_every": 1, "logging.checkpoint_every": 1, "resources.loader_workers": 1,
+            "evaluation.signal": "none", "evaluation.every": 2, "self_distill.rounds": 1,
+            "finetune.lr": 0.5, "finetune.dropout": 0.0}
+    assert _keys(tiny_config(same), digits) == base
+    # Uncached targets are not computed in evaluation batches; `auto` that resolves to live
+    # targets keys like `off`; a number keys alike however it is written.
+    assert _keys(tiny_config({"evaluation.batch_size": 7}), digits) == base
+    assert _keys(tiny_config({"self_distill.teacher_cache": "off"}), digits) == base
+    assert _keys(tiny_config({"self_distill.mae_weight": 1}), digits) == base
 
 
 def test_theta_init_content_and_the_data_are_part_of_the_key(digits):
@@ -125,10 +138,10 @@ def test_a_lease_is_renewed_while_building(tmp_path):
 
 
 def test_teacher_cache_gives_the_live_teachers_distillation_loss(digits):
-    cfg = tiny_config(teacher_cache="on", eval_batch_size=37)  # other batches than training's
+    cfg = tiny_config({"self_distill.teacher_cache": "on", "evaluation.batch_size": 37})  # other batches than training's
     teacher, student = _init(1).eval(), _init(0)
     cached = teacher_targets(teacher, digits.unlabelled, cfg, Hooks(), samples=0)
-    live = teacher_targets(teacher, digits.unlabelled, tiny_config(teacher_cache="off"), Hooks(), samples=0)
+    live = teacher_targets(teacher, digits.unlabelled, tiny_config({"self_distill.teacher_cache": "off"}), Hooks(), samples=0)
     assert isinstance(cached, CachedTargets) and isinstance(live, LiveTargets)
     for start in (0, 100, 700):
         items = [cached.dataset[i] for i in range(start, start + 16)]
@@ -137,21 +150,21 @@ def test_teacher_cache_gives_the_live_teachers_distillation_loss(digits):
         assert torch.allclose(distill_loss(repr_, cached(batch)), distill_loss(repr_, live(batch)),
                               rtol=1e-5, atol=1e-6)
     # auto: cached only when the round draws at least len(D_u) samples
-    auto = tiny_config(teacher_cache="auto")
+    auto = tiny_config({"self_distill.teacher_cache": "auto"})
     assert isinstance(teacher_targets(teacher, digits.unlabelled, auto, Hooks(), samples=10), LiveTargets)
     assert isinstance(teacher_targets(teacher, digits.unlabelled, auto, Hooks(),
                                       samples=len(digits.unlabelled)), CachedTargets)
 
 
 def test_a_round_with_the_teacher_cache_trains_like_one_without(digits):
-    on, _ = _trial(tiny_config(teacher_cache="on"), digits)
-    off, _ = _trial(tiny_config(teacher_cache="off"), digits)
+    on, _ = _trial(tiny_config({"self_distill.teacher_cache": "on"}), digits)
+    off, _ = _trial(tiny_config({"self_distill.teacher_cache": "off"}), digits)
     assert on["key_self_distill_1"] != off["key_self_distill_1"]
     assert on["val_loss"] == pytest.approx(off["val_loss"], rel=1e-4)
 
 
 def test_early_signal_after_each_pretraining_stage_with_asha_clock(digits):
-    out, rows = _trial(tiny_config(rounds=2), digits)
+    out, rows = _trial(tiny_config({"self_distill.rounds": 2}), digits)
     signal_rows = [r for r in rows if "knn_accuracy" in r]
     assert [(r["stage"], r["round"], r["stages_done"]) for r in signal_rows] == [
         ("further_pretrain", 0, 1), ("self_distill", 1, 2), ("self_distill", 2, 3)]
@@ -192,7 +205,7 @@ def test_a_waiting_trial_loads_what_the_lease_holder_built(digits, tmp_path, mon
 
     def finish_meanwhile(seconds):  # while the waiter sleeps, the holder finishes
         weights = copy.deepcopy(_init().state_dict())
-        holder.save(key, weights, {"row": {"loss": 0.5, "knn_accuracy": 0.25}, "signal": "knn:256"})
+        holder.save(key, weights, {"row": {"loss": 0.5, "knn_accuracy": 0.25}, "signal": recipe.signal_id(cfg)})
         holder.release(key)
 
     monkeypatch.setattr(recipe.time, "sleep", finish_meanwhile)

@@ -52,10 +52,10 @@ def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
 
     # The teacher's targets are gathered from both ranks' shards; stages go to a shared store.
     store = ArtifactStore(f"{out_dir}/artifacts", owner="trial-a")
-    out = trial(tiny_config(rounds=1, teacher_cache="on"), store)
+    out = trial(tiny_config({"self_distill.rounds": 1, "self_distill.teacher_cache": "on"}), store)
     classifier, teacher = finals[-1].module.state_dict(), states[-1]
-    live = trial(tiny_config(rounds=1, teacher_cache="off"))
-    again = trial(tiny_config(rounds=1, teacher_cache="on"), ArtifactStore(store.uri, owner="trial-b"))
+    live = trial(tiny_config({"self_distill.rounds": 1, "self_distill.teacher_cache": "off"}))
+    again = trial(tiny_config({"self_distill.rounds": 1, "self_distill.teacher_cache": "on"}), ArtifactStore(store.uri, owner="trial-b"))
     torch.save({"classifier": classifier, "teacher": teacher, "metrics": out, "live": live,
                 "again": again}, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()

@@ -275,7 +275,7 @@ def test_export_refuses_a_folder_with_files(vit_saved, tmp_path):
 def test_a_trial_saves_its_model_before_its_last_report_and_again_after_a_restart(digits, tmp_path):
     """Saved by the recipe, complete when the last row is reported; a worker group restarted
     mid-fine-tuning saves it too, the same model (resume is exact)."""
-    cfg = tiny_config(method="finetune", eval_max_examples=64)
+    cfg = tiny_config({"evaluation.max_examples": 64}, method="finetune")
     torch.manual_seed(0)
     init = models.build("vit_tiny")
     folder = tmp_path / "model"

@@ -68,7 +68,7 @@ def test_ranks_on_two_nodes_match_one_node_and_survive_losing_a_node(ray_local, 
     wall = time.time() - started
 
     row = pq.read_table(shared / "spread" / "results" / "trials.parquet").to_pylist()[0]
-    assert row["status"] == "completed" and row["cfg.placement"] == "spread"
+    assert row["status"] == "completed" and row["cfg.resources.placement"] == "spread"
     nodes = row["worker_nodes"].split(",")
     assert row["num_nodes"] == 2 and len(set(nodes)) == 2  # rank 0 and rank 1 on different nodes
     assert row["restarts"] == 1 and row["resumed_from"].startswith("self_distill round 1 step ")

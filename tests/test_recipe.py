@@ -55,7 +55,7 @@ def test_every_round_restarts_from_theta_init(digits):
     init = _init()
     theta_init = {k: v.clone() for k, v in init.state_dict().items()}
     rec = Recorder()
-    run_trial(tiny_config(rounds=3), digits, init, rec.hooks)
+    run_trial(tiny_config({"self_distill.rounds": 3}), digits, init, rec.hooks)
     # further pre-training, then three rounds: each student is wrapped at theta_init, phi_init
     assert len(rec.wrapped) == 5
     for state in rec.wrapped[:4]:
@@ -80,7 +80,7 @@ def test_zero_mae_weight_leaves_the_decoder_untouched(digits):
     init = _init()
     decoder_init = {k: v.clone() for k, v in init.state_dict().items() if k.startswith("decoder.")}
     rec = Recorder()
-    run_trial(tiny_config(mae_weight=0.0, rounds=1), digits, init, rec.hooks)
+    run_trial(tiny_config({"self_distill.mae_weight": 0.0, "self_distill.rounds": 1}), digits, init, rec.hooks)
     after_round = [s["theta"] for s in rec.states if "progress" not in s][1]
     assert all(torch.equal(after_round[k], v) for k, v in decoder_init.items())
     encoder_moved = any(not torch.equal(after_round[k], init.state_dict()[k])
@@ -106,7 +106,7 @@ def test_distillation_gradient_never_reaches_the_decoder(digits):
 
 
 def test_resume_mid_stage_gives_the_same_weights_as_an_uninterrupted_run(digits):
-    cfg = tiny_config(rounds=1, checkpoint_every=2, log_every=1)
+    cfg = tiny_config({"self_distill.rounds": 1, "logging.checkpoint_every": 2, "logging.log_every": 1})
     full = Recorder()
     out_full = run_trial(cfg, digits, _init(), full.hooks)
     mid = [s for s in full.states if s.get("progress", {}).get("step") == 2
@@ -124,8 +124,7 @@ def test_resume_mid_stage_gives_the_same_weights_as_an_uninterrupted_run(digits)
 
 
 def test_divergence_is_caught_with_stage_and_step(digits):
-    cfg = tiny_config(method="further_pretrain", further_pretrain=tiny_config().further_pretrain.__class__(
-        steps=50, batch_size=16, lr=1e30))
+    cfg = tiny_config({"further_pretrain.steps": 50, "further_pretrain.lr": 1e30}, method="further_pretrain")
     with pytest.raises(NonFiniteLoss, match=r"further_pretrain round 0 step \d+: loss is (nan|inf)"):
         run_trial(cfg, digits, _init(), Hooks())
 
@@ -167,7 +166,7 @@ def test_finetuning_uses_the_configured_hidden_dropout(digits, dropout):
         seen.append({name: m.p for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout)})
         return model
 
-    run_trial(tiny_config(method="finetune", finetune_dropout=dropout), digits, _init(), Hooks(wrap=wrap))
+    run_trial(tiny_config({"finetune.dropout": dropout}, method="finetune"), digits, _init(), Hooks(wrap=wrap))
     hidden = {n: p for n, p in seen[-1].items() if not n.endswith("attn_drop")}
     assert hidden and set(hidden.values()) == {dropout}
     assert {p for n, p in seen[-1].items() if n.endswith("attn_drop")} == {0.0}

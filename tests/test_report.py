@@ -33,7 +33,7 @@ def _trial_row(tid, status, rounds, mae, mask, val, test) -> dict:
         "trial_id": tid, "status": status, "error": NAN_ERROR if status == "failed" else None,
         "param.self_distill.rounds": rounds, "param.self_distill.mae_weight": mae,
         "param.mask_ratio": mask, "cfg.model": "vit_tiny", "cfg.method": "self_distill",
-        "cfg.rounds": rounds, "cfg.mae_weight": 1.0 if mae is None else mae, "cfg.mask_ratio": mask,
+        "cfg.self_distill.rounds": rounds, "cfg.self_distill.mae_weight": 1.0 if mae is None else mae, "cfg.mask_ratio": mask,
         "val_accuracy": val, "test_accuracy": test, "val_loss": 0.5 if done else None,
         "test_loss": 0.6 if done else None, "train_loss": 0.3 if done else None,
         "gen_gap": 0.3 if done else None, "init_distance": 1.5 if done else None,

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import RobertaConfig, RobertaForMaskedLM
 
-from raysd import models
-from raysd.config import StageConfig, TrialConfig
+from raysd import models, schema
+from raysd.config import TrialConfig
 from raysd.data import load_task
 from raysd.data.text import BUILTIN_PACKAGES, builtin_splits
 from raysd.errors import ConfigError
@@ -262,11 +262,13 @@ def test_distill_loss_is_zero_between_equal_models(tmp_path):
     assert all(p.grad is None for p in stranger.parameters())  # StopGrad on the teacher side
 
 
-def _cfg(method: str, **overrides) -> TrialConfig:
-    stage = StageConfig(steps=5, batch_size=8, lr=1e-3)
-    return TrialConfig(model="roberta_tiny", weights="none", data="builtin:text", method=method,
-                       mask_ratio=0.15, further_pretrain=stage, self_distill=stage,
-                       finetune=stage, max_length=64, log_every=5, **overrides)
+def _cfg(method: str, values: dict | None = None) -> TrialConfig:
+    stage = {"steps": 5, "batch_size": 8, "lr": 1e-3, "beta2": 0.999}
+    return schema.with_values(schema.parse(TrialConfig, {
+        "model": "roberta_tiny", "weights": "none", "data": "builtin:text", "method": method,
+        "mask_ratio": 0.15, "further_pretrain": stage, "self_distill": stage,
+        "finetune": {**stage, "warmup_steps": 0, "grad_clip": 0.0}, "max_length": 64,
+        "logging": {"log_every": 5}}, "test"), values or {})
 
 
 @pytest.mark.parametrize("method", ["finetune", "further_pretrain", "self_distill"])
@@ -281,7 +283,7 @@ def test_tiny_trial(method):
 
 
 def test_decoder_stays_put_when_mae_weight_is_zero():
-    cfg = _cfg("self_distill", mae_weight=0.0)
+    cfg = _cfg("self_distill", {"self_distill.mae_weight": 0.0})
     init = load_backbone(cfg.model, cfg.weights)
     task = load_task(cfg.data, tokenizer=init.tokenizer, max_length=cfg.max_length)
     carries = []

@@ -5,7 +5,8 @@ import sys
 import pytest
 
 from raysd import cli, models
-from raysd.spaces import available, load_space, parse_overrides
+from raysd.overrides import parse_overrides
+from raysd.spaces import available, load_space
 
 PAPER_PARAMS = ("mae_weight", "mask_ratio", "rounds")
 
@@ -37,7 +38,7 @@ def test_vit_base_mae_matches_the_papers_table_9():
 def test_overrides_and_searched_values_reach_the_trial_config():
     space = load_space("demo", parse_overrides(["self_distill.rounds=2", "finetune.lr=3e-4"]))
     cfg = space.trial_config({"mask_ratio": 0.6})
-    assert (cfg.rounds, cfg.finetune.lr, cfg.mask_ratio) == (2, 3e-4, 0.6)
+    assert (cfg.self_distill.rounds, cfg.finetune.lr, cfg.mask_ratio) == (2, 3e-4, 0.6)
 
 
 def test_conditional_parameter_only_when_it_applies():
@@ -49,7 +50,7 @@ def test_conditional_parameter_only_when_it_applies():
 
 BAD_FILES = {
     "unknown top key": ("modle: vit_tiny\n", "unknown key 'modle'"),
-    "unknown stage key": ("finetune: {stpes: 3}\n", "unknown key finetune.stpes"),
+    "unknown stage key": ("finetune: {stpes: 3}\n", "unknown key 'finetune.stpes'"),
     "mask ratio out of range": ("mask_ratio: 1.5\n", "mask_ratio: must be a number in (0, 1)"),
     "negative rounds": ("self_distill: {rounds: -1}\n", "self_distill.rounds: must be an integer >= 0"),
     "negative steps": ("further_pretrain: {steps: -3}\n", "further_pretrain.steps: must be an integer >= 1"),

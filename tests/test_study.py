@@ -196,7 +196,7 @@ def test_single_run_with_two_ddp_workers(ray_local, tmp_path):
                      "--storage", str(tmp_path), "--name", "ddp"])
     assert code == 0
     row = pq.read_table(tmp_path / "ddp" / "results" / "trials.parquet").to_pylist()[0]
-    assert row["status"] == "completed" and row["cfg.num_workers"] == 2
+    assert row["status"] == "completed" and row["cfg.resources.workers"] == 2
     assert row["cfg.method"] == "further_pretrain" and "seconds_self_distill_1" not in row
 
 

@@ -17,7 +17,9 @@ from raysd.data.text import VOCAB_SIZE, builtin_corpus, builtin_splits, builtin_
 from raysd.errors import ConfigError
 from raysd.models import roberta
 from raysd.recipe import Hooks, run_trial
-from raysd.spaces import check_model_fit, load_space, parse_overrides
+from raysd.checks import check_model_fit
+from raysd.overrides import parse_overrides
+from raysd.spaces import load_space
 
 # The real build (bootstrap.TEXT_PRETRAIN) takes minutes; CI builds a shorter one the same way,
 # long enough to leave the plateau where a masked LM predicts word frequencies only (at 200

@@ -1,0 +1,75 @@
+"""The checks that read files before Ray starts: every trial's weights and data, and a text
+model's values against its tokenizer and positions."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from raysd import models
+from raysd.config import TrialConfig
+from raysd.errors import ConfigError
+from raysd.spaces import Space, extremes
+
+
+def check_inputs(space: Space) -> None:
+    """The weights and data of every trial the space can run, and the space's values against
+    its model, checked before Ray starts."""
+    from raysd.data import check_source
+    from raysd.models.weights import check_weights
+
+    trials = [(space.source, space.trial_config())]
+    for param in space.params:
+        if param.key in ("model", "weights", "data"):
+            values = list(param.choices)
+        elif param.key == "max_length":
+            values = [max(extremes(param))]  # the longest text is the one that can overflow
+        else:
+            continue
+        trials += [(f"{space.source}: search.{param.key} = {value!r}",
+                    space.trial_config({param.key: value})) for value in values]
+    for where, cfg in trials:
+        check_weights(cfg.model, cfg.weights)
+        check_model_fit(cfg, where)
+        batches = [getattr(cfg, stage).batch_size for stage, _ in cfg.stages()]
+        check_source(cfg.data, min_train=max(batches), val_fraction=cfg.evaluation.val_fraction)
+
+
+def check_model_fit(cfg: TrialConfig, where: str) -> None:
+    """A text model against the values it is given: `max_length` within its positions, and
+    a tokenizer that fits its vocabulary. A local checkpoint's config and tokenizer are read
+    here, as a worker would read them; a hub checkpoint's are checked when a worker downloads
+    them; the demo's are built to fit (tests/test_text_demo.py)."""
+    if models.family(cfg.model) != "roberta":
+        return
+    import torch
+    from transformers import RobertaConfig
+
+    from raysd.models.roberta import architecture_differences
+
+    with torch.device("meta"):  # shapes and config only: no memory, no init
+        backbone = models.build(cfg.model)
+    if cfg.max_length > backbone.max_length:
+        raise ConfigError(f"{where}: max_length: must be at most {backbone.max_length}, the positions "
+                          f"of {cfg.model} (got {cfg.max_length!r})")
+    if cfg.weights in ("", "none") and backbone.tokenizer is None:
+        raise ConfigError(f"{where}: weights: none leaves {cfg.model} without a tokenizer; "
+                          "give weights hf:ID or a saved directory")
+    local = _local_weights(cfg.weights)
+    if local is None:
+        return
+    if (local / "config.json").is_file():  # a transformers checkpoint (raysd's own: check_weights)
+        differ = architecture_differences(RobertaConfig.from_json_file(str(local / "config.json")),
+                                          backbone.config)
+        if differ:
+            raise ConfigError(f"weights {cfg.weights!r}: do not fit {cfg.model} "
+                              f"({', '.join(differ)})")
+    backbone.load_tokenizer(str(local))  # <pad> id, a <mask>, no more tokens than the vocabulary
+
+
+def _local_weights(weights: str) -> Path | None:
+    """The folder a weights source reads (a directory, or hf:DIR), else None."""
+    if weights.startswith("hf:"):
+        weights = weights[3:].partition("@")[0]
+    elif weights in ("", "none") or weights.startswith(("builtin:", "timm:")):
+        return None
+    path = Path(weights).expanduser()
+    return path if path.is_dir() else None
