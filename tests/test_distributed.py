@@ -37,7 +37,7 @@ def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
         return t
 
     def report(metrics, state):
-        if state is not None and "progress" not in state:  # a stage boundary
+        if state is not None and "mid_stage" not in state:  # a stage boundary
             states.append(state["theta"])
 
     from raysd.artifacts import ArtifactStore

@@ -297,7 +297,7 @@ def test_a_trial_saves_its_model_before_its_last_report_and_again_after_a_restar
     assert meta["metrics"]["val_accuracy"] == summary["val_accuracy"] and meta["num_classes"] == 10
     # The worker group died inside fine-tuning, before it saved: it resumes from a checkpoint.
     shutil.rmtree(folder)
-    mid = [s for s in states if s.get("progress")][0]
+    mid = [s for s in states if s.get("mid_stage")][0]
     run(resume=mid)
     assert complete_at_last_report == [True, True]
     resumed, _ = load_classifier(str(folder))

@@ -28,8 +28,8 @@ def checkpoint_position(train_dir: Path) -> tuple[int, int] | None:
             loaded = torch.load(state, map_location="cpu", weights_only=True)
         except (OSError, RuntimeError, EOFError):  # being written right now
             continue
-        progress = loaded.get("progress") or {}
-        position = (loaded["stage_index"], progress.get("step", 0))
+        mid_stage = loaded.get("mid_stage") or {}
+        position = (loaded["stage_index"], mid_stage.get("step", 0))
         newest = max(newest or position, position)
     return newest
 

@@ -61,7 +61,7 @@ def test_every_round_restarts_from_theta_init(digits):
     for state in rec.wrapped[:4]:
         assert all(torch.equal(state[k], theta_init[k]) for k in theta_init)
     # ... and the teachers of consecutive rounds differ (each round trains a new student)
-    carries = [s["theta"] for s in rec.states if "progress" not in s]  # stage boundaries
+    carries = [s["theta"] for s in rec.states if "mid_stage" not in s]  # stage boundaries
     assert len(carries) == 4
     assert not torch.equal(carries[1]["encoder.blocks.0.mlp.fc1.weight"],
                            carries[2]["encoder.blocks.0.mlp.fc1.weight"])
@@ -81,7 +81,7 @@ def test_zero_mae_weight_leaves_the_decoder_untouched(digits):
     decoder_init = {k: v.clone() for k, v in init.state_dict().items() if k.startswith("decoder.")}
     rec = Recorder()
     run_trial(tiny_config({"self_distill.mae_weight": 0.0, "self_distill.rounds": 1}), digits, init, rec.hooks)
-    after_round = [s["theta"] for s in rec.states if "progress" not in s][1]
+    after_round = [s["theta"] for s in rec.states if "mid_stage" not in s][1]
     assert all(torch.equal(after_round[k], v) for k, v in decoder_init.items())
     encoder_moved = any(not torch.equal(after_round[k], init.state_dict()[k])
                         for k in after_round if k.startswith("encoder.blocks"))
@@ -109,12 +109,12 @@ def test_resume_mid_stage_gives_the_same_weights_as_an_uninterrupted_run(digits)
     cfg = tiny_config({"self_distill.rounds": 1, "logging.checkpoint_every": 2, "logging.log_every": 1})
     full = Recorder()
     out_full = run_trial(cfg, digits, _init(), full.hooks)
-    mid = [s for s in full.states if s.get("progress", {}).get("step") == 2
+    mid = [s for s in full.states if s.get("mid_stage", {}).get("step") == 2
            and s["stage_index"] == 1]  # inside round 1
     assert len(mid) == 1
     resumed = Recorder(resume=mid[0])
     out_resumed = run_trial(cfg, digits, _init(), resumed.hooks)
-    final_carry = lambda rec: [s for s in rec.states if "progress" not in s][-1]["theta"]  # noqa: E731
+    final_carry = lambda rec: [s for s in rec.states if "mid_stage" not in s][-1]["theta"]  # noqa: E731
     a, b = final_carry(full), final_carry(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     for key in ("val_loss", "test_loss", "init_distance"):
