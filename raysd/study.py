@@ -25,7 +25,8 @@ from raysd.bootstrap import demo_theta
 from raysd.config import PLACEMENTS, TrialConfig
 from raysd.errors import ConfigError
 from raysd.progress import ProgressPrinter
-from raysd.results import StudyRecorder, staging_dir
+from raysd.results import StudyRecorder
+from raysd.writers import staging_dir
 from raysd.storage import MODELS, SPACE_FILE, STUDY_FILE, TRIALS, Store
 from raysd.spaces import Param, Space, load_space_text, pretrain_stages
 from raysd.train import FATAL_FILE, train_worker
