@@ -10,6 +10,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pandas as pd
 import pyarrow.fs as pafs
 import ray
 import yaml
@@ -28,7 +29,8 @@ from raysd.progress import ProgressPrinter
 from raysd.results import StudyRecorder
 from raysd.writers import staging_dir
 from raysd.storage import MODELS, SPACE_FILE, STUDY_FILE, TRIALS, Store
-from raysd.spaces import Param, Space, load_space_text, pretrain_stages
+from raysd.spaces import Param, Space, pretrain_stages
+from raysd.study_folder import StudyFolder, best_row, status_counts
 from raysd.train import FATAL_FILE, train_worker
 
 # A trial's driver only waits on trainer.fit(): it takes no CPU and runs on the head, the one
@@ -440,31 +442,8 @@ def nodes_seeing(path: str) -> dict[str, bool]:
     return dict(zip(nodes, ray.get(refs, timeout=120)))
 
 
-def load_study_space(study_uri: str) -> Space:
-    """The space a study was started with (saved beside its results), for --resume and report."""
-    store = Store(study_uri)
-    if not store.exists(SPACE_FILE):
-        raise ConfigError(f"{study_uri}: not a raysd study (no {SPACE_FILE})")
-    doc = store.read_yaml(SPACE_FILE)
-    sched = (doc.get("study") or {}).get("scheduler")
-    if isinstance(sched, dict):  # studies saved when ASHA ran on step counts: keys now gone
-        for key in ("metric", "mode", "max_t"):
-            sched.pop(key, None)
-    return load_space_text(yaml.safe_dump(doc, sort_keys=False), f"{study_uri}/{SPACE_FILE}",
-                           name=study_uri.rstrip("/").rsplit("/", 1)[-1])
-
-
-def compare_variants(study_uri: str) -> list[str] | None:
-    """The variants of a `raysd compare` study, in order; None for a study of `raysd tune`."""
-    return Store(study_uri).read_yaml(STUDY_FILE).get("compare")
-
-
 def summarize(study_uri: str, space: Space, total: int) -> StudyOutcome:
-    store = Store(study_uri)
-    rows = store.read_rows("results", TRIALS)
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "stopped", "failed")}
-    metric, sign = space.study.metric, (1 if space.study.mode == "max" else -1)
-    scored = [r for r in rows if r["status"] == "completed" and r.get(metric) is not None]
-    best = max(scored, key=lambda r: sign * r[metric]) if scored else None
+    rows = StudyFolder(study_uri).trial_rows()
+    counts = status_counts(pd.DataFrame(rows))
+    best = best_row(rows, space.study.metric, space.study.mode)
     return StudyOutcome(study_uri, best, counts, finished=len(rows) >= total)
-

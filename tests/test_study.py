@@ -308,7 +308,7 @@ def test_the_best_trials_model_is_kept_and_exports_to_transformers(demo_study, t
     from transformers import ViTForImageClassification
 
     from raysd.export import load_classifier
-    from raysd.report import ranked
+    from raysd.study_folder import ranked
 
     _, study, _ = demo_study
     trials = pq.read_table(study / "results" / "trials.parquet").to_pandas()
