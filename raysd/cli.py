@@ -259,7 +259,8 @@ def check_loggers(loggers, storage: str) -> None:
 
 def cmd_tune(args, single: bool = False) -> int:
     space, study_uri = _prepare(args, single)
-    from raysd.study import ensure_ray, run_study
+    from raysd.cluster import ensure_ray
+    from raysd.study import run_study
 
     # Every path is absolute by now. Work from a folder that outlives the run: Ray can garbage-
     # collect a job's working_dir package under a still-running driver (seen with Ray 2.60).
@@ -304,7 +305,8 @@ def cmd_compare(args) -> int:
     else:
         space, study_uri, variants = _compare_trials(args)
         labels = list(dict.fromkeys(v["variant"] for v in variants))
-    from raysd.study import ensure_ray, run_study
+    from raysd.cluster import ensure_ray
+    from raysd.study import run_study
 
     os.chdir(tempfile.gettempdir())
     ensure_ray(args.address, args.verbose)
