@@ -15,7 +15,7 @@ import pyarrow.fs as pafs
 
 from raysd.spaces import Space
 from raysd.storage import HISTORY, MODELS, PARTS, TRIALS, Store
-from raysd.study_folder import StudyFolder, best_row, part_name, unique_rows
+from raysd.study_folder import STATUSES, StudyFolder, best_row, part_name, unique_rows
 
 # Our own keys in a reported row; Tune's bookkeeping keys (dates, pids, iterations) are dropped.
 # `attempt` counts the trial's worker-group restarts: a step rerun after one is a new row.
@@ -130,7 +130,7 @@ class TensorBoardWriter:
             return  # --resume: the experiment is there
         columns = [hp.HParam(p.key, _domain(p)) for p in self.space.params]
         columns += [hp.HParam("variant"), hp.HParam("method"), hp.HParam("seed")] if not self.space.params else []
-        columns.append(hp.HParam("status", hp.Discrete(["completed", "stopped", "failed"])))
+        columns.append(hp.HParam("status", hp.Discrete(list(STATUSES))))
         metrics = [hp.Metric(f"final/{name}") for name in final_metric_names(self.space)]
         writer = SummaryWriter(str(self.root))
         writer.file_writer.add_summary(hp.hparams_config_pb(columns, metrics))
