@@ -158,14 +158,14 @@ def _prepare(args, single: bool, space=None):
     if getattr(args, "num_samples", None) is not None and args.num_samples < 1:
         raise ConfigError(f"--num-samples must be >= 1 (got {args.num_samples})")
     if getattr(args, "resume", None):
-        from raysd.study import load_study_space
+        from raysd.study_folder import StudyFolder
 
         given = [f"--{flag.replace('_', '-')}" for flag in RESUME_CONFLICTS
                  if getattr(args, flag, None) is not None]
         if given:
             raise ConfigError(f"--resume continues the study as it was started; drop {', '.join(given)}")
         study_uri = _absolute_uri(args.resume)
-        space = load_study_space(study_uri)
+        space = StudyFolder(study_uri).space()
         _check_resumed_by(args.command, study_uri)
         return space, study_uri
     if space is None and not args.space:
@@ -193,9 +193,9 @@ def _prepare(args, single: bool, space=None):
 
 def _check_resumed_by(command: str, study_uri: str) -> None:
     """A comparison is resumed by compare (which writes its table), a study by tune."""
-    from raysd.study import compare_variants
+    from raysd.study_folder import StudyFolder
 
-    is_compare = compare_variants(study_uri) is not None
+    is_compare = StudyFolder(study_uri).compare_variants() is not None
     if is_compare and command != "compare":
         raise ConfigError(f"--resume {study_uri}: a raysd compare study; finish it with "
                           f"raysd compare --resume {study_uri}")
@@ -261,7 +261,8 @@ def check_loggers(loggers, storage: str) -> None:
 
 def cmd_tune(args, single: bool = False) -> int:
     space, study_uri = _prepare(args, single)
-    from raysd.study import ensure_ray, run_study
+    from raysd.cluster import ensure_ray
+    from raysd.study import run_study
 
     # Every path is absolute by now. Work from a folder that outlives the run: Ray can garbage-
     # collect a job's working_dir package under a still-running driver (seen with Ray 2.60).
@@ -300,13 +301,14 @@ def cmd_compare(args) -> int:
         if given:
             raise ConfigError(f"--resume continues the comparison as it was started; drop {', '.join(given)}")
         space, study_uri = _prepare(args, single=False)
-        from raysd.study import compare_variants
+        from raysd.study_folder import StudyFolder
 
-        variants, labels = None, compare_variants(study_uri)
+        variants, labels = None, StudyFolder(study_uri).compare_variants()
     else:
         space, study_uri, variants = _compare_trials(args)
         labels = list(dict.fromkeys(v["variant"] for v in variants))
-    from raysd.study import ensure_ray, run_study
+    from raysd.cluster import ensure_ray
+    from raysd.study import run_study
 
     os.chdir(tempfile.gettempdir())
     ensure_ray(args.address, args.verbose)
@@ -317,29 +319,33 @@ def cmd_compare(args) -> int:
     if not outcome.finished:  # Ctrl-C: Tune saved its state; no table of a comparison half run
         print(f"raysd: interrupted; finish it with raysd compare --resume {study_uri}", file=sys.stderr)
         return 130
-    return _compare_table(space, study_uri, labels)
+    from raysd.compare import write_table
+
+    text = write_table(study_uri, space.study.metric, labels)
+    if text is None:
+        return 1
+    print(text + f"raysd: table and plot in {study_uri}/results (compare.txt, compare.png)")
+    return 0 if outcome.counts.get("completed") else 1
 
 
 def _compare_trials(args):
     """(space, study URI, variants) of a new comparison, validated before Ray starts."""
     from raysd.compare import method_variants, trial_variants
-    from raysd.storage import TRIALS, Store
 
     seeds = SEEDS if args.seeds is None else args.seeds
     if args.from_study:
-        import pandas as pd
-
         from raysd.spaces import load_space_text
-        from raysd.study import load_study_space
+        from raysd.storage import SPACE_FILE
+        from raysd.study_folder import StudyFolder
 
         source = _absolute_uri(args.from_study)
-        studied = load_study_space(source)
-        trials = pd.DataFrame(Store(source).read_rows("results", TRIALS))
+        folder = StudyFolder(source)
+        studied, trials = folder.space(), folder.trials()
         if trials.empty:
             raise ConfigError(f"--from {source}: no trials recorded")
         variants = trial_variants(trials, studied.study.metric, studied.study.mode,
                                   TOP if args.top is None else args.top, seeds)
-        base = load_space_text(Store(source).read_text("space.yaml"), f"{source}/space.yaml",
+        base = load_space_text(folder.store.read_text(SPACE_FILE), f"{source}/{SPACE_FILE}",
                                studied.name, _overrides(args))
     elif not args.space:
         raise ConfigError("--space (or --from STUDY, or --resume STUDY_DIR) is required")
@@ -358,28 +364,6 @@ def _compare_trials(args):
     return space, study_uri, variants
 
 
-def _compare_table(space, study_uri: str, labels: list[str]) -> int:
-    """compare.txt and compare.png from the comparison's trials; printed too."""
-    import pandas as pd
-
-    from raysd.compare import baseline_of, plot, summary_table
-    from raysd.report import figure_png
-    from raysd.storage import TRIALS, Store
-
-    store = Store(study_uri)
-    rows = pd.DataFrame(store.read_rows("results", TRIALS))
-    if rows.empty or "variant" not in rows.columns:
-        return 1
-    baseline = baseline_of(labels)
-    table = summary_table(rows, space.study.metric, baseline)
-    text = (f"{space.study.metric} over seeds (mean ± std); paired differences against {baseline} "
-            "(same seed) with a 95 % t-interval\n" + table.to_string(index=False) + "\n")
-    store.write_text(text, "results", "compare.txt")
-    store.write_bytes(figure_png(plot(rows, space.study.metric)), "results", "compare.png")
-    print(text + f"raysd: table and plot in {study_uri}/results (compare.txt, compare.png)")
-    return 0 if (rows["status"] == "completed").any() else 1
-
-
 def cmd_report(args) -> int:
     from raysd.report import write_report
 
@@ -388,38 +372,10 @@ def cmd_report(args) -> int:
 
 
 def cmd_export(args) -> int:
-    """The chosen trial's saved model, with a card of its parameters and metrics."""
-    import pandas as pd
+    from raysd.export import export_trial
 
-    from raysd.export import export_model
-    from raysd.report import ranked
-    from raysd.storage import MODELS, TRIALS, Store
-    from raysd.study import load_study_space
-
-    study_uri = _absolute_uri(args.study)
-    space = load_study_space(study_uri)
-    trials = pd.DataFrame(Store(study_uri).read_rows("results", TRIALS))
-    if args.trial == "best":
-        done = ranked(trials, space.study.metric, space.study.mode)
-        if done.empty:
-            raise ConfigError(f"{study_uri}: no completed trial with {space.study.metric} to export")
-        row = done.iloc[0]
-    else:
-        match = trials[trials["trial_id"] == args.trial] if not trials.empty else trials
-        if match.empty:
-            raise ConfigError(f"--trial {args.trial}: no such trial in {study_uri}")
-        row = match.iloc[0]
-    row = {k: v for k, v in row.items() if not (isinstance(v, float) and v != v)}  # drop NaN
-    card = {"trial_id": row["trial_id"], "study": study_uri, "method": row.get("cfg.method"),
-            "params": {k[len("param."):]: v for k, v in row.items() if k.startswith("param.")},
-            "metrics": {k: v for k, v in row.items()
-                        if k.startswith(("val_", "test_")) or k in ("gen_gap", "init_distance")}}
-    if not Store(study_uri).exists(MODELS, row["trial_id"]):
-        kept = space.study.keep_models
-        raise ConfigError(f"trial {row['trial_id']}: no saved model in {study_uri}/{MODELS} "
-                          f"(the study kept {kept!r} models; --keep-models all keeps every one)")
-    out = export_model(f"{study_uri}/{MODELS}/{row['trial_id']}", _absolute_uri(args.out), card)
-    print(f"raysd: trial {row['trial_id']} exported to {out}")
+    trial_id, out = export_trial(_absolute_uri(args.study), args.trial, _absolute_uri(args.out))
+    print(f"raysd: trial {trial_id} exported to {out}")
     return 0
 
 

@@ -2,7 +2,7 @@
 pre-training and plain fine-tuning by more than seed noise? (Table 1, Figure 5)
 
 Which trials to run (methods x seeds, or a study's top trials x seeds) and the table of their
-results; Ray is in study.py. The table has mean ± std over seeds per variant of the val and
+results, read through study_folder.py; Ray is in study.py. The table has mean ± std over seeds per variant of the val and
 test metric, init_distance and gen_gap, and each variant's paired difference (same seed)
 against the baseline with a 95 % t-interval.
 """
@@ -19,6 +19,8 @@ from scipy import stats  # noqa: E402
 
 from raysd.config import METHODS  # noqa: E402
 from raysd.errors import ConfigError  # noqa: E402
+from raysd.report import figure_png  # noqa: E402
+from raysd.study_folder import StudyFolder, ranked  # noqa: E402
 
 COLUMNS = ("init_distance", "gen_gap")
 
@@ -44,10 +46,10 @@ def trial_variants(trials: pd.DataFrame, metric: str, mode: str, top: int, seeds
     """A study's `top` completed trials (by the validation metric), each over `seeds` seeds."""
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds}: at least 1")
-    done = trials[(trials["status"] == "completed") & trials[metric].notna()]
+    done = ranked(trials, metric, mode)
     if done.empty:
         raise ConfigError(f"the study has no completed trial with {metric}")
-    best = done.sort_values(metric, ascending=mode == "min", kind="stable").head(top)
+    best = done.head(top)
     variants = []
     for _, row in best.iterrows():
         params = {k[len("param."):]: v for k, v in row.items()
@@ -111,3 +113,19 @@ def plot(rows: pd.DataFrame, metric: str) -> plt.Figure:
         ax.set_xticks(range(len(variants)), variants, rotation=20, ha="right", fontsize=8)
         ax.set_title(column)
     return fig
+
+
+def write_table(study_uri: str, metric: str, labels: list[str]) -> str | None:
+    """results/compare.txt and compare.png of a comparison's trials; the table's text, or None
+    when no trial of it has ended."""
+    folder = StudyFolder(study_uri)
+    rows = folder.trials()
+    if rows.empty or "variant" not in rows.columns:
+        return None
+    baseline = baseline_of(labels)
+    table = summary_table(rows, metric, baseline)
+    text = (f"{metric} over seeds (mean ± std); paired differences against {baseline} "
+            "(same seed) with a 95 % t-interval\n" + table.to_string(index=False) + "\n")
+    folder.store.write_text(text, "results", "compare.txt")
+    folder.store.write_bytes(figure_png(plot(rows, metric)), "results", "compare.png")
+    return text

@@ -7,7 +7,8 @@ A trial given a model URI (a local folder, s3://, gs://) leaves there, from rank
                         architecture, classes and labels, input size or length, final metrics
 
 export_model() turns such a folder into one that transformers loads as ViTForImageClassification
-or RobertaForSequenceClassification (with AutoTokenizer), and for ViT also timm (OUT/timm).
+or RobertaForSequenceClassification (with AutoTokenizer), and for ViT also timm (OUT/timm);
+export_trial() does so for a study's trial, `best` by study_folder.ranked.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ from raysd.models import Classifier
 from raysd.models.roberta import MaskedLMRoberta
 from raysd.models.weights import VIT_LAYER_KEYS
 from raysd.models.vit import MaeViT, ViTSpec
-from raysd.storage import Store
+from raysd.storage import MODELS, Store
+from raysd.study_folder import StudyFolder
 
 MODEL_META = "raysd_model.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -187,6 +189,27 @@ def export_model(model_uri: str, out_dir: str, card: dict) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def export_trial(study_uri: str, trial: str, out_dir: str) -> tuple[str, Path]:
+    """`raysd export`: the saved model of a study's trial (`best`, or a trial id) with a card of
+    its parameters and metrics; returns (trial id, OUT)."""
+    folder = StudyFolder(study_uri)
+    space = folder.space()
+    row = folder.best() if trial == "best" else folder.trial(trial)
+    if row is None and trial == "best":
+        raise ConfigError(f"{study_uri}: no completed trial with {space.study.metric} to export")
+    if row is None:
+        raise ConfigError(f"--trial {trial}: no such trial in {study_uri}")
+    card = {"trial_id": row["trial_id"], "study": study_uri, "method": row.get("cfg.method"),
+            "params": {k[len("param."):]: v for k, v in row.items() if k.startswith("param.")},
+            "metrics": {k: v for k, v in row.items()
+                        if k.startswith(("val_", "test_")) or k in ("gen_gap", "init_distance")}}
+    if not folder.store.exists(MODELS, row["trial_id"]):
+        kept = space.study.keep_models
+        raise ConfigError(f"trial {row['trial_id']}: no saved model in {study_uri}/{MODELS} "
+                          f"(the study kept {kept!r} models; --keep-models all keeps every one)")
+    return row["trial_id"], export_model(f"{study_uri}/{MODELS}/{row['trial_id']}", out_dir, card)
 
 
 # ---- ViT: raysd (timm encoder) -> transformers ViTForImageClassification ---------------------

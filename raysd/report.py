@@ -1,6 +1,7 @@
-"""`raysd report`: tables and plots of a study from its trials.parquet and history.parquet.
+"""`raysd report` and `raysd ls`: tables and plots of studies, read through study_folder.py.
 
-Trials are ranked by the study's validation metric only; test metrics are shown, never used to choose.
+Trials are ranked by the study's validation metric only (study_folder.ranked); test metrics are
+shown, never used to choose.
 """
 from __future__ import annotations
 
@@ -12,11 +13,10 @@ matplotlib.use("Agg")  # no display on cluster heads and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from raysd.errors import ConfigError  # noqa: E402
-from raysd.storage import HISTORY, TRIALS, Store  # noqa: E402
 from raysd.spaces import Param, Space  # noqa: E402
+from raysd.storage import Store  # noqa: E402
+from raysd.study_folder import StudyFolder, ranked, status_counts  # noqa: E402
 
-STATUSES = ("completed", "stopped", "failed")
 FIGSIZE, DPI = (5, 4), 100
 QUANTILE_BINS = 3
 
@@ -28,14 +28,6 @@ def _fmt(value: float) -> str:
 def _test_column(metric: str) -> str:
     """The test counterpart of a validation metric: val_accuracy -> test_accuracy."""
     return "test_" + metric.split("_", 1)[1]
-
-
-def ranked(trials: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
-    """Completed trials with a value of `metric`, best first (ties keep completion order)."""
-    if metric not in trials.columns:
-        return trials.iloc[0:0]
-    done = trials[(trials["status"] == "completed") & trials[metric].notna()]
-    return done.sort_values(metric, ascending=mode == "min", kind="stable")
 
 
 def top_table(done: pd.DataFrame, space: Space, top: int) -> pd.DataFrame:
@@ -195,18 +187,12 @@ def plot_signal(done: pd.DataFrame, signal: pd.Series, metric: str, store: Store
 
 def write_report(study_uri: str, top: int = 5) -> str:
     """The report's text; writes PNGs to <study>/results/report/ and lists them in the text."""
-    from raysd.study import load_study_space  # imports Ray: only once the CLI has parsed flags
-
-    space = load_study_space(study_uri)  # ConfigError when the folder is not a study
-    store = Store(study_uri)
-    trials = pd.DataFrame(store.read_rows("results", TRIALS))
-    history = pd.DataFrame(store.read_rows("results", HISTORY))
-    if not trials.empty and "status" not in trials.columns:
-        raise ConfigError(f"{study_uri}: results/{TRIALS} has no status column (not written by raysd)")
+    folder = StudyFolder(study_uri)
+    space = folder.space()  # ConfigError when the folder is not a study
+    store, trials, history = folder.store, folder.trials(), folder.history()
     metric, mode = space.study.metric, space.study.mode
-    counts = {s: int((trials["status"] == s).sum()) if len(trials) else 0 for s in STATUSES}
-    name = study_uri.rstrip("/").rsplit("/", 1)[-1]
-    lines = [f"study {name} ({study_uri})",
+    counts = status_counts(trials)
+    lines = [f"study {folder.name} ({study_uri})",
              f"trials: {len(trials)} ({', '.join(f'{n} {s}' for s, n in counts.items())})",
              f"ranked by {metric} ({mode}); test metrics are shown, never used to choose"]
     done = ranked(trials, metric, mode)
@@ -253,25 +239,18 @@ def write_report(study_uri: str, top: int = 5) -> str:
 
 def list_studies(storage: str) -> str:
     """`raysd ls`: one line per study under `storage`, newest first."""
-    from raysd.storage import SPACE_FILE, STUDY_FILE
-
-    root = Store(storage)
     rows = []
-    for name in root.list():
-        study = Store(f"{storage}/{name}")
-        if not study.exists(SPACE_FILE):
+    for name in Store(storage).list():
+        folder = StudyFolder(f"{storage}/{name}")
+        if not folder.is_study():
             continue
-        doc, about = study.read_yaml(SPACE_FILE), study.read_yaml(STUDY_FILE)
-        trials = pd.DataFrame(study.read_rows("results", TRIALS))
-        counts = {s: int((trials["status"] == s).sum()) if len(trials) else 0 for s in STATUSES}
-        settings = doc.get("study") or {}
-        metric, mode = settings.get("metric", "val_accuracy"), settings.get("mode", "max")
-        done = ranked(trials, metric, mode)
-        newest = max((study.fs.get_file_info(study.path(*p)).mtime for p in
-                      (("results", TRIALS), (SPACE_FILE,)) if study.exists(*p)), default=None)
-        rows.append({"study": name, "space": about.get("space", "?"), "model": doc.get("model"),
-                     **counts, "best": f"{metric} {done.iloc[0][metric]:.4f}" if len(done) else "-",
-                     "updated": newest.strftime("%Y-%m-%d %H:%M") if newest else "-"})
+        trials, (metric, _) = folder.trials(), folder.objective()
+        done = folder.ranked(trials)
+        updated = folder.updated()
+        rows.append({"study": name, "space": folder.about().get("space", "?"),
+                     "model": folder.space_doc().get("model"), **status_counts(trials),
+                     "best": f"{metric} {done.iloc[0][metric]:.4f}" if len(done) else "-",
+                     "updated": updated.strftime("%Y-%m-%d %H:%M") if updated else "-"})
     if not rows:
         return f"no raysd studies in {storage}"
     table = pd.DataFrame(rows).sort_values("updated", ascending=False)

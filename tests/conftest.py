@@ -43,7 +43,7 @@ def ray_local(tmp_path_factory):
     """One isolated local Ray for every test that needs it (starting Ray costs seconds)."""
     import ray
 
-    from raysd.study import start_local_ray
+    from raysd.cluster import start_local_ray
 
     start_local_ray(num_cpus=3, log_to_driver=False, _temp_dir=str(tmp_path_factory.mktemp("ray")))
     yield ray

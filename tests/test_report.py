@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from raysd.errors import ConfigError
-from raysd.report import param_effect, ranked, write_report
+from raysd.report import param_effect, write_report
 from raysd.spaces import SPACES_DIR
+from raysd.study_folder import StudyFolder, ranked
 
 NAN_ERROR = "NonFiniteLoss: self_distill round 1 step 3: loss is nan"
 # trial_id, status, rounds, mae_weight, mask_ratio, val_accuracy, test_accuracy (completion order).
@@ -86,9 +87,7 @@ def test_ranks_by_validation_metric_not_test(study):
 
 
 def test_effect_of_rounds_matches_hand_computation(study):
-    from raysd.study import load_study_space
-
-    space = load_study_space(str(study))
+    space = StudyFolder(str(study)).space()
     done = ranked(_trials(study), "val_accuracy", "max")
     rounds = next(p for p in space.params if p.key == "self_distill.rounds")
     effect = param_effect(done, rounds, "val_accuracy", "max")
@@ -103,9 +102,7 @@ def test_effect_of_rounds_matches_hand_computation(study):
 
 
 def test_float_params_binned_and_unsampled_row(study):
-    from raysd.study import load_study_space
-
-    space = load_study_space(str(study))
+    space = StudyFolder(str(study)).space()
     done = ranked(_trials(study), "val_accuracy", "max")
     params = {p.key: p for p in space.params}
     mae = param_effect(done, params["self_distill.mae_weight"], "val_accuracy", "max")

@@ -19,13 +19,13 @@ from raysd import cli
 def demo_study(ray_local, tmp_path_factory):
     """A 3-trial study, also logged to MLflow (a file store) and W&B (offline); its console
     output is kept for the progress-line test."""
-    import raysd.progress
+    import raysd.console
 
     storage = tmp_path_factory.mktemp("storage")
     trackers = {"WANDB_MODE": "offline", "WANDB_DIR": str(storage), "WANDB_SILENT": "true"}
     saved = {k: os.environ.get(k) for k in trackers}
     os.environ.update(trackers)
-    raysd.progress.PROGRESS_SECONDS, every = 2, raysd.progress.PROGRESS_SECONDS
+    raysd.console.PROGRESS_SECONDS, every = 2, raysd.console.PROGRESS_SECONDS
     out = io.StringIO()
     try:
         with contextlib.redirect_stdout(out):
@@ -33,7 +33,7 @@ def demo_study(ray_local, tmp_path_factory):
                              "--storage", str(storage), "--name", "demo",
                              "--logger", "mlflow", "--logger", "wandb"])
     finally:
-        raysd.progress.PROGRESS_SECONDS = every
+        raysd.console.PROGRESS_SECONDS = every
         for key, value in saved.items():
             os.environ.pop(key) if value is None else os.environ.update({key: value})
     print(out.getvalue())
@@ -308,7 +308,7 @@ def test_the_best_trials_model_is_kept_and_exports_to_transformers(demo_study, t
     from transformers import ViTForImageClassification
 
     from raysd.export import load_classifier
-    from raysd.report import ranked
+    from raysd.study_folder import ranked
 
     _, study, _ = demo_study
     trials = pq.read_table(study / "results" / "trials.parquet").to_pandas()

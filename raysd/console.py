@@ -1,4 +1,4 @@
-"""A compact study progress view instead of Ray's tables: a line per trial event, and every
+"""The study's console lines instead of Ray's tables: a line per trial event, and every
 PROGRESS_SECONDS one line per running trial (stage, round, step, samples/s, ETA)."""
 from __future__ import annotations
 
@@ -9,16 +9,19 @@ import time
 from ray.tune import Callback
 
 from raysd.spaces import Space
+from raysd.study_folder import best_row
 
 PROGRESS_SECONDS = float(os.environ.get("RAYSD_PROGRESS_SECONDS", "30"))
 
 
-class ProgressPrinter(Callback):
+class StudyConsole(Callback):
+    """A Tune callback that prints; it writes nothing."""
+
     def __init__(self, space: Space, total: int, stream=None):
         self.space, self.total = space, total
         self.metric, self.mode = space.study.metric, space.study.mode
         self.stream = stream
-        self.best: tuple[float, str] | None = None
+        self._completed: list[dict] = []  # what study_folder.best_row needs of each completed trial
         self.started = time.time()
         self.finished = self.failed = 0
         self._latest: dict[str, dict] = {}  # trial id -> its last reported row
@@ -30,7 +33,8 @@ class ProgressPrinter(Callback):
     def _counts(self, trials, ended) -> str:
         # Tune calls back before it updates the ended trial's status: count that one apart.
         running = sum(t.status == "RUNNING" and t is not ended for t in trials)
-        best = "" if self.best is None else f" | best {self.metric} {self.best[0]:.4f} ({self.best[1]})"
+        top = best_row(self._completed, self.metric, self.mode)
+        best = "" if top is None else f" | best {self.metric} {top[self.metric]:.4f} ({top['trial_id']})"
         left = self.total - self.finished
         eta = ""
         if self.finished and left > 0:  # at the pace so far
@@ -79,10 +83,8 @@ class ProgressPrinter(Callback):
         self._latest.pop(trial.trial_id, None)
         last = trial.last_result or {}
         value = last.get(self.metric)
-        if value is not None and last.get("trial_done"):
-            better = self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0])
-            if better:
-                self.best = (value, trial.trial_id)
+        if last.get("trial_done"):
+            self._completed.append({"trial_id": trial.trial_id, "status": "completed", self.metric: value})
         self.finished += 1
         shown = "stopped early" if not last.get("trial_done") else f"{self.metric} {_fmt(value)}"
         self._print(f"trial {trial.trial_id} {shown} | {self._counts(trials, trial)}")

@@ -1,0 +1,169 @@
+"""Cluster planning: what a trial needs of a node, how many trials fit, whether a local storage
+path is shared by every node, and attaching to (or starting) Ray."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import uuid
+from pathlib import Path
+
+import ray
+
+from raysd.config import TrialConfig
+from raysd.errors import ConfigError
+from raysd.spaces import Space
+
+
+def worker_bundle(cfg: TrialConfig) -> dict[str, float]:
+    """One Ray Train worker's resources as a node must offer them."""
+    need = cfg.worker_resources()
+    if cfg.resources.accelerator_type:
+        need[f"accelerator_type:{cfg.resources.accelerator_type}"] = 0.001
+    return need
+
+
+def slots(node: dict, need: dict) -> int:
+    """How many workers needing `need` fit on a node with resources `node`."""
+    return min(math.floor(node.get(k, 0) / v + 1e-9) for k, v in need.items())
+
+
+def trials_that_fit(cfg: TrialConfig, nodes: list[dict]) -> int:
+    """Trials whose worker groups fit on these nodes at once, under the trial's placement."""
+    per_node = [slots(node, worker_bundle(cfg)) for node in nodes]
+    if cfg.resources.placement == "strict_pack":
+        return sum(n // cfg.resources.workers for n in per_node)
+    if cfg.resources.placement == "strict_spread":  # each trial's workers on distinct nodes
+        trials = 0
+        while sum(min(n, trials + 1) for n in per_node) >= (trials + 1) * cfg.resources.workers \
+                and sum(n > 0 for n in per_node) >= cfg.resources.workers:
+            trials += 1
+        return trials
+    return sum(per_node) // cfg.resources.workers
+
+
+def autoscaler_node_types() -> list[dict] | None:
+    """Resources of each node type an autoscaler may start; [] when it does not say which,
+    None when the cluster has no autoscaler (it is what is up now)."""
+    from ray._private import state
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    config = state.state.get_cluster_config()  # autoscaler v2 publishes its node types
+    if config is not None:
+        return [dict(group.resources) for group in config.node_group_configs]
+    return [] if _internal_kv_get("__autoscaling_status") else None
+
+
+def plan_concurrency(space: Space, max_concurrent: int | None, num_samples: int) -> int:
+    """How many trials run at once; ConfigError for a trial no node of the cluster can ever run.
+
+    A fixed cluster runs what fits on it. On an autoscaling cluster the search decides (its
+    n_startup_trials independent draws), and trials that do not fit yet wait while their
+    pending worker groups ask the autoscaler for nodes."""
+    cfg = space.trial_config()
+    alive = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    node_types = autoscaler_node_types()
+    need = worker_bundle(cfg)
+    what = ", ".join(f"{k} {v:g}" for k, v in need.items())
+    if node_types is None or node_types:
+        candidates = alive + (node_types or [])
+        if not any(slots(node, need) for node in candidates):
+            raise ConfigError(
+                f"no node of this cluster can run a trial's worker ({what}); set resources.workers, "
+                "resources.use_gpu, resources.cpus_per_worker or resources.custom to what its "
+                "nodes offer")
+    fits_now = trials_that_fit(cfg, alive)
+    limit = max_concurrent or space.study.max_concurrent
+    if node_types is None:  # nothing will be added: run what fits
+        if fits_now < 1:
+            raise ConfigError(
+                f"this cluster cannot hold one trial's {cfg.resources.workers} workers ({what} each, "
+                f"placement {cfg.resources.placement}); lower resources.workers or change resources.placement")
+        return min(limit or fits_now, fits_now)
+    if fits_now < 1:
+        print(f"raysd: no node can take a trial's {cfg.resources.workers} worker(s) ({what}) yet; "
+              "waiting for the autoscaler to add nodes", flush=True)
+    return limit or max(1, min(num_samples, space.study.n_startup_trials or num_samples))
+
+
+def ensure_ray(address: str | None, verbose: bool) -> None:
+    """Attach to a running cluster (ray job submit, ray start) or start a local one."""
+    if ray.is_initialized():
+        return
+    kwargs = dict(log_to_driver=verbose, logging_level="INFO" if verbose else "WARNING",
+                  configure_logging=True)
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            ray.init(address=address, **kwargs)
+        except ConnectionError as err:
+            raise ConfigError(f"--address {address}: no Ray cluster answers there "
+                              f"({str(err).strip().splitlines()[-1]})") from None
+        return
+    # Local Ray, every server on loopback (Ray would otherwise bind the network address).
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if not verbose:  # Ray's note that the private Ray has token auth on; a warning it is off stays
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+            lambda record: "authentication is enabled" not in record.getMessage())
+    start_local_ray(num_cpus=os.cpu_count() or 1, **kwargs)
+
+
+def start_local_ray(**kwargs) -> None:
+    """A private local Ray whose own processes know its address.
+
+    Ray Train's placement-group cleaner asks the State API (served by the dashboard, kept on
+    loopback) whether a run's controller is alive. Without an address it searches the host and
+    fails when another Ray runs there, and finished trials' placement groups are never freed.
+    Pinning the GCS port and exporting RAY_ADDRESS to the processes Ray spawns avoids that.
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    pinned = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    saved = {key: os.environ.get(key) for key in pinned}
+    os.environ.update(pinned)
+    try:
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+                 _node_ip_address="127.0.0.1", **kwargs)
+    finally:  # Ray's processes keep the pinned values; this process's later children do not
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def check_shared_storage(study_uri: str) -> None:
+    """A local storage path must be the same folder on every node (NFS and the like).
+
+    A marker written here must be visible from each alive node; trials on nodes that join
+    later are checked by their workers (train.py) before they train."""
+    if "://" in study_uri or len([n for n in ray.nodes() if n["Alive"]]) < 2:
+        return
+    probe = Path(study_uri).parent / f".raysd-shared-{uuid.uuid4().hex}"
+    probe.parent.mkdir(parents=True, exist_ok=True)
+    probe.write_text("raysd")
+    try:
+        unseen = [node for node, seen in nodes_seeing(str(probe)).items() if not seen]
+    finally:
+        probe.unlink()
+    if unseen:
+        raise ConfigError(
+            f"--storage {Path(study_uri).parent}: a local folder that node {unseen[0]} cannot see; "
+            "a multi-node cluster needs shared storage: an NFS/EFS/Filestore mount present on "
+            "every node, or s3://bucket/path, gs://bucket/path")
+
+
+def nodes_seeing(path: str) -> dict[str, bool]:
+    """node id -> whether `path` exists there, asked of every alive node."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def exists(p: str) -> bool:
+        return os.path.exists(p)
+
+    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    refs = [exists.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+            .remote(path) for node in nodes]
+    return dict(zip(nodes, ray.get(refs, timeout=120)))

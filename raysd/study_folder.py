@@ -1,0 +1,170 @@
+"""A study folder read without Ray: its space, trials, history, statuses and best trial.
+
+`<storage>/<study>/` on any filesystem storage.Store opens (local, NFS, s3://, gs://):
+    space.yaml                    the space the study runs, overrides applied
+    study.yaml                    the space's name, raysd version, start time; a comparison's variants
+    results/trials.parquet        one row per ended trial, in the order they ended
+    results/history.parquet       every reported row of every ended trial
+    results/history_parts/        rows of running trials, <trial id>-<n>.parquet, folded into
+                                  history.parquet (and deleted) when the trial ends
+"""
+from __future__ import annotations
+
+import datetime
+
+import pandas as pd
+import yaml
+
+from raysd.config import current_columns
+from raysd.errors import ConfigError
+from raysd.spaces import Space, load_space_text
+from raysd.storage import HISTORY, PARTS, SPACE_FILE, STUDY_FILE, TRIALS, Store
+
+STATUSES = ("completed", "stopped", "failed")  # stopped: ended early by the scheduler (ASHA)
+# What identifies a history row within its trial: a row written to a part and again when the
+# trial ends is one row; a step rerun after a worker-group restart has a new `attempt`.
+ROW_IDENTITY = ("stage", "round", "step", "attempt")
+
+
+def ranked(trials: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
+    """raysd's one definition of the best trial: completed trials with a value of the study's
+    validation `metric`, best first by `mode`; ties keep the order the trials ended in."""
+    if metric not in trials.columns:
+        return trials.iloc[0:0]
+    done = trials[(trials["status"] == "completed") & trials[metric].notna()]
+    return done.sort_values(metric, ascending=mode == "min", kind="stable")
+
+
+def best_row(rows: list[dict], metric: str, mode: str) -> dict | None:
+    """The best of these trials.parquet rows by ranked(), as given; None when none qualifies."""
+    done = ranked(pd.DataFrame(rows), metric, mode)
+    return rows[done.index[0]] if len(done) else None
+
+
+def status_counts(trials: pd.DataFrame) -> dict[str, int]:
+    """Trials per status, every status present (0 when none)."""
+    return {s: int((trials["status"] == s).sum()) if len(trials) else 0 for s in STATUSES}
+
+
+def unique_rows(rows: list[dict]) -> list[dict]:
+    """One row per ROW_IDENTITY, the last one written winning, in first-written order."""
+    return list({tuple(row.get(k) for k in ROW_IDENTITY): row for row in rows}.values())
+
+
+def part_name(trial_id: str, index: int) -> str:
+    """The name of a running trial's index-th history part."""
+    return f"{trial_id}-{index:05d}.parquet"
+
+
+def part_trial(name: str) -> str:
+    """The trial id a history part belongs to (trial ids may hold '-', the index does not)."""
+    return name.rsplit("-", 1)[0]
+
+
+def _present(row: pd.Series) -> dict:
+    return {k: v for k, v in row.items() if not (isinstance(v, float) and v != v)}  # drop NaN
+
+
+class StudyFolder:
+    """One study folder, local path or URI; `uri` is used as given in every message."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.store = Store(uri)
+
+    @property
+    def name(self) -> str:
+        return self.uri.rstrip("/").rsplit("/", 1)[-1]
+
+    def is_study(self) -> bool:
+        return self.store.exists(SPACE_FILE)
+
+    def space_doc(self) -> dict:
+        """space.yaml as saved, not validated ({} when absent)."""
+        return self.store.read_yaml(SPACE_FILE)
+
+    def space(self) -> Space:
+        """The space the study was started with, validated; ConfigError when this is no study."""
+        if not self.is_study():
+            raise ConfigError(f"{self.uri}: not a raysd study (no {SPACE_FILE})")
+        doc = self.space_doc()
+        sched = (doc.get("study") or {}).get("scheduler")
+        if isinstance(sched, dict):  # studies saved when ASHA ran on step counts: keys now gone
+            for key in ("metric", "mode", "max_t"):
+                sched.pop(key, None)
+        return load_space_text(yaml.safe_dump(doc, sort_keys=False), f"{self.uri}/{SPACE_FILE}",
+                               name=self.name)
+
+    def objective(self) -> tuple[str, str]:
+        """(metric, mode) the study chooses by, from space.yaml without validating it
+        (run_study always writes both; the fallbacks are StudySettings' defaults)."""
+        settings = self.space_doc().get("study") or {}
+        return settings.get("metric", "val_accuracy"), settings.get("mode", "max")
+
+    def about(self) -> dict:
+        """study.yaml: the space's name, raysd version, start time; {} when absent."""
+        return self.store.read_yaml(STUDY_FILE)
+
+    def compare_variants(self) -> list[str] | None:
+        """The variants of a `raysd compare` study, in order; None for a study of `raysd tune`."""
+        return self.about().get("compare")
+
+    def trial_rows(self) -> list[dict]:
+        """trials.parquet as rows, in the order the trials ended ([] before the first one).
+        Columns of studies written before the schema are renamed to today's (config.LEGACY_COLUMNS)."""
+        rows = self.store.read_rows("results", TRIALS)
+        renames = current_columns(list(rows[0])) if rows else {}
+        return [{renames.get(k, k): v for k, v in row.items()} for row in rows] if renames else rows
+
+    def trials(self) -> pd.DataFrame:
+        """trials.parquet; its index is each trial's position, so the order trials ended in."""
+        trials = pd.DataFrame(self.trial_rows())
+        if not trials.empty and "status" not in trials.columns:
+            raise ConfigError(f"{self.uri}: results/{TRIALS} has no status column (not written by raysd)")
+        return trials
+
+    def ranked(self, trials: pd.DataFrame | None = None) -> pd.DataFrame:
+        """ranked() of this study's trials by its own metric and mode."""
+        return ranked(self.trials() if trials is None else trials, *self.objective())
+
+    def counts(self) -> dict[str, int]:
+        return status_counts(self.trials())
+
+    def best(self) -> dict | None:
+        """The best trial's row by ranked() (missing values left out); None when none qualifies."""
+        done = self.ranked()
+        return _present(done.iloc[0]) if len(done) else None
+
+    def trial(self, trial_id: str) -> dict | None:
+        """A trial's row of trials.parquet (missing values left out); None when it has none."""
+        trials = self.trials()
+        match = trials[trials["trial_id"] == trial_id] if not trials.empty else trials
+        return _present(match.iloc[0]) if len(match) else None
+
+    def history_rows(self) -> list[dict]:
+        """history.parquet as rows: every reported row of the trials that have ended."""
+        return self.store.read_rows("results", HISTORY)
+
+    def history(self) -> pd.DataFrame:
+        return pd.DataFrame(self.history_rows())
+
+    def parts(self) -> dict[str, list[str]]:
+        """trial id -> names of its history parts, oldest first."""
+        found: dict[str, list[str]] = {}
+        for name in self.store.list("results", PARTS):
+            found.setdefault(part_trial(name), []).append(name)
+        return found
+
+    def read_part(self, name: str) -> list[dict]:
+        return self.store.read_rows("results", PARTS, name)
+
+    def running_history(self) -> dict[str, list[dict]]:
+        """trial id -> the rows its parts hold, for trials not yet in trials.parquet."""
+        ended = {row["trial_id"] for row in self.trial_rows()}
+        return {tid: unique_rows([row for name in names for row in self.read_part(name)])
+                for tid, names in self.parts().items() if tid not in ended}
+
+    def updated(self) -> datetime.datetime | None:
+        """When trials.parquet (else space.yaml) last changed; None when neither exists."""
+        paths = [p for p in (("results", TRIALS), (SPACE_FILE,)) if self.store.exists(*p)]
+        return max((self.store.fs.get_file_info(self.store.path(*p)).mtime for p in paths), default=None)

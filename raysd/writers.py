@@ -1,0 +1,241 @@
+"""Ray-free writers of a study folder's results; StudyRecorder (results.py) drives them from Tune.
+
+ResultsWriter: trials.parquet, history.parquet and the history parts of running trials (layout
+in study_folder.py). TensorBoardWriter: per-trial scalars per stage and one HParams experiment.
+FileMirror: local files kept in sync with copies in the study folder.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from raysd.spaces import Space
+from raysd.storage import HISTORY, MODELS, PARTS, TRIALS, Store
+from raysd.study_folder import STATUSES, StudyFolder, best_row, part_name, unique_rows
+
+# Our own keys in a reported row; Tune's bookkeeping keys (dates, pids, iterations) are dropped.
+# `attempt` counts the trial's worker-group restarts: a step rerun after one is a new row.
+ROW_KEYS = ("stage", "round", "step", "progress", "attempt", "loss", "mae_loss", "distill_loss",
+            "ce_loss", "lr", "samples_per_s", "knn_accuracy")
+SCALAR_KEYS = ROW_KEYS[5:]
+PART_SECONDS = float(os.environ.get("RAYSD_HISTORY_PART_SECONDS", "30"))
+
+
+def history_row(trial_id: str, result: dict) -> dict:
+    """A reported result as a row of history.parquet: our keys and every val_/test_ metric."""
+    row = {"trial_id": trial_id, **{k: result[k] for k in ROW_KEYS if k in result}}
+    row.update({k: result[k] for k in result if k.startswith(("val_", "test_"))})
+    return row
+
+
+class ResultsWriter:
+    """A study's Parquet results. Each write replaces a whole file atomically (Store).
+
+    Rows of a running trial go to a history part every `part_seconds`, so a driver crash loses
+    at most that much; they move to history.parquet with the trial's row when it ends."""
+
+    def __init__(self, study_uri: str, part_seconds: float = PART_SECONDS):
+        folder = StudyFolder(study_uri)
+        self.store, self.part_seconds = folder.store, part_seconds
+        # On --resume the files already hold the trials that ended before the crash,
+        # and the parts hold the rows of those that were running.
+        self.trials = folder.trial_rows()
+        self.history = folder.history_rows()
+        self._parts = folder.parts()  # trial id -> its part names
+        self._parted = folder.running_history()  # rows already in parts, per running trial
+        self._pending: dict[str, list[dict]] = {}  # rows not yet in a part
+        self._dirty = False  # trials or history changed since the last write
+        self._parted_at = time.time()
+        self._drop_parts({row["trial_id"] for row in self.trials})  # a crash before the clean-up
+
+    def add(self, trial_id: str, row: dict) -> None:
+        """A running trial's history row, written with its next part."""
+        self._pending.setdefault(trial_id, []).append(row)
+
+    def end_trial(self, row: dict) -> None:
+        """A trial's trials.parquet row (replacing an earlier one of the same trial) and all its
+        history rows, for the next write()."""
+        tid = row["trial_id"]
+        self.trials = [r for r in self.trials if r["trial_id"] != tid] + [row]
+        self.history += unique_rows(self._parted.pop(tid, []) + self._pending.pop(tid, []))
+        self._dirty = True
+
+    def flush(self) -> bool:
+        """What is due: the ended trials now, the running trials' rows every `part_seconds`.
+        True when parts were due."""
+        if self._dirty:
+            self.store.write_rows(self.history, "results", HISTORY)
+            self.store.write_rows(self.trials, "results", TRIALS)
+            self._dirty = False
+            self._drop_parts({row["trial_id"] for row in self.trials})
+        if time.time() - self._parted_at < self.part_seconds:
+            return False
+        self.write_parts()
+        return True
+
+    def write_parts(self) -> None:
+        """Each running trial's rows since its last part, as its next part."""
+        for tid, rows in list(self._pending.items()):
+            if rows:
+                name = part_name(tid, len(self._parts.get(tid, [])))
+                self.store.write_rows(rows, "results", PARTS, name)
+                self._parts.setdefault(tid, []).append(name)
+                self._parted.setdefault(tid, []).extend(rows)
+                self._pending[tid] = []
+        self._parted_at = time.time()
+
+    def close(self) -> None:
+        """Write everything: trials still running (Ctrl-C) keep their rows in parts for --resume."""
+        self.flush()
+        self.write_parts()
+
+    def _drop_parts(self, ended: set[str]) -> None:
+        for tid in ended & set(self._parts):
+            for name in self._parts.pop(tid):
+                self.store.delete("results", PARTS, name)
+
+    def keep_best_model(self, metric: str, mode: str) -> None:
+        """study.keep_models: best - of the ended trials, only the best one's model stays."""
+        best = best_row(self.trials, metric, mode)
+        if best is None:
+            return
+        ended = {r["trial_id"] for r in self.trials}  # a running trial's model stays
+        for name in self.store.list(MODELS):
+            if name in ended and name != best["trial_id"]:
+                self.store.delete_dir(MODELS, name)
+
+
+class TensorBoardWriter:
+    """Per-trial event files under <study>/tensorboard/<trial id>/ and the study's HParams
+    experiment in its root run. With remote storage they are written to `staging` (TensorBoard
+    writers need a local path) and uploaded."""
+
+    def __init__(self, space: Space, store: Store, staging: str | None):
+        self.space, self.store, self.staging = space, store, staging
+        self.root = Path(staging) if staging else Path(store.path("tensorboard"))
+        self._writers: dict = {}  # trial id -> its SummaryWriter
+        self._unsent: set[str] = set()  # trials with events not yet uploaded
+
+    def experiment(self) -> None:
+        """One HParams experiment for the whole study, in TensorBoard's root run: every searched
+        parameter and every final metric is a column, whichever trial TensorBoard reads first."""
+        from tensorboard.plugins.hparams import summary_v2 as hp
+        from torch.utils.tensorboard import SummaryWriter
+
+        if any(n.startswith("events.out") for n in self.store.list("tensorboard")):
+            return  # --resume: the experiment is there
+        columns = [hp.HParam(p.key, _domain(p)) for p in self.space.params]
+        columns += [hp.HParam("variant"), hp.HParam("method"), hp.HParam("seed")] if not self.space.params else []
+        columns.append(hp.HParam("status", hp.Discrete(list(STATUSES))))
+        metrics = [hp.Metric(f"final/{name}") for name in final_metric_names(self.space)]
+        writer = SummaryWriter(str(self.root))
+        writer.file_writer.add_summary(hp.hparams_config_pb(columns, metrics))
+        writer.close()
+        if self.staging:
+            self.store.upload(self.root, "tensorboard")
+
+    def _writer(self, tid: str):
+        if tid not in self._writers:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writers[tid] = SummaryWriter(str(self.root / tid), flush_secs=10)
+        return self._writers[tid]
+
+    def scalars(self, tid: str, result: dict) -> None:
+        """A reported row's losses, rates and val_ metrics at its trial-wide step `progress`,
+        tagged by stage (self_distill_r<round> per round)."""
+        if "progress" not in result:
+            return
+        stage = result.get("stage", "trial")
+        tag = f"{stage}_r{result['round']}" if stage == "self_distill" else stage
+        writer = self._writer(tid)
+        for key in SCALAR_KEYS:
+            if key in result:
+                writer.add_scalar(f"{tag}/{key}", result[key], result["progress"])
+        for key in result:
+            if key.startswith("val_") and not result.get("trial_done"):
+                writer.add_scalar(f"{tag}/{key}", result[key], result["progress"])
+        self._unsent.add(tid)
+
+    def hparams(self, tid: str, config: dict, last: dict, status: str) -> None:
+        """The trial's session in the study's HParams experiment, and its final metrics."""
+        from tensorboard.plugins.hparams import summary_v2 as hp
+
+        writer = self._writer(tid)
+        params = {p.key: config[p.key] for p in self.space.params if config.get(p.key) is not None}
+        if config.get("variant"):
+            values = config["variant"]["values"]
+            params.update(variant=config["variant"]["variant"], method=values.get("method", ""),
+                          seed=values.get("seed", 0))
+        params["status"] = status
+        writer.file_writer.add_summary(hp.hparams_pb(params, trial_id=tid))
+        for key in final_metric_names(self.space):
+            value = last.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                writer.add_scalar(f"final/{key}", float(value), int(last.get("progress", 0)))
+        writer.flush()
+        self._unsent.discard(tid)
+        if self.staging:
+            self.store.upload(self.root / tid, "tensorboard", tid)
+
+    def upload(self) -> None:
+        """Remote storage: the running trials' events so far, so TensorBoard on s3:// follows
+        a study while it runs."""
+        if self.staging:
+            for tid in self._unsent & set(self._writers):
+                self._writers[tid].flush()
+                self.store.upload(self.root / tid, "tensorboard", tid)
+        self._unsent.clear()
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+
+
+def staging_dir(study_uri: str) -> str | None:
+    """Local TensorBoard folder for remote storage (TensorBoard writers need a local path)."""
+    if isinstance(pafs.FileSystem.from_uri(study_uri)[0], pafs.LocalFileSystem):
+        return None
+    return tempfile.mkdtemp(prefix="raysd-tb-")
+
+
+class FileMirror:
+    """Local files (local path -> name in the study folder) uploaded whenever they changed."""
+
+    def __init__(self, store: Store, mirrors: dict[str, str]):
+        self.store, self.mirrors = store, mirrors
+        self._mirrored: dict[str, float] = {}  # local file -> mtime last uploaded
+
+    def sync(self) -> None:
+        for local, name in self.mirrors.items():
+            path = Path(local)
+            mtime = path.stat().st_mtime if path.exists() else None
+            if mtime is not None and mtime != self._mirrored.get(local):
+                self.store.write_bytes(path.read_bytes(), name)
+                self._mirrored[local] = mtime
+
+
+def final_metric_names(space: Space) -> list[str]:
+    """What a finished trial reports: the task's metrics and loss on val and test, then the
+    paper's Figure 5 quantities."""
+    from raysd import models
+    from raysd.data import images, text
+
+    task_metrics = {"vit": images.METRICS, "roberta": text.METRICS}  # the data modules' own
+    names = task_metrics.get(models.family(space.doc["model"]), ())
+    names = dict.fromkeys([space.study.metric.split("_", 1)[1], *names, "loss"])
+    return [f"{split}_{n}" for split in ("val", "test") for n in names] + ["gen_gap", "init_distance"]
+
+
+def _domain(param):
+    from tensorboard.plugins.hparams import summary_v2 as hp
+
+    if param.type == "choice":
+        return hp.Discrete(list(param.choices))
+    if param.type == "int":
+        return hp.IntInterval(int(param.low), int(param.high))
+    return hp.RealInterval(float(param.low), float(param.high))
