@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test mutations install clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest tests -q
+
+# Applies each bug of benchmarks/mutations.py alone to a copy and runs its fast tests (~15 min on 2 cores).
+mutations: $(STAMP)
+	$(VENV)/bin/python benchmarks/mutations.py
 
 clean:
 	rm -rf $(VENV) raysd_results
