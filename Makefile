@@ -21,9 +21,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest tests -q
 
-# Applies each bug of benchmarks/mutations.py alone to a copy and runs its fast tests (~15 min on 2 cores).
+# Applies each bug of benchmarks/mutations.py alone to a copy and runs its fast tests;
+# `make mutations JOBS=4` runs four at once.
+JOBS ?= 1
 mutations: $(STAMP)
-	$(VENV)/bin/python benchmarks/mutations.py
+	$(VENV)/bin/python benchmarks/mutations.py --jobs $(JOBS)
 
 clean:
 	rm -rf $(VENV) raysd_results

@@ -4,6 +4,7 @@ fast tests are run there. A mutation the tests do not fail on has survived: a te
 
   python benchmarks/mutations.py                  # every mutation, then the total time
   python benchmarks/mutations.py --only knn_k1    # some of them (repeatable)
+  python benchmarks/mutations.py --jobs 4         # four at once, each in its own copy
   python benchmarks/mutations.py --list
 
 Prints `caught`, `survived` or `error` per mutation and exits 1 unless every one is caught. An
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,9 +144,25 @@ def pytest_run(copy: Path, tests: tuple[str, ...], timeout: float = TIMEOUT_S) -
     return out.returncode, " | ".join(lines[-3:])
 
 
+def run_mutation(m: Mutation, copy: Path) -> tuple[str, str]:
+    """(verdict, detail) of one mutation, applied to its own fresh copy of the repository."""
+    if not m.tests:
+        return "survived", "no fast test yet"
+    copy_repository(copy)
+    path = copy / m.file
+    path.write_text(path.read_text().replace(m.original, m.replacement))
+    started = time.perf_counter()
+    code, tail = pytest_run(copy, m.tests)
+    # 1: a test failed; 2: collection failed (the mutant does not import). Both catch it.
+    verdict = {0: "survived", 1: "caught", 2: "caught"}.get(code, "error")
+    detail = f"{time.perf_counter() - started:.0f} s"
+    return verdict, detail if verdict == "caught" else f"{detail}, pytest exit {code}: {tail}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", action="append", default=[], help="a mutation's name (repeatable)")
+    parser.add_argument("--jobs", type=int, default=1, help="mutations run at once (default 1)")
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
     args = parser.parse_args(argv)
     chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
@@ -157,50 +175,34 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m.name:32s} {m.file:24s} {' '.join(m.tests) or '(no fast test)'}")
         return 0
     started = time.perf_counter()
-    problems = check_snippets(chosen)
-    for name, why in problems.items():
+    results = {name: ("error", why) for name, why in check_snippets(chosen).items()}
+    for name, (_, why) in results.items():
         print(f"error     {name}: {why}", flush=True)
-    results: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="raysd-mutations-") as tmp:
-        copy = Path(tmp)
-        copy_repository(copy)
-        found = subprocess.run([sys.executable, "-c", "import raysd; print(raysd.__file__)"], cwd=copy,
-                               env={**os.environ, "PYTHONPATH": str(copy)}, capture_output=True, text=True)
-        if not found.stdout.startswith(str(copy)):
+        base = Path(tmp) / "unmutated"
+        copy_repository(base)
+        found = subprocess.run([sys.executable, "-c", "import raysd; print(raysd.__file__)"], cwd=base,
+                               env={**os.environ, "PYTHONPATH": str(base)}, capture_output=True, text=True)
+        if not found.stdout.startswith(str(base)):
             print(f"error     the copy's raysd is not the one imported: {found.stdout}{found.stderr}")
             return 1
-        # The selections must pass unmutated, or a red run says nothing about the mutation.
+        # The selections must pass unmutated, or a red run says nothing about a mutation. It runs
+        # beside the mutations; its verdict is awaited before theirs count.
         selection = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
-        code, tail = pytest_run(copy, selection, timeout=3 * TIMEOUT_S)
-        print(f"{'baseline' if code == 0 else 'error':9s} unmutated selection ({len(selection)} tests): "
-              f"{tail}", flush=True)
-        if code != 0:
-            return 1
-        for m in chosen:
-            if m.name in problems:
-                results[m.name] = "error"
-                continue
-            if not m.tests:
-                results[m.name] = "survived"
-                print(f"survived  {m.name}: no fast test yet", flush=True)
-                continue
-            path = copy / m.file
-            source = path.read_text()
-            path.write_text(source.replace(m.original, m.replacement))
-            t0 = time.perf_counter()
-            try:
-                code, tail = pytest_run(copy, m.tests)
-            finally:
-                path.write_text(source)
-            # 1: a test failed; 2: collection failed (the mutant does not import). Both catch it.
-            verdict = {0: "survived", 1: "caught", 2: "caught"}.get(code, "error")
-            results[m.name] = verdict
-            print(f"{verdict:9s} {m.name} ({time.perf_counter() - t0:.0f} s)"
-                  + ("" if verdict == "caught" else f": pytest exit {code}: {tail}"), flush=True)
-    counts = {v: list(results.values()).count(v) for v in ("caught", "survived", "error")}
+        with ThreadPoolExecutor(max(1, args.jobs) + 1) as pool:
+            baseline = pool.submit(pytest_run, base, selection, 3 * TIMEOUT_S)
+            runs = {pool.submit(run_mutation, m, Path(tmp) / m.name): m.name
+                    for m in chosen if m.name not in results}
+            for done in as_completed(runs):
+                results[runs[done]] = done.result()
+                verdict, detail = results[runs[done]]
+                print(f"{verdict:9s} {runs[done]} ({detail})", flush=True)
+            code, tail = baseline.result()
+    print(f"{'baseline' if code == 0 else 'error':9s} unmutated selection ({len(selection)} tests): {tail}")
+    counts = {v: [r[0] for r in results.values()].count(v) for v in ("caught", "survived", "error")}
     print(f"{counts['caught']} caught, {counts['survived']} survived, {counts['error']} errors "
           f"of {len(chosen)} mutations in {time.perf_counter() - started:.0f} s")
-    return 0 if counts["caught"] == len(chosen) else 1
+    return 0 if code == 0 and counts["caught"] == len(chosen) else 1
 
 
 if __name__ == "__main__":
