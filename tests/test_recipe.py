@@ -255,3 +255,25 @@ def test_the_classification_head_does_not_depend_on_the_global_random_state(digi
         finetune_and_evaluate(init, init.state_dict(), digits, StageRun(cfg, Hooks(wrap=wrap), "finetune", 0))
         heads.append(seen[0])
     assert torch.equal(heads[0], heads[1])
+
+
+def test_zero_mae_weight_round_runs_under_ddp(digits):
+    """lambda = 0: the decoder takes no part, so it must not require grad - DDP (here one gloo
+    rank) refuses a parameter that requires grad and never gets one."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from raysd.stages import StageRun, self_distill_round
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        init = _init()
+        run = StageRun(tiny_config(mae_weight=0.0), Hooks(wrap=DistributedDataParallel), "self_distill", 1)
+        self_distill_round(init, init.state_dict(), digits.unlabelled, run)
+    finally:
+        dist.destroy_process_group()
