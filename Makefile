@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test mutations install clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest tests -q
+
+# Applies each bug of benchmarks/mutations.py alone to a copy and runs its fast tests;
+# `make mutations JOBS=4` runs four at once.
+JOBS ?= 1
+mutations: $(STAMP)
+	$(VENV)/bin/python benchmarks/mutations.py --jobs $(JOBS)
 
 clean:
 	rm -rf $(VENV) raysd_results

@@ -69,7 +69,7 @@ def _study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-models", choices=("best", "all", "none"),
                    help="fine-tuned models kept under <study>/models for raysd export (default: best)")
     p.add_argument("--logger", action="append", choices=("mlflow", "wandb"),
-                   help="also log to MLflow (MLFLOW_TRACKING_URI, default <study>/mlruns) or "
+                   help="also log to MLflow (MLFLOW_TRACKING_URI, default sqlite <study>/mlflow.db) or "
                         "W&B (WANDB_PROJECT, WANDB_MODE=offline); repeatable")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster fits)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")

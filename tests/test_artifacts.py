@@ -212,3 +212,30 @@ def test_a_waiting_trial_loads_what_the_lease_holder_built(digits, tmp_path, mon
     out, rows = _trial(cfg, digits, waiter)
     assert out["reused_further_pretrain"]
     assert [r["knn_accuracy"] for r in rows if "knn_accuracy" in r] == [0.25]
+
+
+def test_knn_signal_votes_with_the_20_nearest_neighbours(digits):
+    """DINO's weighted k-NN with k = 20, recomputed here on a fixed random projection of the pixels."""
+    from raysd.stages import StageRun, knn_signal
+
+    class Projection(torch.nn.Module):
+        hidden_size = 16
+        weight = torch.randn(3 * 32 * 32, 16, generator=torch.Generator().manual_seed(0))
+
+        def represent(self, batch):
+            return batch["x"].flatten(1) @ self.weight
+
+    def by_hand(k):
+        bank = torch.stack([digits.unlabelled[i]["x"] for i in range(len(digits.unlabelled))])
+        query = torch.stack([digits.val[i]["x"] for i in range(len(digits.val))])
+        bank_y = torch.tensor([digits.unlabelled[i]["y"] for i in range(len(digits.unlabelled))])
+        query_y = torch.tensor([digits.val[i]["y"] for i in range(len(digits.val))])
+        sims = (torch.nn.functional.normalize(Projection().represent({"x": query}), dim=1)
+                @ torch.nn.functional.normalize(Projection().represent({"x": bank}), dim=1).T)
+        top, index = sims.topk(k, dim=1)
+        votes = torch.zeros(len(query), 10).scatter_add_(1, bank_y[index], (top / 0.07).exp())
+        return float((votes.argmax(1) == query_y).float().mean())
+
+    assert by_hand(20) != by_hand(1)  # else the test could not tell k = 1 from k = 20
+    run = StageRun(tiny_config(signal_examples=0), Hooks(), "further_pretrain", 0)
+    assert knn_signal(Projection(), digits, run)["knn_accuracy"] == pytest.approx(by_hand(20))

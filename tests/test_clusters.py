@@ -170,3 +170,20 @@ def test_network_policy_admits_only_the_clusters_pods_and_the_operator():
 def test_nccl_uses_a_real_interface(path):
     options = " ".join(_load(path)["docker"]["run_options"])
     assert "NCCL_SOCKET_IFNAME=^lo,docker0" in options
+
+
+def test_rayignore_keeps_weights_results_and_secrets_off_the_cluster(tmp_path):
+    """`ray job submit --working-dir .` reads .rayignore with Ray's own matcher: what must stay
+    local is excluded, the code the job runs is not."""
+    from ray._private.runtime_env.packaging import get_excludes_from_ignore_files
+
+    (tmp_path / ".rayignore").write_text((CLUSTERS.parent / ".rayignore").read_text())
+    [excluded] = get_excludes_from_ignore_files(tmp_path, include_gitignore=False)
+    local = [".git/config", ".venv/bin/python", "data/train/a.png", "raysd_results/s/trials.parquet",
+             "theta.pt", "m.pth", "m.ckpt", "pytorch_model.bin", "model.safetensors",
+             "events.out.tfevents.1.host", ".env", ".env.local", "key.pem", "id.key",
+             "id_rsa", "id_ed25519.pub", ".aws/credentials", ".ray/auth_token", "auth_token"]
+    shipped = ["raysd/recipe.py", "search_spaces/demo.yaml", "pyproject.toml", "README.md",
+               "clusters/aws-gpu.yaml"]
+    assert [p for p in local if not excluded(tmp_path / p)] == []
+    assert [p for p in shipped if excluded(tmp_path / p)] == []

@@ -181,3 +181,98 @@ def test_flip_augments_only_the_finetuning_view():
     assert 5 < sum(flipped) < 35  # about half, drawn per example
     plain = load_task("builtin:digits", image_size=32, augment="none")
     assert all(torch.equal(plain.train[i]["x"], plain.unlabelled[i]["x"]) for i in range(40))
+
+
+def _theta_0(init, digits):
+    """theta_0 of a tiny further pre-training, the teacher of round 1."""
+    from raysd.stages import StageRun, further_pretrain
+
+    theta, _ = further_pretrain(init, digits.unlabelled, StageRun(tiny_config(), Hooks(), "further_pretrain", 0))
+    return theta
+
+
+def test_lambda_weights_the_mae_term_not_the_distillation_term(digits):
+    from raysd.stages import StageRun, self_distill_round
+
+    init = _init()
+    run = StageRun(tiny_config(mae_weight=0.25), Hooks(), "self_distill", 1)
+    _, last = self_distill_round(init, _theta_0(init, digits), digits.unlabelled, run)
+    assert last["mae_loss"] != pytest.approx(last["distill_loss"], rel=0.1)  # else the test is blind
+    assert last["loss"] == pytest.approx(0.25 * last["mae_loss"] + last["distill_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("cache", ["on", "off"])
+def test_the_teacher_runs_in_eval_mode_so_its_dropout_is_off(digits, monkeypatch, cache):
+    """With dropout in the model, a teacher left in train mode gives other targets than f(x)."""
+    import raysd.stages as stages
+
+    init = _init()
+    dropouts = [m for m in init.encoder.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts
+    for module in dropouts:
+        module.p = 0.5
+    theta_0 = _theta_0(init, digits)
+    targets, real = [], stages.teacher_targets
+    monkeypatch.setattr(stages, "teacher_targets", lambda *a, **k: targets.append(real(*a, **k)) or targets[-1])
+    run = stages.StageRun(tiny_config(teacher_cache=cache), Hooks(), "self_distill", 1)
+    stages.self_distill_round(init, theta_0, digits.unlabelled, run)
+    teacher = copy.deepcopy(init)
+    teacher.load_state_dict(theta_0)
+    items = [targets[0].dataset[i] for i in range(16)]
+    batch = {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
+    with torch.no_grad():
+        assert torch.allclose(targets[0](batch), teacher.eval().represent(batch), atol=1e-5)
+
+
+def test_each_split_is_evaluated_on_its_own_data(digits):
+    from raysd.stages import StageRun, evaluate, finetune_and_evaluate
+
+    init = _init()
+    cfg = tiny_config(method="finetune")
+    _, metrics, model = finetune_and_evaluate(init, init.state_dict(), digits,
+                                              StageRun(cfg, Hooks(), "finetune", 0))
+    for split, dataset in (("val", digits.val), ("test", digits.test), ("train", digits.unlabelled)):
+        assert metrics[f"{split}_loss"] == evaluate(model, dataset, digits, cfg, Hooks())["loss"], split
+    assert metrics["val_loss"] != metrics["test_loss"]
+
+
+def test_the_classification_head_does_not_depend_on_the_global_random_state(digits):
+    """A retried trial, or another DDP rank, draws the same head: it is seeded from cfg.seed."""
+    from raysd.stages import StageRun, finetune_and_evaluate
+
+    init = _init()
+    heads = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        seen = []
+
+        def wrap(model):
+            seen.append(model.head.weight.detach().clone())
+            return model
+
+        cfg = tiny_config(method="finetune")
+        finetune_and_evaluate(init, init.state_dict(), digits, StageRun(cfg, Hooks(wrap=wrap), "finetune", 0))
+        heads.append(seen[0])
+    assert torch.equal(heads[0], heads[1])
+
+
+def test_zero_mae_weight_round_runs_under_ddp(digits):
+    """lambda = 0: the decoder takes no part, so it must not require grad - DDP (here one gloo
+    rank) refuses a parameter that requires grad and never gets one."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from raysd.stages import StageRun, self_distill_round
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        init = _init()
+        run = StageRun(tiny_config(mae_weight=0.0), Hooks(wrap=DistributedDataParallel), "self_distill", 1)
+        self_distill_round(init, init.state_dict(), digits.unlabelled, run)
+    finally:
+        dist.destroy_process_group()

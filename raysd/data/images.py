@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
-from raysd.data import DataError, Task
+from raysd.data.base import DataError, Task
 from raysd.errors import ConfigError
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from raysd.data import Task, fingerprint_dir
+from raysd.data.base import Task, fingerprint_dir
 from raysd.data.images import split_indices
 from raysd.errors import ConfigError
 

@@ -1,0 +1,209 @@
+"""`make mutations`: do the fast tests catch the method's bugs? Each mutation below is a bug
+someone made or could make; it is applied alone to a temporary copy of the repository and its
+fast tests are run there. A mutation the tests do not fail on has survived: a test is missing.
+
+  python benchmarks/mutations.py                  # every mutation, then the total time
+  python benchmarks/mutations.py --only knn_k1    # some of them (repeatable)
+  python benchmarks/mutations.py --jobs 4         # four at once, each in its own copy
+  python benchmarks/mutations.py --list
+
+Prints `caught`, `survived` or `error` per mutation and exits 1 unless every one is caught. An
+original snippet that is not found exactly once in its file is an error, never a skip: update
+the snippet when the code it mutates moves.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+COPIED = ("raysd", "tests", "search_spaces", "pyproject.toml")
+TIMEOUT_S = 600  # per pytest run: the fast selections take under a minute on 2 idle cores
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str  # relative to the repository root
+    original: str  # must occur exactly once in `file`
+    replacement: str
+    tests: tuple[str, ...]  # pytest node ids that must fail; () = no fast test yet (survives)
+
+
+# Add to this list whenever a bug is found.
+MUTATIONS = [
+    # --- the method (stages.py, losses.py) ---
+    Mutation("lambda_on_distill", "raysd/stages.py",
+             'return lam * out["mae"] + distill,', 'return out["mae"] + lam * distill,',
+             ("tests/test_recipe.py::test_lambda_weights_the_mae_term_not_the_distillation_term",)),
+    Mutation("student_from_teacher", "raysd/stages.py",
+             "student = copy.deepcopy(init)",
+             "student = copy.deepcopy(init); student.load_state_dict(teacher_weights)",
+             ("tests/test_recipe.py::test_every_round_restarts_from_theta_init",)),
+    Mutation("teacher_train_mode", "raysd/stages.py",
+             "teacher.to(hooks.device).eval()", "teacher.to(hooks.device)",
+             ("tests/test_recipe.py::test_the_teacher_runs_in_eval_mode_so_its_dropout_is_off",)),
+    Mutation("test_metrics_on_val", "raysd/stages.py",
+             '("test", task.test)', '("test", task.val)',
+             ("tests/test_recipe.py::test_each_split_is_evaluated_on_its_own_data",)),
+    Mutation("unseeded_head", "raysd/stages.py",
+             'torch.manual_seed(_seed(cfg.seed, "head"))', "pass",
+             ("tests/test_recipe.py::test_the_classification_head_does_not_depend_on_the_global_random_state",)),
+    Mutation("knn_k1", "raysd/stages.py",
+             "k: int = 20,", "k: int = 1,",
+             ("tests/test_artifacts.py::test_knn_signal_votes_with_the_20_nearest_neighbours",)),
+    Mutation("distill_mean_over_dims", "raysd/losses.py",
+             ".pow(2).sum(dim=-1).mean()", ".pow(2).mean()",
+             ("tests/test_losses.py::test_distill_loss_is_batch_mean_of_squared_l2",)),
+    Mutation("distill_without_stopgrad", "raysd/losses.py",
+             "(student - teacher.detach())", "(student - teacher)",
+             ("tests/test_losses.py::test_distill_loss_zero_with_zero_gradient_when_student_equals_teacher",)),
+    Mutation("mae_loss_on_every_patch", "raysd/losses.py",
+             "return (per_patch * mask).sum() / mask.sum()", "return per_patch.mean()",
+             ("tests/test_losses.py::test_mae_loss_ignores_predictions_on_visible_patches",)),
+    Mutation("mae_targets_not_normalised", "raysd/losses.py",
+             "target = (target - mean) / (var + 1e-6) ** 0.5", "target = target",
+             ("tests/test_losses.py::test_mae_loss_targets_are_normalised_per_patch",)),
+    Mutation("gamma_as_visible_share", "raysd/losses.py",
+             "round(num_patches * (1.0 - mask_ratio))", "round(num_patches * mask_ratio)",
+             ("tests/test_losses.py::test_mask_keeps_exactly_round_k_times_one_minus_gamma_visible",)),
+    Mutation("decoder_moves_at_lambda_0", "raysd/stages.py",
+             "student.decoder.requires_grad_(False)", "pass",
+             ("tests/test_recipe.py::test_zero_mae_weight_round_runs_under_ddp",)),
+    Mutation("no_nan_guard", "raysd/stages.py",
+             "if not math.isfinite(summed):", "if False:",
+             ("tests/test_recipe.py::test_divergence_is_caught_with_stage_and_step",)),
+    Mutation("encoder_sees_masked_patches", "raysd/models/vit.py",
+             "if ids_keep is not None:", "if False:",
+             ("tests/test_models.py::test_encoder_sees_only_visible_patches_during_mae",)),
+    # --- the trial (recipe.py) and stage reuse (artifacts.py) ---
+    Mutation("finetune_from_theta_init", "raysd/recipe.py",
+             "finetune_and_evaluate(init, state.theta or init.state_dict(),",
+             "finetune_and_evaluate(init, init.state_dict(),",
+             ("tests/test_recipe.py::test_fine_tuning_starts_from_the_methods_weights",)),
+    Mutation("key_without_gamma", "raysd/recipe.py",
+             '"mask_ratio": cfg.mask_ratio,', "",
+             ("tests/test_artifacts.py::test_keys_change_with_every_input_that_changes_the_weights",)),
+    Mutation("key_without_lambda", "raysd/recipe.py",
+             "mae_weight=cfg.mae_weight,", "",
+             ("tests/test_artifacts.py::test_keys_change_with_every_input_that_changes_the_weights",)),
+    Mutation("lease_always_grants", "raysd/artifacts.py",
+             "if holder is not None and holder != self.owner:", "if False:",
+             ("tests/test_artifacts.py::test_lease_one_builder_others_wait_and_a_dead_builders_lease_expires",)),
+    # --- results and the comparison ---
+    Mutation("z_interval", "raysd/compare.py",
+             "stats.t.ppf(0.975, len(diff) - 1)", "stats.norm.ppf(0.975)",
+             ("tests/test_compare.py::test_summary_table_means_stds_and_paired_interval",)),
+    # Running trials' rows reach history_parts/ only at Ctrl-C: a killed driver loses them.
+    # Its fast test is being written with the Ray-free study-folder work (issue 23).
+    Mutation("history_parts_never_written", "raysd/results.py",
+             "self._write_parts()\n            self._upload()", "self._upload()",
+             ()),
+]
+
+
+def copy_repository(dest: Path) -> None:
+    for name in COPIED:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, dest / name)
+
+
+def check_snippets(mutations: list[Mutation]) -> dict[str, str]:
+    """name -> why, for each mutation whose original is missing or ambiguous in today's source."""
+    problems = {}
+    for m in mutations:
+        count = (ROOT / m.file).read_text().count(m.original)
+        if count != 1:
+            where = "not found" if count == 0 else f"found {count} times"
+            problems[m.name] = f"original snippet {where} in {m.file}: {m.original!r}"
+    return problems
+
+
+def pytest_run(copy: Path, tests: tuple[str, ...], timeout: float = TIMEOUT_S) -> tuple[int, str]:
+    """(pytest's exit code, its last lines), run in the copy on the copy's raysd."""
+    # No bytecode: a mutation of the same length in the same second would load a stale .pyc.
+    env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
+    try:
+        out = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                              *tests], cwd=copy, env=env, capture_output=True, text=True,
+                             timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return -1, f"timed out after {timeout:.0f} s"
+    lines = (out.stdout + out.stderr).strip().splitlines()
+    return out.returncode, " | ".join(lines[-3:])
+
+
+def run_mutation(m: Mutation, copy: Path) -> tuple[str, str]:
+    """(verdict, detail) of one mutation, applied to its own fresh copy of the repository."""
+    if not m.tests:
+        return "survived", "no fast test yet"
+    copy_repository(copy)
+    path = copy / m.file
+    path.write_text(path.read_text().replace(m.original, m.replacement))
+    started = time.perf_counter()
+    code, tail = pytest_run(copy, m.tests)
+    # 1: a test failed; 2: collection failed (the mutant does not import). Both catch it.
+    verdict = {0: "survived", 1: "caught", 2: "caught"}.get(code, "error")
+    detail = f"{time.perf_counter() - started:.0f} s"
+    return verdict, detail if verdict == "caught" else f"{detail}, pytest exit {code}: {tail}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", action="append", default=[], help="a mutation's name (repeatable)")
+    parser.add_argument("--jobs", type=int, default=1, help="mutations run at once (default 1)")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
+    unknown = set(args.only) - {m.name for m in MUTATIONS}
+    if unknown:
+        print(f"unknown mutation(s): {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:32s} {m.file:24s} {' '.join(m.tests) or '(no fast test)'}")
+        return 0
+    started = time.perf_counter()
+    results = {name: ("error", why) for name, why in check_snippets(chosen).items()}
+    for name, (_, why) in results.items():
+        print(f"error     {name}: {why}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="raysd-mutations-") as tmp:
+        base = Path(tmp) / "unmutated"
+        copy_repository(base)
+        found = subprocess.run([sys.executable, "-c", "import raysd; print(raysd.__file__)"], cwd=base,
+                               env={**os.environ, "PYTHONPATH": str(base)}, capture_output=True, text=True)
+        if not found.stdout.startswith(str(base)):
+            print(f"error     the copy's raysd is not the one imported: {found.stdout}{found.stderr}")
+            return 1
+        # The selections must pass unmutated, or a red run says nothing about a mutation. It runs
+        # beside the mutations; its verdict is awaited before theirs count.
+        selection = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+        with ThreadPoolExecutor(max(1, args.jobs) + 1) as pool:
+            baseline = pool.submit(pytest_run, base, selection, 3 * TIMEOUT_S)
+            runs = {pool.submit(run_mutation, m, Path(tmp) / m.name): m.name
+                    for m in chosen if m.name not in results}
+            for done in as_completed(runs):
+                results[runs[done]] = done.result()
+                verdict, detail = results[runs[done]]
+                print(f"{verdict:9s} {runs[done]} ({detail})", flush=True)
+            code, tail = baseline.result()
+    print(f"{'baseline' if code == 0 else 'error':9s} unmutated selection ({len(selection)} tests): {tail}")
+    counts = {v: [r[0] for r in results.values()].count(v) for v in ("caught", "survived", "error")}
+    print(f"{counts['caught']} caught, {counts['survived']} survived, {counts['error']} errors "
+          f"of {len(chosen)} mutations in {time.perf_counter() - started:.0f} s")
+    return 0 if code == 0 and counts["caught"] == len(chosen) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
