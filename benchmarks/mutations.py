@@ -89,12 +89,29 @@ MUTATIONS = [
              "finetune_and_evaluate(init, state.theta or init.state_dict(),",
              "finetune_and_evaluate(init, init.state_dict(),",
              ("tests/test_recipe.py::test_fine_tuning_starts_from_the_methods_weights",)),
-    Mutation("key_without_gamma", "raysd/recipe.py",
-             '"mask_ratio": cfg.mask_ratio,', "",
+    # Keys follow the schema's declarations (raysd/config.py): a setting declared unable to
+    # change a stage drops out of that stage's key.
+    Mutation("key_without_gamma", "raysd/config.py",
+             'changes=PRETRAIN, doc="gamma"', 'changes=NOTHING, doc="gamma"',
              ("tests/test_artifacts.py::test_keys_change_with_every_input_that_changes_the_weights",)),
-    Mutation("key_without_lambda", "raysd/recipe.py",
-             "mae_weight=cfg.mae_weight,", "",
+    Mutation("key_without_lambda", "raysd/config.py",
+             'changes=("self_distill",), doc="lambda"', 'changes=NOTHING, doc="lambda"',
              ("tests/test_artifacts.py::test_keys_change_with_every_input_that_changes_the_weights",)),
+    Mutation("key_without_val_fraction", "raysd/config.py",
+             "number(0, 1, low_open=True), changes=EVERYTHING,",
+             "number(0, 1, low_open=True), changes=NOTHING,",
+             ("tests/test_artifacts.py::test_keys_change_with_every_input_that_changes_the_weights",
+              "tests/test_schema.py::test_val_fraction_changes_every_stage_and_numbers_key_alike")),
+    Mutation("key_ignores_declarations", "raysd/schema.py",
+             "if output not in item.changes:", "if output not in item.changes and False:",
+             ("tests/test_artifacts.py::test_settings_that_cannot_change_the_weights_leave_every_key_alone",
+              "tests/test_schema.py::test_key_inputs_follow_the_declarations_exactly")),
+    Mutation("numbers_not_coerced", "raysd/schema.py",
+             "    return Rule(ok, what, float)", "    return Rule(ok, what)",
+             ("tests/test_schema.py::test_parse_names_the_dotted_key_and_rule",)),
+    Mutation("key_numbers_not_normalised", "raysd/schema.py",
+             "        return float(value)", "        return value",
+             ("tests/test_schema.py::test_val_fraction_changes_every_stage_and_numbers_key_alike",)),
     Mutation("lease_always_grants", "raysd/artifacts.py",
              "if holder is not None and holder != self.owner:", "if False:",
              ("tests/test_artifacts.py::test_lease_one_builder_others_wait_and_a_dead_builders_lease_expires",)),
@@ -104,9 +121,9 @@ MUTATIONS = [
              ("tests/test_compare.py::test_summary_table_means_stds_and_paired_interval",)),
     # Running trials' rows reach history_parts/ only at Ctrl-C: a killed driver loses them.
     # Its fast test is being written with the Ray-free study-folder work (issue 23).
-    Mutation("history_parts_never_written", "raysd/results.py",
-             "self._write_parts()\n            self._upload()", "self._upload()",
-             ()),
+    Mutation("history_parts_never_written", "raysd/writers.py",
+             "        self.write_parts()\n        return True", "        return True",
+             ("tests/test_writers.py::test_a_running_trials_rows_reach_its_history_parts_before_it_ends",)),
 ]
 
 

@@ -237,5 +237,5 @@ def test_knn_signal_votes_with_the_20_nearest_neighbours(digits):
         return float((votes.argmax(1) == query_y).float().mean())
 
     assert by_hand(20) != by_hand(1)  # else the test could not tell k = 1 from k = 20
-    run = StageRun(tiny_config(signal_examples=0), Hooks(), "further_pretrain", 0)
+    run = StageRun(tiny_config({"evaluation.signal_examples": 0}), Hooks(), "further_pretrain", 0)
     assert knn_signal(Projection(), digits, run)["knn_accuracy"] == pytest.approx(by_hand(20))

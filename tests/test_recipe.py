@@ -195,7 +195,7 @@ def test_lambda_weights_the_mae_term_not_the_distillation_term(digits):
     from raysd.stages import StageRun, self_distill_round
 
     init = _init()
-    run = StageRun(tiny_config(mae_weight=0.25), Hooks(), "self_distill", 1)
+    run = StageRun(tiny_config({"self_distill.mae_weight": 0.25}), Hooks(), "self_distill", 1)
     _, last = self_distill_round(init, _theta_0(init, digits), digits.unlabelled, run)
     assert last["mae_loss"] != pytest.approx(last["distill_loss"], rel=0.1)  # else the test is blind
     assert last["loss"] == pytest.approx(0.25 * last["mae_loss"] + last["distill_loss"], rel=1e-5)
@@ -214,7 +214,7 @@ def test_the_teacher_runs_in_eval_mode_so_its_dropout_is_off(digits, monkeypatch
     theta_0 = _theta_0(init, digits)
     targets, real = [], stages.teacher_targets
     monkeypatch.setattr(stages, "teacher_targets", lambda *a, **k: targets.append(real(*a, **k)) or targets[-1])
-    run = stages.StageRun(tiny_config(teacher_cache=cache), Hooks(), "self_distill", 1)
+    run = stages.StageRun(tiny_config({"self_distill.teacher_cache": cache}), Hooks(), "self_distill", 1)
     stages.self_distill_round(init, theta_0, digits.unlabelled, run)
     teacher = copy.deepcopy(init)
     teacher.load_state_dict(theta_0)
@@ -272,7 +272,7 @@ def test_zero_mae_weight_round_runs_under_ddp(digits):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         init = _init()
-        run = StageRun(tiny_config(mae_weight=0.0), Hooks(wrap=DistributedDataParallel), "self_distill", 1)
+        run = StageRun(tiny_config({"self_distill.mae_weight": 0.0}), Hooks(wrap=DistributedDataParallel), "self_distill", 1)
         self_distill_round(init, init.state_dict(), digits.unlabelled, run)
     finally:
         dist.destroy_process_group()

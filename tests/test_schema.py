@@ -1,6 +1,7 @@
 """The one schema: every setting declares its rule, whether it is searched and which stage
 outputs it can change; parsing, `--set`, columns and artifact keys all follow from it."""
 import dataclasses
+import json
 
 import pytest
 
@@ -98,7 +99,8 @@ def test_val_fraction_changes_every_stage_and_numbers_key_alike():
 
     for output in ("further_pretrain", "self_distill", "signal"):
         assert "evaluation.val_fraction" in schema.key_inputs(tiny_config(), output)
-    assert schema.normalise(0) == schema.normalise(0.0) and schema.normalise(True) is True
+    spelled = [json.dumps(schema.normalise(v)) for v in (0, 0.0, [1, 2.0], {"a": 3})]
+    assert spelled == ["0.0", "0.0", "[1.0, 2.0]", '{"a": 3.0}'] and schema.normalise(True) is True
     resolved = schema.key_inputs(tiny_config(), "self_distill", {"evaluation.batch_size": None})
     assert "evaluation.batch_size" not in resolved
 
