@@ -18,8 +18,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/raysd tune --space demo
 
+# --durations: the 30 slowest tests, so CI's log shows where the suite's time goes.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest tests -q
+	$(VENV)/bin/python -m pytest tests -q --durations=30
 
 clean:
 	rm -rf $(VENV) raysd_results
