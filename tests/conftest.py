@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from typing import Callable
 
 # Keep every Ray node of the tests on loopback (Ray otherwise picks the network interface).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -57,33 +58,51 @@ def marked_env():
     kill_processes_mentioning(marker)
 
 
-@pytest.fixture(scope="session")
-def session_env():
-    """As marked_env, for servers that live through the session (moto, a two-node cluster)."""
+# Servers shared by several tests end after the last test that uses them, not when the session
+# ends: on a 2-core machine an idle Ray cluster takes CPU and memory from every test after it.
+_stops: dict[str, Callable[[], None]] = {}  # fixture name -> how to end what it started
+_last_users: dict[str, pytest.Item] = {}
+
+
+def pytest_collection_finish(session):
+    for item in session.items:
+        for name in ("moto_s3", "two_nodes"):
+            if name in item.fixturenames:
+                _last_users[name] = item
+
+
+def pytest_runtest_teardown(item, nextitem):
+    for name, last in _last_users.items():
+        if item is last and name in _stops:
+            _stops.pop(name)()
+
+
+def _session_server(name: str) -> dict:
+    """An environment like marked_env's for a session fixture's server; registers its end."""
     from helpers import kill_processes_mentioning
 
     marker = tempfile.mkdtemp(prefix="rss", dir="/tmp")  # short: socket paths are length-limited
     env = {**os.environ, "RAY_TMPDIR": marker, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
-    yield env
-    kill_processes_mentioning(marker)
+    _stops[name] = lambda: kill_processes_mentioning(marker)
+    return env
 
 
 @pytest.fixture(scope="session")
-def moto_s3(session_env):
+def moto_s3():
     """One local moto S3 server with bucket `raysd` for the session: the AWS_* variables that
     point pyarrow and boto3 at it (tests put their objects under their own prefixes)."""
     from helpers import start_moto
 
-    server, endpoint = start_moto(session_env)
+    server, endpoint = start_moto(_session_server("moto_s3"))
+    _stops["moto_s3"] = lambda: (server.kill(), server.wait())
     yield {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    server.kill()
-    server.wait()
+    _stops.pop("moto_s3", lambda: None)()
 
 
 @pytest.fixture(scope="session")
-def two_nodes(session_env):
+def two_nodes():
     """A `ray start` cluster with token auth on loopback: a head and a worker node, one CPU
     each, so a 2-worker trial needs both. Shared by the `ray job submit` test and the
     multi-node test (which kills the worker node and adds another): {"address": GCS address,
@@ -94,16 +113,18 @@ def two_nodes(session_env):
     from helpers import BIN, add_node, free_port, run_ok
 
     # Multi-node needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1; --node-ip-address keeps it on loopback.
-    env = {**session_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
-    gcs, dash = free_port(), free_port()
+    env = {**_session_server("two_nodes"), "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+    gcs, dash = free_port(), free_port()  # every port our own: other Rays may run on the host
     run_ok([BIN / "ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", gcs,
             "--dashboard-host", "127.0.0.1", "--dashboard-port", dash, "--num-cpus", "1",
-            "--ray-client-server-port", free_port(), "--disable-usage-stats"], env)
+            "--ray-client-server-port", free_port(), "--dashboard-agent-listen-port", free_port(),
+            "--disable-usage-stats"], env)
     address = f"127.0.0.1:{gcs}"
-    second = f"{os.path.basename(session_env['RAY_TMPDIR'])}-second"  # no other session's node
+    second = f"{os.path.basename(env['RAY_TMPDIR'])}-second"  # no other session's node
     add_node(address, second, env)
-    return {"address": address, "dashboard": f"http://127.0.0.1:{dash}", "env": env, "second": second}
+    yield {"address": address, "dashboard": f"http://127.0.0.1:{dash}", "env": env, "second": second}
+    _stops.pop("two_nodes", lambda: None)()
 
 
 @pytest.fixture(scope="session")

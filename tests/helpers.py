@@ -75,9 +75,11 @@ def start_moto(env: dict) -> tuple[subprocess.Popen, str]:
 
 
 def add_node(address: str, name: str, env: dict, cpus: int = 1) -> None:
-    """`ray start` a worker node whose processes all carry RAYSD_TEST_NODE=<name>."""
+    """`ray start` a worker node whose processes all carry RAYSD_TEST_NODE=<name>. Its dashboard
+    agent gets a port of its own: Ray's default (52365) is taken by the first node on the host."""
     run_ok([BIN / "ray", "start", "--address", address, "--node-ip-address", "127.0.0.1",
-            "--num-cpus", str(cpus), "--disable-usage-stats"], {**env, "RAYSD_TEST_NODE": name})
+            "--num-cpus", str(cpus), "--dashboard-agent-listen-port", str(free_port()),
+            "--disable-usage-stats"], {**env, "RAYSD_TEST_NODE": name})
 
 
 def run_ok(args, env, timeout=300, cwd=None) -> subprocess.CompletedProcess:
