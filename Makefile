@@ -18,8 +18,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/raysd tune --space demo
 
+# --durations: the 30 slowest tests, so CI's log shows where the suite's time goes.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest tests -q
+	$(VENV)/bin/python -m pytest tests -q --durations=30
 
 # Applies each bug of benchmarks/mutations.py alone to a copy and runs its fast tests;
 # two at a time by default (`make mutations JOBS=1` for one). About 5 min on 2 cores.

@@ -24,7 +24,6 @@ from raysd.config import LoggingConfig, StageConfig, TrialConfig
 from raysd.data.corpus import corpus_fingerprint, demo_corpus, packed
 from raysd.data.images import TensorImages, natural_crops
 from raysd.data.text import TokenizedText, tokenizer_from_json, tokenizer_recipe, train_tokenizer
-from raysd.models import roberta
 from raysd.models.weights import check_weights, load_backbone
 from raysd.stages import Hooks, StageRun, further_pretrain
 
@@ -45,8 +44,12 @@ def theta_init(model_name: str, weights: str, seed: int) -> nn.Module:
     rank and every restart draws the same."""
     if weights == "builtin:demo":
         theta, meta = demo_theta(model_name)
-        backbone = (models.build(model_name) if models.family(model_name) == "vit"
-                    else roberta.tiny(tokenizer_from_json(meta["tokenizer"])))
+        if models.family(model_name) == "vit":
+            backbone = models.build(model_name)
+        else:
+            from raysd.models import roberta  # transformers: only where a text model is built
+
+            backbone = roberta.tiny(tokenizer_from_json(meta["tokenizer"]))
         backbone.load_state_dict(theta)
         return backbone
     torch.manual_seed(seed)
@@ -99,6 +102,8 @@ def _build_vit(model_name: str) -> tuple[dict, dict]:
 
 
 def _build_text(model_name: str) -> tuple[dict, dict]:
+    from raysd.models import roberta
+
     print(f"raysd: pre-training the demo's {model_name} on the standard library's docstrings "
           f"(once; cached in {cache_root() / 'artifacts'})", flush=True)
     texts, _ = demo_corpus()
@@ -152,6 +157,8 @@ def held_out_mlm_loss(backbone: nn.Module, data: TokenizedText, mask_ratio: floa
     """Masked-LM loss in nats per masked token (RoBERTa's 15 % masked), with masks drawn from
     SEED: two models of one tokenizer are scored on the same positions. Leaves the global RNG
     as it was."""
+    from raysd.models.roberta import IGNORE
+
     was_training = backbone.training
     backbone.eval()
     total, count = 0.0, 0
@@ -161,7 +168,7 @@ def held_out_mlm_loss(backbone: nn.Module, data: TokenizedText, mask_ratio: floa
             ids = data.input_ids[start: start + batch_size]  # [B, L]
             mask = data.attention_mask[start: start + batch_size]
             corrupted, labels = backbone.mask_tokens(ids, mask, mask_ratio)
-            masked = int((labels != roberta.IGNORE).sum())
+            masked = int((labels != IGNORE).sum())
             total += float(backbone.mlm_loss(corrupted, mask, labels)) * masked
             count += masked
     backbone.train(was_training)

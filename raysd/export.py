@@ -8,7 +8,9 @@ A trial given a model URI (a local folder, s3://, gs://) leaves there, from rank
 
 export_model() turns such a folder into one that transformers loads as ViTForImageClassification
 or RobertaForSequenceClassification (with AutoTokenizer), and for ViT also timm (OUT/timm);
-export_trial() does so for a study's trial, `best` by study_folder.ranked.
+export_trial() does so for a study's trial, `best` by study_folder.ranked. transformers is
+imported by the functions that use it: a trial's workers only save the model, and the import
+costs each of them seconds.
 """
 from __future__ import annotations
 
@@ -23,15 +25,12 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
-from transformers import (AutoTokenizer, BitImageProcessor, RobertaConfig,
-                          RobertaForSequenceClassification, ViTConfig, ViTForImageClassification)
 
 from raysd import __version__
 from raysd.config import TrialConfig
 from raysd.data.images import MEAN, STD
 from raysd.errors import ConfigError
 from raysd.models import Classifier
-from raysd.models.roberta import MaskedLMRoberta
 from raysd.models.weights import VIT_LAYER_KEYS
 from raysd.models.vit import MaeViT, ViTSpec
 from raysd.storage import MODELS, Store
@@ -129,6 +128,10 @@ def load_classifier(model_uri: str) -> tuple[Classifier, dict]:
     if meta["family"] == "vit":
         backbone = MaeViT(ViTSpec(**meta["architecture"]))
     else:
+        from transformers import RobertaConfig
+
+        from raysd.models.roberta import MaskedLMRoberta
+
         backbone = MaskedLMRoberta(RobertaConfig.from_dict(meta["architecture"]),
                                    _tokenizer(store, model_uri))
     classifier = Classifier(backbone, meta["num_classes"])
@@ -142,6 +145,8 @@ def load_classifier(model_uri: str) -> tuple[Classifier, dict]:
 
 def _tokenizer(store: Store, model_uri: str):
     """The tokenizer saved beside the weights (copied to a local folder first when remote)."""
+    from transformers import AutoTokenizer
+
     with tempfile.TemporaryDirectory() as tmp:
         if store.local:
             folder = store.root
@@ -224,6 +229,8 @@ def _label_config(meta: dict) -> dict:
 def vit_to_hf(classifier: Classifier, meta: dict) -> nn.Module:
     """The same model as transformers' ViTForImageClassification: raysd's head reads the
     post-norm CLS vector, as transformers' classifier does."""
+    from transformers import ViTConfig, ViTForImageClassification
+
     spec = ViTSpec(**meta["architecture"])
     config = ViTConfig(image_size=spec.img_size, patch_size=spec.patch_size, num_channels=spec.in_chans,
                        hidden_size=spec.embed_dim, num_hidden_layers=spec.depth,
@@ -260,6 +267,8 @@ def vit_to_hf(classifier: Classifier, meta: dict) -> nn.Module:
 def _image_processor(meta: dict):
     """raysd's image-folder preprocessing: shorter side to the model's size (bilinear), centre
     crop, scale to [0, 1], normalise with raysd's mean and std."""
+    from transformers import BitImageProcessor
+
     size = meta["image_size"]
     return BitImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                              resample=2, do_center_crop=True, image_mean=meta["mean"],
@@ -325,6 +334,8 @@ def roberta_to_hf(classifier: Classifier, meta: dict) -> tuple[nn.Module, float]
     tanh's curvature: dense = s*I (zero bias), out_proj = W/s, b; so out_proj(tanh(dense(x)))
     = W tanh(s x)/s + b = W x (1 + O((s x)^2)) + b, relative error below 3.4e-7.
     Returns (model, s)."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
     config = RobertaConfig.from_dict({**meta["architecture"], **_label_config(meta),
                                       "architectures": ["RobertaForSequenceClassification"]})
     hf = RobertaForSequenceClassification(config)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from typing import Callable
 
 # Keep every Ray node of the tests on loopback (Ray otherwise picks the network interface).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -40,7 +41,8 @@ def digits():
 
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
-    """One isolated local Ray for every test that needs it (starting Ray costs seconds)."""
+    """One isolated local Ray for every test that needs it (starting Ray costs seconds). Give
+    its `get_runtime_context().gcs_address` to the State API: other Rays may run on the host."""
     import ray
 
     from raysd.cluster import start_local_ray
@@ -60,3 +62,156 @@ def marked_env():
     env.pop("RAY_ADDRESS", None)
     yield env
     kill_processes_mentioning(marker)
+
+
+# Servers shared by several tests end after the last test that uses them, not when the session
+# ends: on a 2-core machine an idle Ray cluster takes CPU and memory from every test after it.
+_stops: dict[str, Callable[[], None]] = {}  # fixture name -> how to end what it started
+_last_users: dict[str, pytest.Item] = {}
+
+
+def pytest_collection_finish(session):
+    for item in session.items:
+        for name in ("moto_s3", "two_nodes"):
+            if name in item.fixturenames:
+                _last_users[name] = item
+
+
+def pytest_runtest_teardown(item, nextitem):
+    for name, last in _last_users.items():
+        if item is last and name in _stops:
+            _stops.pop(name)()
+
+
+def _session_server(name: str) -> dict:
+    """An environment like marked_env's for a session fixture's server; registers its end."""
+    from helpers import kill_processes_mentioning
+
+    marker = tempfile.mkdtemp(prefix="rss", dir="/tmp")  # short: socket paths are length-limited
+    env = {**os.environ, "RAY_TMPDIR": marker, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    _stops[name] = lambda: kill_processes_mentioning(marker)
+    return env
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    """One local moto S3 server with bucket `raysd` for the session: the AWS_* variables that
+    point pyarrow and boto3 at it (tests put their objects under their own prefixes)."""
+    from helpers import start_moto
+
+    server, endpoint = start_moto(_session_server("moto_s3"))
+    _stops["moto_s3"] = lambda: (server.kill(), server.wait())
+    yield {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    _stops.pop("moto_s3", lambda: None)()
+
+
+@pytest.fixture(scope="session")
+def two_nodes():
+    """A `ray start` cluster with token auth on loopback: a head and a worker node, one CPU
+    each, so a 2-worker trial needs both. Shared by the `ray job submit` test and the
+    multi-node test (which kills the worker node and adds another): {"address": GCS address,
+    "dashboard": job API URL, "env": the environment to reach it, "second": the worker node's
+    RAYSD_TEST_NODE, which every process of that node carries}."""
+    import secrets
+
+    from helpers import BIN, add_node, free_port, run_ok
+
+    # Multi-node needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1; --node-ip-address keeps it on loopback.
+    env = {**_session_server("two_nodes"), "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+    gcs, dash = free_port(), free_port()  # every port our own: other Rays may run on the host
+    run_ok([BIN / "ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", gcs,
+            "--dashboard-host", "127.0.0.1", "--dashboard-port", dash, "--num-cpus", "1",
+            "--ray-client-server-port", free_port(), "--dashboard-agent-listen-port", free_port(),
+            "--disable-usage-stats"], env)
+    address = f"127.0.0.1:{gcs}"
+    second = f"{os.path.basename(env['RAY_TMPDIR'])}-second"  # no other session's node
+    add_node(address, second, env)
+    yield {"address": address, "dashboard": f"http://127.0.0.1:{dash}", "env": env, "second": second}
+    _stops.pop("two_nodes", lambda: None)()
+
+
+@pytest.fixture(scope="session")
+def demo_smoke_job(two_nodes, tmp_path_factory):
+    """`raysd tune --space demo --smoke` submitted with `ray job submit` to the two-node cluster,
+    as one would before a cluster run: test_cluster_jobs checks the job, test_smoke[demo] the
+    smoke study. (the finished `ray job submit`, the study folder, seconds it took)"""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from helpers import BIN
+
+    storage = tmp_path_factory.mktemp("job")
+    submit = [BIN / "ray", "job", "submit", "--address", two_nodes["dashboard"],
+              "--working-dir", str(Path(__file__).resolve().parent.parent), "--",
+              sys.executable, "-m", "raysd.cli", "tune", "--space", "demo", "--smoke",
+              "--set", "weights=none", "--storage", str(storage), "--name", "job"]
+    deadline = time.time() + 300  # the head's job agent comes up after `ray start` returns
+    while True:  # (seconds on an idle machine, minutes on a busy one)
+        started = time.time()
+        job = subprocess.run(submit, env=two_nodes["env"], capture_output=True, text=True, timeout=900)
+        if "No available agent" not in job.stdout + job.stderr or time.time() > deadline:
+            break
+        time.sleep(3)
+    return job, storage / "job", time.time() - started
+
+
+@pytest.fixture(scope="session")
+def diverged_trial(ray_local, tmp_path_factory):
+    """One `raysd run` whose further pre-training diverges (lr 1e30), on the session's Ray:
+    its exit code, study folder, console output, the log records it left, and how many
+    RayTrainWorker actors it started. test_study and test_faults assert on the same run."""
+    import contextlib
+    import io
+    import logging
+    import types
+
+    from ray.util.state import list_actors
+
+    from helpers import TINY
+    from raysd import cli
+
+    def workers() -> int:
+        return len(list_actors(address=ray_local.get_runtime_context().gcs_address,
+                               filters=[("class_name", "=", "RayTrainWorker")], limit=10_000))
+
+    class Keep(logging.Handler):  # what pytest's caplog does: a handler on the root logger
+        def __init__(self):
+            super().__init__(level=0)
+            self.records = []
+
+        def emit(self, record):
+            self.records.append(record)
+
+    storage = tmp_path_factory.mktemp("diverged")
+    before, keep, out = workers(), Keep(), io.StringIO()
+    logging.getLogger().addHandler(keep)
+    try:
+        with contextlib.redirect_stdout(out):
+            code = cli.main(["run", "--space", "demo", *TINY, "--set", "further_pretrain.lr=1e30",
+                             "--set", "further_pretrain.steps=40", "--storage", str(storage),
+                             "--name", "nan"])
+    finally:
+        logging.getLogger().removeHandler(keep)
+    print(out.getvalue())
+    return types.SimpleNamespace(code=code, study=storage / "nan", out=out.getvalue(),
+                                 records=keep.records, new_train_workers=workers() - before)
+
+
+@pytest.fixture(scope="session")
+def slow_round_reference(ray_local, tmp_path_factory):
+    """One uninterrupted 2-worker DDP trial with a long self-distillation round, on one node:
+    the reference a trial that loses a worker or a node must match exactly. Its trials.parquet row."""
+    import pyarrow.parquet as pq
+
+    from helpers import SLOW_ROUND, TINY
+    from raysd import cli
+
+    storage = tmp_path_factory.mktemp("reference")
+    assert cli.main(["run", "--space", "demo", *TINY, *SLOW_ROUND, "--workers", "2",
+                     "--storage", str(storage), "--name", "pack"]) == 0
+    return pq.read_table(storage / "pack" / "results" / "trials.parquet").to_pylist()[0]

@@ -15,9 +15,16 @@ TINY = [
     "--set", "further_pretrain.steps=4", "--set", "further_pretrain.batch_size=16",
     "--set", "self_distill.steps=4", "--set", "self_distill.batch_size=16",
     "--set", "finetune.steps=8", "--set", "finetune.batch_size=16", "--set", "finetune.warmup_steps=2",
-    "--set", "evaluation.every=4", "--set", "logging.log_every=2", "--set", "logging.checkpoint_every=2",
-    "--set", "evaluation.signal_examples=256",
+    "--set", "evaluation.every=4", "--set", "logging.log_every=2",
+    # What a trial pays for and no test reads: mid-stage checkpoints (stage boundaries still
+    # write theirs; tests that kill a worker ask for more), whole-split evaluation, a big k-NN bank.
+    "--set", "logging.checkpoint_every=8", "--set", "evaluation.max_examples=64",
+    "--set", "evaluation.signal_examples=64",
 ]
+# Long enough a self-distillation round that a kill lands inside it, with a checkpoint every
+# 4 steps to resume from (used after TINY: later flags win).
+SLOW_ROUND = ["--set", "self_distill.steps=32", "--set", "self_distill.rounds=1",
+              "--set", "logging.checkpoint_every=4"]
 
 
 def kill_processes_mentioning(marker: str) -> int:
@@ -65,6 +72,14 @@ def start_moto(env: dict) -> tuple[subprocess.Popen, str]:
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
                  aws_secret_access_key="testing").create_bucket(Bucket="raysd")
     return server, endpoint
+
+
+def add_node(address: str, name: str, env: dict, cpus: int = 1) -> None:
+    """`ray start` a worker node whose processes all carry RAYSD_TEST_NODE=<name>. Its dashboard
+    agent gets a port of its own: Ray's default (52365) is taken by the first node on the host."""
+    run_ok([BIN / "ray", "start", "--address", address, "--node-ip-address", "127.0.0.1",
+            "--num-cpus", str(cpus), "--dashboard-agent-listen-port", str(free_port()),
+            "--disable-usage-stats"], {**env, "RAYSD_TEST_NODE": name})
 
 
 def run_ok(args, env, timeout=300, cwd=None) -> subprocess.CompletedProcess:

@@ -1,32 +1,21 @@
 """A real `ray job submit` against a two-node `ray start` cluster with token auth, and S3 storage
-against a local moto server. Every process started here is ended here, by its marker."""
+against a local moto server; both servers are the session's (conftest.py), ended by their marker
+when it ends. Every process started here is ended here, by its marker."""
 import json
-import secrets
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import pytest
 
-from helpers import BIN, TINY, free_port, run_ok, start_moto
-
-REPO = Path(__file__).resolve().parent.parent
+from helpers import BIN, TINY, run_ok
 
 
-def test_ray_job_submit_to_a_two_node_cluster_with_token_auth(marked_env, tmp_path):
-    # Multi-node needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1; --node-ip-address keeps it on loopback.
-    env = {**marked_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
-    gcs, dash = free_port(), free_port()
-    run_ok([BIN / "ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
-          "--ray-client-server-port", str(free_port()), "--disable-usage-stats"], env)
-    run_ok([BIN / "ray", "start", "--address", f"127.0.0.1:{gcs}", "--node-ip-address", "127.0.0.1",
-          "--num-cpus", "2", "--disable-usage-stats"], env)
-    address = f"http://127.0.0.1:{dash}"
+def test_ray_job_submit_to_a_two_node_cluster_with_token_auth(two_nodes, demo_smoke_job):
+    """The session's two-node cluster and the demo's --smoke study submitted to it
+    (conftest.demo_smoke_job; test_smoke checks the study itself)."""
+    env, address = two_nodes["env"], two_nodes["dashboard"]
 
     # token auth is on: a wrong token is turned away
     wrong = subprocess.run([BIN / "ray", "job", "list", "--address", address],
@@ -34,21 +23,10 @@ def test_ray_job_submit_to_a_two_node_cluster_with_token_auth(marked_env, tmp_pa
                            timeout=60)
     assert wrong.returncode != 0
 
-    storage = tmp_path / "storage"
-    submit = [BIN / "ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-              sys.executable, "-m", "raysd.cli", "tune", "--space", "demo", *TINY, "--num-samples", "2",
-              "--storage", str(storage), "--name", "job"]
-    deadline = time.time() + 300  # the head's job agent comes up after `ray start` returns
-    while True:  # (seconds on an idle machine, minutes on a busy one)
-        started = time.time()
-        job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
-        if "No available agent" not in job.stdout + job.stderr or time.time() > deadline:
-            break
-        time.sleep(3)
-    elapsed = time.time() - started
+    job, study, elapsed = demo_smoke_job
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-2000:]
     assert "succeeded" in job.stdout
-    rows = pq.read_table(storage / "job" / "results" / "trials.parquet").to_pylist()
+    rows = pq.read_table(study / "results" / "trials.parquet").to_pylist()
     assert len(rows) == 2 and {r["status"] for r in rows} == {"completed"}
     nodes = json.loads(run_ok([BIN / "ray", "list", "nodes", "--address", address, "--format", "json"],
                             env).stdout)
@@ -56,20 +34,10 @@ def test_ray_job_submit_to_a_two_node_cluster_with_token_auth(marked_env, tmp_pa
     print(f"ray job submit -> finished study: {elapsed:.0f} s")
 
 
-@pytest.fixture
-def moto_server(marked_env):
-    server, endpoint = start_moto(marked_env)
-    aws = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    yield {**marked_env, **aws}
-    server.kill()
-    server.wait()
-
-
-def test_study_on_s3_storage(moto_server):
-    """Results, TensorBoard and checkpoints on s3://; TensorBoard events are uploaded while the
-    trial runs, not only when it ends."""
-    env = {**moto_server, "RAYSD_HISTORY_PART_SECONDS": "2"}
+def test_study_on_s3_storage(moto_s3, marked_env):
+    """Results, TensorBoard and checkpoints on s3:// (the session's moto server); TensorBoard
+    events are uploaded while the trial runs, not only when it ends."""
+    env = {**marked_env, **moto_s3, "RAYSD_HISTORY_PART_SECONDS": "2"}
     s3 = pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key="testing",
                            secret_key="testing", region="us-east-1")
     run = subprocess.Popen(

@@ -18,7 +18,6 @@ from transformers import (AutoImageProcessor, AutoTokenizer, RobertaConfig,
                           RobertaForSequenceClassification, ViTForImageClassification, ViTImageProcessor)
 
 from conftest import tiny_config
-from helpers import start_moto
 from raysd import export, models
 from raysd.data.images import MEAN, STD
 from raysd.errors import ConfigError
@@ -305,15 +304,11 @@ def test_a_trial_saves_its_model_before_its_last_report_and_again_after_a_restar
 
 
 @pytest.fixture
-def s3(marked_env, monkeypatch):
-    """A local moto S3 server with bucket `raysd`; pyarrow finds it through the environment."""
-    server, endpoint = start_moto(marked_env)
-    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+def s3(moto_s3, monkeypatch):
+    """The session's moto S3 server, bucket `raysd`; pyarrow finds it through the environment."""
+    for key, value in moto_s3.items():
         monkeypatch.setenv(key, value)
-    yield "s3://raysd"
-    server.kill()
-    server.wait()
+    return "s3://raysd"
 
 
 def test_model_on_s3_saves_loads_and_exports(s3, tmp_path):

@@ -11,12 +11,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from helpers import TINY
+from helpers import SLOW_ROUND, TINY
 from raysd import cli
 
-# Long enough a self-distillation round that the kill lands inside it, on a tiny model.
-SLOW_ROUND = ["--set", "self_distill.steps=32", "--set", "self_distill.rounds=1",
-              "--set", "logging.checkpoint_every=4"]
 SELF_DISTILL = 1  # index of round 1 in the plan [further_pretrain, self_distill 1, finetune]
 
 
@@ -36,15 +33,18 @@ def checkpoint_position(train_dir: Path) -> tuple[int, int] | None:
 
 def kill_train_worker_when(train_dir: Path, ready, found: dict) -> threading.Thread:
     """In the background: once `ready(position)` holds, SIGKILL the trial's RayTrainWorker."""
+    import ray
     from ray.util.state import list_actors
+
+    address = ray.get_runtime_context().gcs_address  # the session's Ray, not another on the host
 
     def watch():
         deadline = time.time() + 300
         while time.time() < deadline:
             position = checkpoint_position(train_dir)
             if position and ready(position):
-                actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"),
-                                              ("state", "=", "ALIVE")])
+                actors = list_actors(address=address, filters=[
+                    ("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
                 if actors:
                     os.kill(actors[0].pid, signal.SIGKILL)
                     found["killed_at"] = position
@@ -60,18 +60,19 @@ def _trial(study: Path) -> dict:
     return pq.read_table(study / "results" / "trials.parquet").to_pylist()[0]
 
 
-def test_killed_worker_resumes_with_identical_metrics(ray_local, tmp_path):
-    args = ["run", "--space", "demo", *TINY, *SLOW_ROUND, "--storage", str(tmp_path)]
-    assert cli.main([*args, "--name", "clean"]) == 0
-
+def test_killed_worker_resumes_with_identical_metrics(ray_local, slow_round_reference, tmp_path):
+    """One of a 2-worker trial's RayTrainWorkers is killed; the uninterrupted run it must match
+    is the session's slow_round_reference (the same flags, on one node)."""
     found: dict = {}
     watcher = kill_train_worker_when(tmp_path / "killed" / "train",
                                      lambda pos: pos[0] == SELF_DISTILL and pos[1] >= 8, found)
-    assert cli.main([*args, "--name", "killed"]) == 0
+    assert cli.main(["run", "--space", "demo", *TINY, *SLOW_ROUND, "--workers", "2",
+                     "--storage", str(tmp_path), "--name", "killed"]) == 0
     watcher.join(timeout=5)
     assert "killed_at" in found, "the worker was never killed"
 
-    clean, killed = _trial(tmp_path / "clean"), _trial(tmp_path / "killed")
+    clean, killed = slow_round_reference, _trial(tmp_path / "killed")
+    assert clean["cfg.resources.workers"] == killed["cfg.resources.workers"] == 2
     assert killed["status"] == "completed" and killed["restarts"] == 1
     stage, _, rnd, _, step = killed["resumed_from"].split()
     # resumed inside the round (the newest checkpoint on disk may not be registered yet)
@@ -88,20 +89,13 @@ def test_killed_worker_resumes_with_identical_metrics(ray_local, tmp_path):
           f"val_loss {killed['val_loss']!r} == {clean['val_loss']!r}")
 
 
-def test_diverged_trial_fails_at_once_without_retries(ray_local, tmp_path, capsys, caplog):
-    from ray.util.state import list_actors
-
-    def workers() -> int:
-        return len(list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10_000))
-
-    before = workers()
-    code = cli.main(["run", "--space", "demo", *TINY, "--set", "further_pretrain.lr=1e30",
-                     "--set", "further_pretrain.steps=40", "--storage", str(tmp_path), "--name", "nan"])
-    assert code == 1
-    row = _trial(tmp_path / "nan")
+def test_diverged_trial_fails_at_once_without_retries(diverged_trial):
+    """The session's diverged run (test_study reads its failure reason)."""
+    assert diverged_trial.code == 1
+    row = _trial(diverged_trial.study)
     assert row["status"] == "failed" and "NonFiniteLoss" in row["error"]
-    assert workers() - before == 1  # one worker group: Ray Train's default retries were not spent
+    assert diverged_trial.new_train_workers == 1  # one worker group: Ray Train's default retries were not spent
     # the console has one FAILED line, not Tune's controller traceback
-    assert "FAILED: raysd.study.TrialFailed: NonFiniteLoss" in capsys.readouterr().out
-    assert not [r for r in caplog.records if r.name == "ray.tune.execution.tune_controller"
+    assert "FAILED: raysd.study.TrialFailed: NonFiniteLoss" in diverged_trial.out
+    assert not [r for r in diverged_trial.records if r.name == "ray.tune.execution.tune_controller"
                 and r.levelno >= logging.ERROR]

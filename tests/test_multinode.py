@@ -9,11 +9,9 @@ import sys
 import time
 
 import pyarrow.parquet as pq
-import pytest
 
-from helpers import BIN, TINY, free_port, kill_processes_mentioning, run_ok
-from raysd import cli
-from test_faults import SELF_DISTILL, SLOW_ROUND, checkpoint_position
+from helpers import BIN, SLOW_ROUND, TINY, add_node, free_port, kill_processes_mentioning, run_ok
+from test_faults import SELF_DISTILL, checkpoint_position
 
 
 def _raysd(args, env):
@@ -21,32 +19,14 @@ def _raysd(args, env):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd="/")
 
 
-def _add_node(address: str, name: str, env: dict, cpus: int = 1) -> None:
-    """`ray start` a worker node whose processes all carry RAYSD_TEST_NODE=<name>."""
-    run_ok([BIN / "ray", "start", "--address", address, "--node-ip-address", "127.0.0.1",
-            "--num-cpus", str(cpus), "--disable-usage-stats"], {**env, "RAYSD_TEST_NODE": name})
-
-
-@pytest.fixture
-def two_nodes(marked_env):
-    """A head and one worker node, one CPU each, so a 2-worker trial needs both."""
-    env = {**marked_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}  # multi-node; --node-ip-address keeps loopback
-    gcs = free_port()
-    run_ok([BIN / "ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", gcs,
-            "--dashboard-host", "127.0.0.1", "--dashboard-port", free_port(), "--num-cpus", "1",
-            "--ray-client-server-port", free_port(), "--disable-usage-stats"], env)
-    address = f"127.0.0.1:{gcs}"
-    _add_node(address, "second", env)
-    return address, env
-
-
-def test_ranks_on_two_nodes_match_one_node_and_survive_losing_a_node(ray_local, two_nodes, tmp_path):
-    address, env = two_nodes
+def test_ranks_on_two_nodes_match_one_node_and_survive_losing_a_node(slow_round_reference, two_nodes,
+                                                                     tmp_path):
+    """The session's two-node cluster (conftest.two_nodes); its worker node is killed here and
+    a third node takes its place."""
+    address, env = two_nodes["address"], two_nodes["env"]
     args = ["run", "--space", "demo", *TINY, *SLOW_ROUND, "--workers", "2"]
     # Reference: the same trial with both ranks on one node (the session's local Ray).
-    assert cli.main([*args, "--storage", str(tmp_path / "one"), "--name", "pack"]) == 0
-    one = pq.read_table(tmp_path / "one" / "pack" / "results" / "trials.parquet").to_pylist()[0]
+    one = slow_round_reference
     assert one["num_nodes"] == 1
 
     shared = tmp_path / "shared"  # the same folder on both nodes, as NFS would be
@@ -58,9 +38,11 @@ def test_ranks_on_two_nodes_match_one_node_and_survive_losing_a_node(ray_local, 
     while killed_at is None and driver.poll() is None and time.time() < deadline:
         position = checkpoint_position(shared / "spread" / "train")
         if position and position[0] == SELF_DISTILL and position[1] >= 8:
-            assert kill_processes_mentioning("RAYSD_TEST_NODE=second") > 0  # raylet and its workers
+            # the node's raylet and its workers
+            assert kill_processes_mentioning(f"RAYSD_TEST_NODE={two_nodes['second']}") > 0
             killed_at = position
-            _add_node(address, "third", env)  # the replacement the trial waits for
+            third = two_nodes["second"].replace("-second", "-third")
+            add_node(address, third, env)  # the replacement the trial waits for
         time.sleep(0.2)
     out, _ = driver.communicate(timeout=600)
     assert driver.returncode == 0, out[-4000:]

@@ -22,9 +22,10 @@ def test_wheel_ships_the_spaces_and_runs_a_trial(marked_env, tmp_path):
     # (a .pth line adds a folder, not the editable finder that folder holds).
     site = next((venv / "lib").glob("python*/site-packages"))
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    run_ok([venv / "bin" / "pip", "install", "--quiet", "--no-deps", "--no-index", wheel], marked_env,
-           timeout=600)
+    # Without PYTHONPATH: pip takes a checkout on it that holds raysd.egg-info for raysd installed.
     outside = {**marked_env, "PYTHONPATH": ""}
+    run_ok([venv / "bin" / "pip", "install", "--quiet", "--no-deps", "--no-index", wheel], outside,
+           timeout=600)
     where = run_ok([venv / "bin" / "python", "-c", "import raysd.spaces as s; print(s.SPACES_DIR)"],
                    outside, cwd=tmp_path).stdout.strip()
     assert where.startswith(str(site)), where  # not the repository's folder
@@ -34,9 +35,11 @@ def test_wheel_ships_the_spaces_and_runs_a_trial(marked_env, tmp_path):
     assert shipped >= {"demo", "demo_text", "vit_small", "vit_base_mae", "roberta_base"}
     assert shipped <= {line.split()[0] for line in spaces if line}
 
+    # --method is checked here too: a one-trial run the suite pays for anyway
     out = subprocess.run([venv / "bin" / "raysd", "run", "--space", "demo", *TINY,
-                          "--storage", tmp_path / "s", "--name", "wheel"], env=outside, cwd=tmp_path,
-                         capture_output=True, text=True, timeout=600)
+                          "--method", "further_pretrain", "--storage", tmp_path / "s", "--name", "wheel"],
+                         env=outside, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     rows = pq.read_table(tmp_path / "s" / "wheel" / "results" / "trials.parquet").to_pylist()
     assert len(rows) == 1 and rows[0]["status"] == "completed"
+    assert rows[0]["cfg.method"] == "further_pretrain" and "seconds_self_distill_1" not in rows[0]

@@ -40,27 +40,33 @@ def _local_weights(model: str, folder):
     return save_backbone(backbone, folder / model, model)
 
 
-@pytest.mark.parametrize("name", sorted(available()))
-def test_smoke_runs_every_shipped_space(generated, ray_local, tmp_path, capsys, name):
-    cfg = load_space(name).trial_config()
-    flags = ["--space", name, "--smoke", "--storage", str(tmp_path), "--name", "smoke"]
-    if name == "demo":  # its data ships with the install; no weights spares building the demo's
-        flags += ["--set", "weights=none"]
-    else:
-        data = "jsonl:" + str(generated / "text") if models.family(cfg.model) == "roberta" \
-            else "imagefolder:" + str(generated / "images")
-        flags += ["--data", data, "--set", f"weights={_local_weights(cfg.model, tmp_path)}"]
-    # The demo runs the whole 2-trial smoke study; the big spaces one trial each (`run`), to
-    # keep the suite within CI's time on a 2-core machine.
-    # In this process, on the session's Ray: a Ray start per space would cost CI minutes.
-    command = "tune" if name == "demo" else "run"
-    code = cli.main([command, *flags])
-    out = capsys.readouterr()
-    assert code == 0, out.out[-3000:] + out.err[-2000:]
-    assert "--smoke shrinks what costs time" in out.out and "finetune.steps:" in out.out
-    trials = pq.read_table(tmp_path / "smoke" / "results" / "trials.parquet").to_pandas()
-    history = pq.read_table(tmp_path / "smoke" / "results" / "history.parquet").to_pandas()
+def _check_smoke_study(code: int, out: str, err: str, study, command: str, cfg) -> None:
+    assert code == 0, out[-3000:] + err[-2000:]
+    assert "--smoke shrinks what costs time" in out and "finetune.steps:" in out
+    trials = pq.read_table(study / "results" / "trials.parquet").to_pandas()
+    history = pq.read_table(study / "results" / "history.parquet").to_pandas()
     assert len(trials) == (2 if command == "tune" else 1)
     assert set(trials.status) == {"completed"} and trials.smoke.all()
     if cfg.method == "self_distill":  # every stage ran, self-distillation included
         assert {"further_pretrain", "self_distill", "finetune"} <= set(history.stage)
+
+
+def test_smoke_runs_the_demo_space(demo_smoke_job):
+    """The demo's whole 2-trial smoke study (its data ships with the install; no weights spares
+    building the demo's), as `ray job submit` ran it in conftest.demo_smoke_job."""
+    job, study, _ = demo_smoke_job
+    _check_smoke_study(job.returncode, job.stdout, job.stderr, study, "tune",
+                       load_space("demo").trial_config())
+
+
+@pytest.mark.parametrize("name", sorted(set(available()) - {"demo"}))
+def test_smoke_runs_every_shipped_space(generated, ray_local, tmp_path, capsys, name):
+    cfg = load_space(name).trial_config()
+    data = "jsonl:" + str(generated / "text") if models.family(cfg.model) == "roberta" \
+        else "imagefolder:" + str(generated / "images")
+    # One trial each (`run`) to keep the suite within CI's time on a 2-core machine; in this
+    # process, on the session's Ray: a Ray start per space would cost CI minutes.
+    code = cli.main(["run", "--space", name, "--smoke", "--storage", str(tmp_path), "--name", "smoke",
+                     "--data", data, "--set", f"weights={_local_weights(cfg.model, tmp_path)}"])
+    out = capsys.readouterr()
+    _check_smoke_study(code, out.out, out.err, tmp_path / "smoke", "run", cfg)

@@ -66,8 +66,16 @@ class Classifier(nn.Module):
         return self.head(self.backbone.represent(batch))  # [B, num_classes]
 
 
-# RoBERTa family (text): roberta_tiny on the builtin:text tokenizer, roberta_base for hf:roberta-base.
-from raysd.models import roberta as _roberta  # noqa: E402
+def _roberta(size: str) -> Callable[[], nn.Module]:
+    """A builder that imports raysd.models.roberta (and transformers, seconds of start-up in
+    every Ray worker) only when a RoBERTa is built."""
+    def build() -> nn.Module:
+        from raysd.models import roberta
 
-register("roberta_tiny", "roberta")(_roberta.tiny)
-register("roberta_base", "roberta")(_roberta.base)
+        return getattr(roberta, size)()
+    return build
+
+
+# RoBERTa family (text): roberta_tiny on the builtin:text tokenizer, roberta_base for hf:roberta-base.
+register("roberta_tiny", "roberta")(_roberta("tiny"))
+register("roberta_base", "roberta")(_roberta("base"))

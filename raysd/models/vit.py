@@ -9,7 +9,6 @@ import dataclasses
 from functools import partial
 
 import torch
-from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from raysd.losses import mae_loss, patchify, shuffle_mask
@@ -59,7 +58,8 @@ class MaeDecoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(sincos_pos_embed(dim, grid), requires_grad=False)
         norm = partial(nn.LayerNorm, eps=spec.norm_eps)
-        self.blocks = nn.ModuleList(
+        from timm.models.vision_transformer import Block  # timm (and torchvision) cost seconds:
+        self.blocks = nn.ModuleList(                      # only processes that build a ViT pay
             Block(dim, spec.decoder_heads, spec.mlp_ratio, qkv_bias=True, norm_layer=norm)
             for _ in range(spec.decoder_depth)
         )
@@ -79,7 +79,10 @@ class MaeDecoder(nn.Module):
         return self.pred(self.norm(x))[:, 1:]  # [B, K, p*p*C]
 
 
-def build_encoder(spec: ViTSpec) -> VisionTransformer:
+def build_encoder(spec: ViTSpec) -> nn.Module:
+    """timm's VisionTransformer (imported here: Tune's trial drivers never build one)."""
+    from timm.models.vision_transformer import VisionTransformer
+
     encoder = VisionTransformer(
         img_size=spec.img_size, patch_size=spec.patch_size, in_chans=spec.in_chans,
         num_classes=0, embed_dim=spec.embed_dim, depth=spec.depth, num_heads=spec.num_heads,
