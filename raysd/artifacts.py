@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import importlib
 import importlib.metadata
 import io
 import json
@@ -33,8 +34,7 @@ from raysd.storage import Store
 
 # The code that computes a stage's output: its hash (comments and docstrings aside) is part of
 # every key, so a change to the method never reuses what was built before it.
-METHOD_CODE = ("stages.py", "losses.py", "teacher.py", "features.py", "recipe.py", "bootstrap.py",
-               "models", "data")
+METHOD_CODE = ("stages", "losses", "teacher", "features", "recipe", "bootstrap", "models", "data")
 LIBRARIES = ("torch", "timm", "transformers", "tokenizers")
 LEASE_SECONDS = float(os.environ.get("RAYSD_LEASE_SECONDS", "120"))
 META, WEIGHTS = "meta.json", "weights.pt"
@@ -57,14 +57,15 @@ def state_hash(state: dict[str, torch.Tensor]) -> str:
 
 @functools.cache
 def code_version() -> str:
-    """A hash of the method's code as Python reads it: editing a comment or a docstring keeps
-    it, editing a statement changes it."""
-    root = Path(__file__).parent
+    """A hash of the method's code as Python reads it, from the files the running modules were
+    imported from: editing a comment or a docstring keeps it, editing a statement changes it."""
     h = hashlib.sha256()
     for name in METHOD_CODE:
-        files = sorted((root / name).glob("*.py")) if (root / name).is_dir() else [root / name]
+        module = importlib.import_module(f"raysd.{name}")
+        paths = getattr(module, "__path__", None)
+        files = sorted(Path(paths[0]).glob("*.py")) if paths else [Path(module.__file__)]
         for file in files:
-            h.update(file.relative_to(root).as_posix().encode())
+            h.update(f"{name}/{file.name}".encode())
             h.update(_statements(file.read_text()).encode())
     return h.hexdigest()[:16]
 

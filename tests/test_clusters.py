@@ -183,7 +183,7 @@ def test_rayignore_keeps_weights_results_and_secrets_off_the_cluster(tmp_path):
              "theta.pt", "m.pth", "m.ckpt", "pytorch_model.bin", "model.safetensors",
              "events.out.tfevents.1.host", ".env", ".env.local", "key.pem", "id.key",
              "id_rsa", "id_ed25519.pub", ".aws/credentials", ".ray/auth_token", "auth_token"]
-    shipped = ["raysd/recipe.py", "search_spaces/demo.yaml", "pyproject.toml", "README.md",
-               "clusters/aws-gpu.yaml"]
+    shipped = ["raysd/recipe.py", "raysd/data/base.py", "raysd/models/vit.py", "search_spaces/demo.yaml",
+               "pyproject.toml", "README.md", "clusters/aws-gpu.yaml"]
     assert [p for p in local if not excluded(tmp_path / p)] == []
     assert [p for p in shipped if excluded(tmp_path / p)] == []
