@@ -10,6 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from raysd.data.base import FOLDER_KINDS, SOURCES
 from raysd.errors import ConfigError
 
 DEFAULT_STORAGE = "raysd_results"
@@ -22,7 +23,7 @@ def _absolute_uri(value: str) -> str:
 
 def _absolute_data(value: str) -> str:
     kind, sep, arg = value.partition(":")
-    if sep and kind in ("imagefolder", "jsonl", "hfdisk") and "://" not in arg:
+    if sep and kind in FOLDER_KINDS and "://" not in arg:
         return f"{kind}:{Path(arg).expanduser().resolve()}"
     return value
 
@@ -53,7 +54,7 @@ def _overrides(args) -> dict:
 
 def _study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--space", help="a space name (raysd spaces) or a YAML file")
-    p.add_argument("--data", help="builtin:digits | builtin:text | imagefolder:DIR | jsonl:DIR | hfdisk:DIR")
+    p.add_argument("--data", help=" | ".join(SOURCES))
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a dotted key of the space file (repeatable)")
     p.add_argument("--storage", default=DEFAULT_STORAGE,

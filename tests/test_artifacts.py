@@ -111,6 +111,21 @@ def test_a_directory_sources_fingerprint_follows_its_files(tmp_path):
     assert len({first, second, fingerprint()}) == 3
 
 
+def test_a_builtin_sets_fingerprint_follows_its_contents(monkeypatch, digits):
+    """builtin:text's docstrings and scikit-learn's digits change between releases: the root
+    key holds a hash of what was loaded, not "" for every builtin set."""
+    from raysd.data import load_task, text
+    from raysd.data.text import builtin_tokenizer
+
+    tokenizer = builtin_tokenizer()
+    first = load_task("builtin:text", tokenizer=tokenizer, max_length=16).fingerprint
+    assert first != "" and digits.fingerprint != "" and digits.fingerprint != first
+    splits = text.builtin_splits()
+    splits["train"][0][0] += " (a newer Python's docstring)"
+    monkeypatch.setattr(text, "builtin_splits", lambda: splits)
+    assert load_task("builtin:text", tokenizer=tokenizer, max_length=16).fingerprint != first
+
+
 def test_lease_one_builder_others_wait_and_a_dead_builders_lease_expires(tmp_path):
     a = ArtifactStore(str(tmp_path), owner="trial-a", lease_seconds=60)
     b = ArtifactStore(str(tmp_path), owner="trial-b", lease_seconds=60)

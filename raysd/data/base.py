@@ -39,8 +39,18 @@ class Task:
     metrics: tuple[str, ...]  # reported on val and test; the first is the headline
     labels: tuple[str, ...] | None = None  # class names by index, where the source names them
     # What identifies the data beyond `source` (artifact keys): a hash of a folder's files, taken
-    # by the loader from the listing it reads anyway; "" for builtin sets.
+    # by the loader from the listing it reads anyway, or of a builtin set's contents, which
+    # differ between Python and scikit-learn releases.
     fingerprint: str = ""
+
+
+def fingerprint_of(*parts: bytes) -> str:
+    """A hash of a builtin set's contents, given as bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.hexdigest()
 
 
 def fingerprint_dir(path: Path) -> str:

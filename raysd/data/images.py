@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
-from raysd.data.base import DataError, Task
+from raysd.data.base import DataError, Task, fingerprint_of
 from raysd.errors import ConfigError
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -77,7 +77,8 @@ def digits_task(image_size: int, augment: str = "none") -> Task:
     train, val, test = (Subset(full, idx.tolist()) for idx in (train_idx, val_idx, test_idx))
     tuned = TensorImages(full.images, labels, image_size, train_augment(augment, image_size))
     return Task("builtin:digits", "image", 10, Subset(tuned, train_idx.tolist()), train, val, test,
-                METRICS, tuple(str(d) for d in range(10)))
+                METRICS, tuple(str(d) for d in range(10)),
+                fingerprint_of(digits.images.tobytes(), digits.target.tobytes()))
 
 
 def natural_crops(n: int, size: int, seed: int = 0) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from raysd.data.base import Task, fingerprint_dir
+from raysd.data.base import Task, fingerprint_dir, fingerprint_of
 from raysd.data.images import split_indices
 from raysd.errors import ConfigError
 
@@ -178,7 +178,9 @@ def _wrap(backend):
 def builtin_text_task(tokenizer: Any, max_length: int) -> Task:
     """Which of six stdlib packages a docstring comes from: ~1,200 examples, 60/20/20."""
     _need_tokenizer(tokenizer, "builtin:text")
-    return _task("builtin:text", builtin_splits(), list(BUILTIN_PACKAGES), tokenizer, max_length)
+    splits = builtin_splits()  # stdlib docstrings: they change with the Python release
+    return _task("builtin:text", splits, list(BUILTIN_PACKAGES), tokenizer, max_length,
+                 fingerprint_of(json.dumps(splits, sort_keys=True).encode()))
 
 
 # ---- jsonl:DIR ------------------------------------------------------------------------------
