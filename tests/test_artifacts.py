@@ -111,6 +111,16 @@ def test_a_directory_sources_fingerprint_follows_its_files(tmp_path):
     assert len({first, second, fingerprint()}) == 3
 
 
+def test_the_code_version_ignores_comments_and_docstrings_but_not_statements():
+    from raysd.artifacts import _statements, code_version, library_versions
+
+    source = 'def f(x):\n    """Doc."""\n    return x + 1  # why\n'
+    assert _statements(source) == _statements('def f(x):\n    """Other doc."""\n    return x + 1\n')
+    assert _statements(source) != _statements('def f(x):\n    """Doc."""\n    return x + 2\n')
+    assert len(code_version()) == 16 and set(library_versions()) == {"torch", "timm", "transformers",
+                                                                       "tokenizers"}
+
+
 def test_a_builtin_sets_fingerprint_follows_its_contents(monkeypatch, digits):
     """builtin:text's docstrings and scikit-learn's digits change between releases: the root
     key holds a hash of what was loaded, not "" for every builtin set."""
