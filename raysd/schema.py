@@ -119,14 +119,15 @@ def leaves(cls: type, prefix: str = "") -> Iterator[Leaf]:
     for field in dataclasses.fields(cls):
         name = prefix + field.name
         if is_section(field):
-            yield from leaves(_resolve(cls, field), name + ".")
+            yield from leaves(_section_class(field), name + ".")
         else:
             yield Leaf(name, field, prefix.split(".")[0])
 
 
-def _resolve(cls: type, field: dataclasses.Field) -> type:
-    """A section's class when annotations are strings (from __future__ import annotations)."""
-    return field.default_factory  # sections always default to a fresh instance of their class
+def _section_class(field: dataclasses.Field) -> type:
+    """A section's class: its default factory (annotations are strings under
+    `from __future__ import annotations`)."""
+    return field.default_factory
 
 
 def leaf(cls: type, name: str) -> Leaf | None:
@@ -134,7 +135,7 @@ def leaf(cls: type, name: str) -> Leaf | None:
 
 
 def sections(cls: type) -> dict[str, type]:
-    return {f.name: _resolve(cls, f) for f in dataclasses.fields(cls) if is_section(f)}
+    return {f.name: _section_class(f) for f in dataclasses.fields(cls) if is_section(f)}
 
 
 def parse(cls: type, doc: dict, where: str, prefix: str = "") -> Any:
@@ -154,7 +155,7 @@ def parse(cls: type, doc: dict, where: str, prefix: str = "") -> Any:
                 raw = {}
             if not isinstance(raw, dict):
                 raise ConfigError(f"{where}: {dotted}: expected a mapping (got {raw!r})")
-            values[name] = parse(_resolve(cls, field), raw, where, dotted + ".")
+            values[name] = parse(_section_class(field), raw, where, dotted + ".")
             continue
         if name not in doc:
             continue  # the declared default
