@@ -77,6 +77,38 @@ def pytest_collection_finish(session):
                 _last_users[name] = item
 
 
+# `make test` runs the suite in two pytest-xdist workers (--dist loadgroup): one trial uses about
+# one of this machine's two cores. Tests that share a fixture built once per session or module
+# (a Ray cluster, a study, a moto server) go to one worker, so it is still built once.
+_CHEAP_SHARED = {"ray_local", "digits"}  # every worker starts its own: seconds
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    root: dict[str, str] = {}
+
+    def find(key: str) -> str:
+        while root.setdefault(key, key) != key:
+            key = root[key]
+        return key
+
+    keys_of = {}
+    for item in items:
+        keys = []
+        for name, defs in item._fixtureinfo.name2fixturedefs.items():
+            fixture = defs[-1]
+            ours = getattr(fixture.func, "__module__", "").split(".")[-1]
+            if fixture.scope in ("session", "module") and name not in _CHEAP_SHARED and (
+                    ours == "conftest" or ours.startswith("test_")):
+                keys.append(name if fixture.scope == "session" else f"{ours}.{name}")
+        for key in keys[1:]:
+            root[find(key)] = find(keys[0])
+        keys_of[item] = keys
+    for item, keys in keys_of.items():
+        if keys:
+            item.add_marker(pytest.mark.xdist_group(find(keys[0])))
+
+
 def pytest_runtest_teardown(item, nextitem):
     for name, last in _last_users.items():
         if item is last and name in _stops:
