@@ -172,6 +172,15 @@ def test_nccl_uses_a_real_interface(path):
     assert "NCCL_SOCKET_IFNAME=^lo,docker0" in options
 
 
+# What must stay on the user's machine, and the code a cluster needs (repository-relative).
+LOCAL_ONLY = [".git/config", ".venv/bin/python", "data/train/a.png", "raysd_results/s/trials.parquet",
+              "theta.pt", "m.pth", "m.ckpt", "pytorch_model.bin", "model.safetensors",
+              "events.out.tfevents.1.host", ".env", ".env.local", "key.pem", "id.key",
+              "id_rsa", "id_ed25519.pub", ".aws/credentials", ".ray/auth_token", "auth_token"]
+SHIPPED = ["raysd/recipe.py", "raysd/data/base.py", "raysd/models/vit.py", "search_spaces/demo.yaml",
+           "pyproject.toml", "README.md", "clusters/aws-gpu.yaml"]
+
+
 def test_rayignore_keeps_weights_results_and_secrets_off_the_cluster(tmp_path):
     """`ray job submit --working-dir .` reads .rayignore with Ray's own matcher: what must stay
     local is excluded, the code the job runs is not."""
@@ -179,11 +188,41 @@ def test_rayignore_keeps_weights_results_and_secrets_off_the_cluster(tmp_path):
 
     (tmp_path / ".rayignore").write_text((CLUSTERS.parent / ".rayignore").read_text())
     [excluded] = get_excludes_from_ignore_files(tmp_path, include_gitignore=False)
-    local = [".git/config", ".venv/bin/python", "data/train/a.png", "raysd_results/s/trials.parquet",
-             "theta.pt", "m.pth", "m.ckpt", "pytorch_model.bin", "model.safetensors",
-             "events.out.tfevents.1.host", ".env", ".env.local", "key.pem", "id.key",
-             "id_rsa", "id_ed25519.pub", ".aws/credentials", ".ray/auth_token", "auth_token"]
-    shipped = ["raysd/recipe.py", "raysd/data/base.py", "raysd/models/vit.py", "search_spaces/demo.yaml",
-               "pyproject.toml", "README.md", "clusters/aws-gpu.yaml"]
-    assert [p for p in local if not excluded(tmp_path / p)] == []
-    assert [p for p in shipped if excluded(tmp_path / p)] == []
+    assert [p for p in LOCAL_ONLY if not excluded(tmp_path / p)] == []
+    assert [p for p in SHIPPED if excluded(tmp_path / p)] == []
+
+
+@pytest.mark.parametrize("path", LAUNCHER_CONFIGS, ids=lambda p: p.name)
+def test_ray_up_syncs_no_secrets_data_or_weights(path, tmp_path):
+    """Every file mount copied as `ray up` copies it (rsync with the arguments Ray's own command
+    runner builds from rsync_exclude / rsync_filter), into a local folder instead of a node."""
+    import os
+    import shutil
+    import subprocess
+
+    from ray.autoscaler._private.command_runner import SSHCommandRunner
+
+    if shutil.which("rsync") is None:
+        pytest.skip("rsync is not installed (ray up needs it too)")
+    config = _load(path)
+    repo, home, node = tmp_path / "repo", tmp_path / "home", tmp_path / "node"
+    for name in LOCAL_ONLY + SHIPPED:
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text("x")
+    for name in (".gitignore", ".rayignore"):
+        shutil.copy(CLUSTERS.parent / name, repo / name)
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("token")  # the one secret that is mounted on purpose
+    args = SSHCommandRunner._create_rsync_filter_args(None, {
+        "rsync_exclude": config.get("rsync_exclude"), "rsync_filter": config.get("rsync_filter")})
+    for remote, local in config["file_mounts"].items():
+        source = Path(local.replace("~", str(home), 1)) if local.startswith("~") else repo / local
+        target = node / remote.lstrip("~/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        suffix = "/" if source.is_dir() else ""  # as Ray's updater does for folders
+        subprocess.run(["rsync", "-a", *args, f"{source}{suffix}", f"{target}{suffix}"], check=True)
+    synced = {str(p.relative_to(node / "raysd")) for p in (node / "raysd").rglob("*") if p.is_file()}
+    assert [p for p in LOCAL_ONLY if p in synced] == []
+    assert [p for p in SHIPPED if p not in synced] == []
+    assert (node / "raysd_auth_token").read_text() == "token"
+    assert sorted(os.listdir(node)) == ["raysd", "raysd_auth_token"]
