@@ -157,13 +157,53 @@ def test_rayjob_pods_run_unprivileged_without_an_api_token():
             assert container["securityContext"]["allowPrivilegeEscalation"] is False
 
 
+def _kuberay_pod_labels(node_type: str, cluster: str, group: str, template: Dict[str, Any]) -> Dict[str, str]:
+    """The labels KubeRay (v1.5.1 to v1.7, ray-operator/controllers/ray/common/pod.go labelPod)
+    gives a Ray pod: its own, then the pod template's, which cannot override the first three."""
+    own = {"ray.io/node-type": node_type, "ray.io/group": group, "ray.io/cluster": cluster,
+           "ray.io/is-ray-node": "yes", "ray.io/identifier": f"{cluster}-{node_type}",
+           "app.kubernetes.io/name": "kuberay", "app.kubernetes.io/created-by": "kuberay-operator"}
+    labels = dict(own)
+    for key, value in ((template.get("metadata") or {}).get("labels") or {}).items():
+        if key not in ("ray.io/node-type", "ray.io/group", "ray.io/cluster"):
+            labels[key] = value
+    return labels
+
+
+def _selects(selector: Dict[str, Any], labels: Dict[str, str]) -> bool:
+    assert set(selector) == {"matchLabels"}, selector  # all this policy uses
+    return all(labels.get(k) == v for k, v in selector["matchLabels"].items())
+
+
 def test_network_policy_admits_only_the_clusters_pods_and_the_operator():
+    """The policy's selectors match the pods KubeRay really creates for kuberay-rayjob.yaml
+    (a RayJob's cluster is named <job>-<random>), and nothing else."""
     policy = _load(CLUSTERS / "kuberay-networkpolicy.yaml")
-    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Ingress"]
-    assert policy["spec"]["podSelector"]["matchLabels"]["ray.io/node-type"] == "head"
-    sources = policy["spec"]["ingress"][0]["from"]
-    assert all(source.get("podSelector", {}).get("matchLabels") for source in sources)  # no wildcard
-    assert len(policy["spec"]["ingress"]) == 1
+    cluster = _load(RAYJOB)["spec"]["rayClusterSpec"]
+    assert _load(RAYJOB)["spec"]["submissionMode"] == "SidecarMode"  # no submitter pod to admit
+    ours = [_kuberay_pod_labels("head", "raysd-vit-small-x7k2p", "headgroup",
+                                cluster["headGroupSpec"]["template"])]
+    ours += [_kuberay_pod_labels("worker", "raysd-vit-small-x7k2p", group["groupName"], group["template"])
+             for group in cluster["workerGroupSpecs"]]
+    other_cluster = _kuberay_pod_labels("head", "other-q1w2e", "headgroup", {})
+    operators = [  # KubeRay's Helm chart and its kustomize manifests (config/manager)
+        {"app.kubernetes.io/name": "kuberay-operator", "app.kubernetes.io/instance": "kuberay-operator",
+         "app.kubernetes.io/component": "kuberay-operator"},
+        {"app.kubernetes.io/name": "kuberay", "app.kubernetes.io/component": "kuberay-operator"}]
+    spec = policy["spec"]
+    assert policy["kind"] == "NetworkPolicy" and spec["policyTypes"] == ["Ingress"]
+    assert all(_selects(spec["podSelector"], pod) for pod in ours)
+    assert not _selects(spec["podSelector"], other_cluster)
+    in_cluster, operator = spec["ingress"]
+    [peer] = in_cluster["from"]
+    assert set(peer) == {"podSelector"} and "ports" not in in_cluster
+    assert all(_selects(peer["podSelector"], pod) for pod in ours)
+    assert not _selects(peer["podSelector"], other_cluster) and not _selects(peer["podSelector"], {})
+    [peer] = operator["from"]
+    assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "ray-system"}
+    assert all(_selects(peer["podSelector"], labels) for labels in operators)
+    assert not any(_selects(peer["podSelector"], pod) for pod in ours)  # Ray pods are not it
+    assert operator["ports"] == [{"protocol": "TCP", "port": 8265}]
 
 
 @pytest.mark.parametrize("path", LAUNCHER_CONFIGS, ids=lambda p: p.name)
