@@ -39,6 +39,20 @@ def test_a_name_taken_in_the_rdb_or_a_bad_url_is_one_line_exit_2(tmp_path, capsy
     assert not (tmp_path / "s").exists()  # nothing written
 
 
+def test_a_password_in_a_url_is_never_printed(tmp_path, capsys, monkeypatch):
+    """Ray-free: an RDB that cannot be opened is one line naming the URL without its password;
+    so is a missing env:NAME, and `--resume` of a study whose variable is gone."""
+    secret = "s3cr3t-pw"
+    argv = ["tune", "--space", "demo", "--storage", str(tmp_path / "s"), "--name", "x"]
+    assert cli.main([*argv, "--optuna-storage", f"postgresql+psycopg2://u:{secret}@127.0.0.1:1/db"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and secret not in err and "postgresql+psycopg2://u:***@127.0.0.1:1/db" in err
+    monkeypatch.delenv("RAYSD_NO_SUCH_URL", raising=False)
+    assert cli.main([*argv, "--optuna-storage", "env:RAYSD_NO_SUCH_URL"]) == 2
+    assert "environment variable RAYSD_NO_SUCH_URL is not set" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()  # nothing written
+
+
 def _postgres_bin() -> Path | None:
     """PostgreSQL's server binaries: pgserver's wheel (the test extra), else a system install."""
     try:
