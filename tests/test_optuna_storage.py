@@ -54,14 +54,14 @@ def test_a_password_in_a_url_is_never_printed(tmp_path, capsys, monkeypatch):
 
 
 def _postgres_bin() -> Path | None:
-    """PostgreSQL's server binaries: pgserver's wheel (the test extra), else a system install."""
-    try:
-        from pgserver._commands import POSTGRES_BIN_PATH
+    """PostgreSQL's server binaries: pgserver's wheel (the test extra; found, not imported, as
+    its import sets up a server manager we do not use), else a system install."""
+    import importlib.util
 
-        return POSTGRES_BIN_PATH
-    except ImportError:
-        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-        return found[-1].parent if found else None
+    spec = importlib.util.find_spec("pgserver")
+    found = [Path(spec.origin).parent / "pginstall" / "bin" / "initdb"] if spec else []
+    found += sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return next((path.parent for path in found if path.exists()), None)
 
 
 @pytest.fixture(scope="module")
