@@ -10,6 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from raysd.credentials import redact, redact_logs
 from raysd.data.base import FOLDER_KINDS, SOURCES
 from raysd.errors import ConfigError
 
@@ -88,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--num-samples", type=int, help="trials in the study (default: the space's)")
     tune.add_argument("--resume", metavar="STUDY_DIR", help="finish a study that was interrupted")
     tune.add_argument("--optuna-storage", metavar="URL",
-                      help="an RDB URL (sqlite:///optuna.db, postgresql://...) for the Optuna study "
-                           "(default: <study>/optuna.journal)")
+                      help="an RDB URL (sqlite:///optuna.db, postgresql://...), or env:NAME for one in "
+                           "the variable NAME, for the Optuna study (default: <study>/optuna.journal)")
     run = sub.add_parser("run", help="run one trial with the space's default values (no search)")
     _study_args(run)
     run.add_argument("--method", choices=("finetune", "further_pretrain", "self_distill"))
@@ -119,10 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    redact_logs()  # no URL's password in any log line of this process (credentials.py)
     try:
         return COMMANDS[args.command](args)
     except ConfigError as err:
-        print(f"raysd: error: {err}", file=sys.stderr)
+        print(f"raysd: error: {redact(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         command = "compare" if args.command == "compare" else "tune"
@@ -168,6 +170,10 @@ def _prepare(args, single: bool, space=None):
         study_uri = _absolute_uri(args.resume)
         space = StudyFolder(study_uri).space()
         _check_resumed_by(args.command, study_uri)
+        if space.study.optuna_storage:  # its URL comes from the environment again (credentials.py)
+            from raysd import optuna_study
+
+            optuna_study.storage(study_uri, space.study.optuna_storage)
         return space, study_uri
     if space is None and not args.space:
         raise ConfigError("--space is required (see raysd spaces)")

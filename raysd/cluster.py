@@ -116,17 +116,27 @@ def start_local_ray(**kwargs) -> None:
     loopback) whether a run's controller is alive. Without an address it searches the host and
     fails when another Ray runs there, and finished trials' placement groups are never freed.
     Pinning the GCS port and exporting RAY_ADDRESS to the processes Ray spawns avoids that.
+    Every server of this Ray listens on 127.0.0.1 only.
     """
+    from ray._private import ray_constants
+
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    pinned = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    # On Linux Ray turns 127.0.0.1 into the machine's network address unless this variable is
+    # 0: read by Ray's processes at start-up, and by this one when `ray` was imported (hence
+    # the constant, too), so the node, its dashboard agent and runtime-env agent stay on loopback.
+    pinned = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"127.0.0.1:{port}",
+              ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR: "0"}
     saved = {key: os.environ.get(key) for key in pinned}
+    saved_cluster = ray_constants.ENABLE_RAY_CLUSTER
     os.environ.update(pinned)
+    ray_constants.ENABLE_RAY_CLUSTER = False
     try:
         ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
                  _node_ip_address="127.0.0.1", **kwargs)
     finally:  # Ray's processes keep the pinned values; this process's later children do not
+        ray_constants.ENABLE_RAY_CLUSTER = saved_cluster
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

@@ -28,6 +28,7 @@ from torch import nn
 
 from raysd import __version__
 from raysd.config import TrialConfig
+from raysd.credentials import redact_values
 from raysd.data.images import MEAN, STD
 from raysd.errors import ConfigError
 from raysd.models import Classifier
@@ -52,7 +53,7 @@ def describe(cfg: TrialConfig, task: Any, backbone: nn.Module) -> dict:
     """raysd_model.json of a trial's fine-tuned model, less its final metrics."""
     meta = {"format": FORMAT, "model": cfg.model, "family": backbone.family,
             "num_classes": task.num_classes, "labels": _labels_of(task), "method": cfg.method,
-            "weights": cfg.weights, "data": cfg.data, "raysd_version": __version__}
+            "weights": redact_values(cfg.weights), "data": redact_values(cfg.data), "raysd_version": __version__}
     if backbone.family == "vit":
         # The normalisation raysd's image loaders apply (raysd.data.images), kept with the model.
         meta.update(architecture=dataclasses.asdict(backbone.spec), image_size=backbone.spec.img_size,

@@ -12,6 +12,7 @@ from ray.tune import Callback
 
 import raysd
 from raysd.config import columns
+from raysd.credentials import redact, redact_values
 from raysd.spaces import Space
 from raysd.writers import FileMirror, ResultsWriter, TensorBoardWriter, history_row
 
@@ -43,7 +44,7 @@ def trial_row(space: Space, trial_id: str, config: dict, last: dict, status: str
                 if k.startswith(FINAL_PREFIXES) or k in FINAL_KEYS})
     row["wall_seconds"] = wall_seconds
     row["raysd_version"] = raysd.__version__
-    return row
+    return redact_values(row)
 
 
 def _guarded(method):
@@ -53,9 +54,9 @@ def _guarded(method):
         try:
             return method(self, *args, **kwargs)
         except Exception as err:  # noqa: BLE001 - the study matters more than one write
+            line = str(err).strip().splitlines()[0] if str(err).strip() else ""
             print(f"raysd: could not record results ({method.__name__}): "
-                  f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}",
-                  file=sys.stderr, flush=True)
+                  f"{type(err).__name__}: {redact(line)}", file=sys.stderr, flush=True)
     call.__name__ = method.__name__
     return call
 
@@ -131,4 +132,4 @@ def error_line(trial) -> str:
     except OSError:
         text = ""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "failed (no error message)"
+    return redact(lines[-1]) if lines else "failed (no error message)"

@@ -18,6 +18,7 @@ import yaml
 from raysd import config, schema
 from raysd.schema import is_integer, is_number
 from raysd.config import TrialConfig
+from raysd.credentials import conceal, redact
 from raysd.errors import ConfigError
 from raysd.overrides import PARAM_KEYS, SCHEDULER_KEYS, SPACE_KEYS, apply_override, read_yaml
 
@@ -212,9 +213,13 @@ def _study(raw: dict, where: str) -> StudySettings:
              "(test metrics are recorded, never used to choose)", settings.metric)
     _require(settings.artifacts is None or (isinstance(settings.artifacts, str) and settings.artifacts),
              where, "study.artifacts", "a folder or URI, or none", settings.artifacts)
-    _require(settings.optuna_storage is None or (isinstance(settings.optuna_storage, str)
-                                                  and "://" in settings.optuna_storage),
-             where, "study.optuna_storage", "an RDB URL such as sqlite:///optuna.db", settings.optuna_storage)
+    storage = settings.optuna_storage
+    _require(storage is None or (isinstance(storage, str) and (
+        "://" in storage or bool(re.fullmatch(r"env:[A-Za-z_][A-Za-z0-9_]*", storage)))),
+             where, "study.optuna_storage", "an RDB URL such as sqlite:///optuna.db, or env:NAME "
+             "(the URL is in the environment variable NAME)", redact(str(storage)))
+    # The space (and all built from it) holds the URL without its password: credentials.py.
+    settings = dataclasses.replace(settings, optuna_storage=conceal(storage))
     _require(settings.keep_models in KEEP_MODELS, where, "study.keep_models", " | ".join(KEEP_MODELS),
              settings.keep_models)
     _require(settings.loggers is None or (isinstance(settings.loggers, list)

@@ -21,6 +21,7 @@ from raysd import optuna_study
 from raysd.bootstrap import demo_theta
 from raysd.cluster import check_shared_storage, plan_concurrency
 from raysd.config import PLACEMENTS
+from raysd.credentials import redact_values
 from raysd.errors import ConfigError
 from raysd.console import StudyConsole
 from raysd.results import StudyRecorder
@@ -170,13 +171,14 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
     check_shared_storage(study_uri)
     if not resume:
         study = {**dataclasses.asdict(space.study), "num_samples": total}
-        store.write_text(yaml.safe_dump({**space.doc, "search": _search_doc(space), "study": study},
-                                        sort_keys=False), SPACE_FILE)
+        # No password in the study folder (credentials.py), wherever the space had one.
+        store.write_text(yaml.safe_dump(redact_values({**space.doc, "search": _search_doc(space),
+                                                       "study": study}), sort_keys=False), SPACE_FILE)
         about = {"space": space.name, "raysd": raysd.__version__,
                  "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
         if variants:  # raysd compare: its variants in order, for compare --resume's table
             about["compare"] = list(dict.fromkeys(v["variant"] for v in variants))
-        store.write_text(yaml.safe_dump(about, sort_keys=False), STUDY_FILE)
+        store.write_text(yaml.safe_dump(redact_values(about), sort_keys=False), STUDY_FILE)
     if space.doc.get("weights") == "builtin:demo":
         demo_theta(space.doc["model"])  # build once here, not in every trial at once
     trainable = tune.with_resources(
@@ -206,7 +208,11 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
                                       verbose=1 if verbose else 0,
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
-    tuner.fit()  # on Ctrl-C, Tune saves its state and returns early
+    try:
+        tuner.fit()  # on Ctrl-C, Tune saves its state and returns early
+    finally:  # the journal's last records, whatever the recorder's last upload caught
+        if journal:
+            optuna_study.push_journal(study_uri)
     return summarize(study_uri, space, total)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from raysd.credentials import redact_values
 from raysd.spaces import Space
 from raysd.storage import HISTORY, MODELS, PARTS, TRIALS, Store
 from raysd.study_folder import STATUSES, StudyFolder, best_row, part_name, unique_rows
@@ -172,7 +173,7 @@ class TensorBoardWriter:
             params.update(variant=config["variant"]["variant"], method=values.get("method", ""),
                           seed=values.get("seed", 0))
         params["status"] = status
-        writer.file_writer.add_summary(hp.hparams_pb(params, trial_id=tid))
+        writer.file_writer.add_summary(hp.hparams_pb(redact_values(params), trial_id=tid))
         for key in final_metric_names(self.space):
             value = last.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -208,15 +209,19 @@ class FileMirror:
 
     def __init__(self, store: Store, mirrors: dict[str, str]):
         self.store, self.mirrors = store, mirrors
-        self._mirrored: dict[str, float] = {}  # local file -> mtime last uploaded
+        self._mirrored: dict[str, tuple] = {}  # local file -> (size, mtime in ns) last uploaded
 
     def sync(self) -> None:
         for local, name in self.mirrors.items():
             path = Path(local)
-            mtime = path.stat().st_mtime if path.exists() else None
-            if mtime is not None and mtime != self._mirrored.get(local):
+            if not path.exists():
+                continue
+            # The size too: mtime moves in clock ticks (ms), and an appended record can land in
+            # the same tick as the last upload.
+            seen = (path.stat().st_size, path.stat().st_mtime_ns)
+            if seen != self._mirrored.get(local):
                 self.store.write_bytes(path.read_bytes(), name)
-                self._mirrored[local] = mtime
+                self._mirrored[local] = seen
 
 
 def final_metric_names(space: Space) -> list[str]:

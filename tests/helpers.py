@@ -46,6 +46,33 @@ def kill_processes_mentioning(marker: str) -> int:
     return killed
 
 
+def listening_addresses(marker: str) -> set[str]:
+    """The local IP addresses on which processes mentioning `marker` accept TCP connections,
+    read from /proc (::ffff:127.0.0.1 reads as 127.0.0.1)."""
+    import ipaddress
+
+    inodes = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or marker.encode() not in (
+                    (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes()):
+                continue
+            inodes |= {os.readlink(fd)[8:-1] for fd in (proc / "fd").iterdir()
+                       if os.readlink(fd).startswith("socket:[")}
+        except OSError:
+            continue
+    found = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # state LISTEN
+                raw = bytes.fromhex(fields[1].split(":")[0])
+                # /proc prints each 32-bit word in host (little-endian) order
+                ip = ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))
+                found.add(str(ip.ipv4_mapped if getattr(ip, "ipv4_mapped", None) else ip))
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -157,19 +157,68 @@ def test_rayjob_pods_run_unprivileged_without_an_api_token():
             assert container["securityContext"]["allowPrivilegeEscalation"] is False
 
 
+def _kuberay_pod_labels(node_type: str, cluster: str, group: str, template: Dict[str, Any]) -> Dict[str, str]:
+    """The labels KubeRay (v1.5.1 to v1.7, ray-operator/controllers/ray/common/pod.go labelPod)
+    gives a Ray pod: its own, then the pod template's, which cannot override the first three."""
+    own = {"ray.io/node-type": node_type, "ray.io/group": group, "ray.io/cluster": cluster,
+           "ray.io/is-ray-node": "yes", "ray.io/identifier": f"{cluster}-{node_type}",
+           "app.kubernetes.io/name": "kuberay", "app.kubernetes.io/created-by": "kuberay-operator"}
+    labels = dict(own)
+    for key, value in ((template.get("metadata") or {}).get("labels") or {}).items():
+        if key not in ("ray.io/node-type", "ray.io/group", "ray.io/cluster"):
+            labels[key] = value
+    return labels
+
+
+def _selects(selector: Dict[str, Any], labels: Dict[str, str]) -> bool:
+    assert set(selector) == {"matchLabels"}, selector  # all this policy uses
+    return all(labels.get(k) == v for k, v in selector["matchLabels"].items())
+
+
 def test_network_policy_admits_only_the_clusters_pods_and_the_operator():
+    """The policy's selectors match the pods KubeRay really creates for kuberay-rayjob.yaml
+    (a RayJob's cluster is named <job>-<random>), and nothing else."""
     policy = _load(CLUSTERS / "kuberay-networkpolicy.yaml")
-    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Ingress"]
-    assert policy["spec"]["podSelector"]["matchLabels"]["ray.io/node-type"] == "head"
-    sources = policy["spec"]["ingress"][0]["from"]
-    assert all(source.get("podSelector", {}).get("matchLabels") for source in sources)  # no wildcard
-    assert len(policy["spec"]["ingress"]) == 1
+    cluster = _load(RAYJOB)["spec"]["rayClusterSpec"]
+    assert _load(RAYJOB)["spec"]["submissionMode"] == "SidecarMode"  # no submitter pod to admit
+    ours = [_kuberay_pod_labels("head", "raysd-vit-small-x7k2p", "headgroup",
+                                cluster["headGroupSpec"]["template"])]
+    ours += [_kuberay_pod_labels("worker", "raysd-vit-small-x7k2p", group["groupName"], group["template"])
+             for group in cluster["workerGroupSpecs"]]
+    other_cluster = _kuberay_pod_labels("head", "other-q1w2e", "headgroup", {})
+    operators = [  # KubeRay's Helm chart and its kustomize manifests (config/manager)
+        {"app.kubernetes.io/name": "kuberay-operator", "app.kubernetes.io/instance": "kuberay-operator",
+         "app.kubernetes.io/component": "kuberay-operator"},
+        {"app.kubernetes.io/name": "kuberay", "app.kubernetes.io/component": "kuberay-operator"}]
+    spec = policy["spec"]
+    assert policy["kind"] == "NetworkPolicy" and spec["policyTypes"] == ["Ingress"]
+    assert all(_selects(spec["podSelector"], pod) for pod in ours)
+    assert not _selects(spec["podSelector"], other_cluster)
+    in_cluster, operator = spec["ingress"]
+    [peer] = in_cluster["from"]
+    assert set(peer) == {"podSelector"} and "ports" not in in_cluster
+    assert all(_selects(peer["podSelector"], pod) for pod in ours)
+    assert not _selects(peer["podSelector"], other_cluster) and not _selects(peer["podSelector"], {})
+    [peer] = operator["from"]
+    assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "ray-system"}
+    assert all(_selects(peer["podSelector"], labels) for labels in operators)
+    assert not any(_selects(peer["podSelector"], pod) for pod in ours)  # Ray pods are not it
+    assert operator["ports"] == [{"protocol": "TCP", "port": 8265}]
 
 
 @pytest.mark.parametrize("path", LAUNCHER_CONFIGS, ids=lambda p: p.name)
 def test_nccl_uses_a_real_interface(path):
     options = " ".join(_load(path)["docker"]["run_options"])
     assert "NCCL_SOCKET_IFNAME=^lo,docker0" in options
+
+
+# What must stay on the user's machine, and the code a cluster needs (repository-relative).
+LOCAL_ONLY = [".git/config", ".venv/bin/python", "data/train/a.png", "raysd_results/s/trials.parquet",
+              "theta.pt", "m.pth", "m.ckpt", "pytorch_model.bin", "model.safetensors",
+              "events.out.tfevents.1.host", ".env", ".env.local", "key.pem", "id.key",
+              "id_rsa", "id_ed25519.pub", ".aws/credentials", ".ray/auth_token", "auth_token"]
+SHIPPED = ["raysd/recipe.py", "raysd/data/base.py", "raysd/models/vit.py", "search_spaces/demo.yaml",
+           "pyproject.toml", "README.md", "clusters/aws-gpu.yaml"]
 
 
 def test_rayignore_keeps_weights_results_and_secrets_off_the_cluster(tmp_path):
@@ -179,11 +228,41 @@ def test_rayignore_keeps_weights_results_and_secrets_off_the_cluster(tmp_path):
 
     (tmp_path / ".rayignore").write_text((CLUSTERS.parent / ".rayignore").read_text())
     [excluded] = get_excludes_from_ignore_files(tmp_path, include_gitignore=False)
-    local = [".git/config", ".venv/bin/python", "data/train/a.png", "raysd_results/s/trials.parquet",
-             "theta.pt", "m.pth", "m.ckpt", "pytorch_model.bin", "model.safetensors",
-             "events.out.tfevents.1.host", ".env", ".env.local", "key.pem", "id.key",
-             "id_rsa", "id_ed25519.pub", ".aws/credentials", ".ray/auth_token", "auth_token"]
-    shipped = ["raysd/recipe.py", "raysd/data/base.py", "raysd/models/vit.py", "search_spaces/demo.yaml",
-               "pyproject.toml", "README.md", "clusters/aws-gpu.yaml"]
-    assert [p for p in local if not excluded(tmp_path / p)] == []
-    assert [p for p in shipped if excluded(tmp_path / p)] == []
+    assert [p for p in LOCAL_ONLY if not excluded(tmp_path / p)] == []
+    assert [p for p in SHIPPED if excluded(tmp_path / p)] == []
+
+
+@pytest.mark.parametrize("path", LAUNCHER_CONFIGS, ids=lambda p: p.name)
+def test_ray_up_syncs_no_secrets_data_or_weights(path, tmp_path):
+    """Every file mount copied as `ray up` copies it (rsync with the arguments Ray's own command
+    runner builds from rsync_exclude / rsync_filter), into a local folder instead of a node."""
+    import os
+    import shutil
+    import subprocess
+
+    from ray.autoscaler._private.command_runner import SSHCommandRunner
+
+    if shutil.which("rsync") is None:
+        pytest.skip("rsync is not installed (ray up needs it too)")
+    config = _load(path)
+    repo, home, node = tmp_path / "repo", tmp_path / "home", tmp_path / "node"
+    for name in LOCAL_ONLY + SHIPPED:
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text("x")
+    for name in (".gitignore", ".rayignore"):
+        shutil.copy(CLUSTERS.parent / name, repo / name)
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("token")  # the one secret that is mounted on purpose
+    args = SSHCommandRunner._create_rsync_filter_args(None, {
+        "rsync_exclude": config.get("rsync_exclude"), "rsync_filter": config.get("rsync_filter")})
+    for remote, local in config["file_mounts"].items():
+        source = Path(local.replace("~", str(home), 1)) if local.startswith("~") else repo / local
+        target = node / remote.lstrip("~/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        suffix = "/" if source.is_dir() else ""  # as Ray's updater does for folders
+        subprocess.run(["rsync", "-a", *args, f"{source}{suffix}", f"{target}{suffix}"], check=True)
+    synced = {str(p.relative_to(node / "raysd")) for p in (node / "raysd").rglob("*") if p.is_file()}
+    assert [p for p in LOCAL_ONLY if p in synced] == []
+    assert [p for p in SHIPPED if p not in synced] == []
+    assert (node / "raysd_auth_token").read_text() == "token"
+    assert sorted(os.listdir(node)) == ["raysd", "raysd_auth_token"]

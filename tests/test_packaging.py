@@ -43,3 +43,19 @@ def test_wheel_ships_the_spaces_and_runs_a_trial(marked_env, tmp_path):
     rows = pq.read_table(tmp_path / "s" / "wheel" / "results" / "trials.parquet").to_pylist()
     assert len(rows) == 1 and rows[0]["status"] == "completed"
     assert rows[0]["cfg.method"] == "further_pretrain" and "seconds_self_distill_1" not in rows[0]
+
+
+def test_torch_is_pinned_where_weights_only_loading_cannot_run_code():
+    """Checkpoints and artifacts on shared storage are loaded with weights_only=True, which
+    could still run code before torch 2.6 (CVE-2025-32434)."""
+    from importlib.metadata import version
+
+    import pytest
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    [torch] = [r for r in map(Requirement, project["project"]["dependencies"]) if r.name == "torch"]
+    assert not torch.specifier.contains("2.5.1") and torch.specifier.contains("2.6.0")
+    assert torch.specifier.contains(version("torch").split("+")[0])
