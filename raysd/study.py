@@ -27,7 +27,7 @@ from raysd.results import StudyRecorder
 from raysd.spaces import Param, Space, pretrain_stages
 from raysd.storage import MODELS, SPACE_FILE, STUDY_FILE, TRIALS, Store
 from raysd.study_folder import StudyFolder, best_row, status_counts
-from raysd.train import FATAL_FILE, train_worker
+from raysd.train import FATAL_PREFIX, fatal_errors, train_worker
 from raysd.writers import staging_dir
 
 # A trial's driver only waits on trainer.fit(): it takes no CPU and runs on the head, the one
@@ -70,14 +70,13 @@ def trial_driver(config: dict, space: Space, train_storage: str, artifacts: str 
     name = tune.get_context().get_trial_id()
     run_uri = f"{train_storage}/{name}"
     fs, run_dir = pafs.FileSystem.from_uri(run_uri)
-    fatal = f"{run_dir}/{FATAL_FILE}"
     fs.create_dir(run_dir, recursive=True)
-    if fs.get_file_info(fatal).type != pafs.FileType.NotFound:
-        fs.delete_file(fatal)  # from an earlier run of this trial that --resume retries
+    for rank in fatal_errors(run_uri):  # from an earlier run of this trial that --resume retries
+        fs.delete_file(f"{run_dir}/{FATAL_PREFIX}{rank}.txt")
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"trial": cfg, "study_marker": study_marker(train_storage),
-                           "fatal_file": f"{run_uri}/{FATAL_FILE}", "artifacts": artifacts,
+                           "run_uri": run_uri, "artifacts": artifacts,
                            "model_uri": f"{models}/{name}" if models else None},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.resources.workers, use_gpu=cfg.resources.use_gpu,
@@ -93,16 +92,25 @@ def trial_driver(config: dict, space: Space, train_storage: str, artifacts: str 
     try:
         trainer.fit()
     except ray.train.TrainingFailedError as err:
+        _raise_fatal(run_uri)  # a rank's own message beats the group's (its peers' are collateral)
         # The error line says where the workers' whole traceback is: Ray's own logs stay hidden.
         log = f"{run_dir}/{WORKER_ERROR}"
         with fs.open_output_stream(log) as f:
             f.write(str(err).encode())
         raise TrialFailed(f"{_root_cause(err)} (traceback: {run_uri}/{WORKER_ERROR})") from None
-    if fs.get_file_info(fatal).type != pafs.FileType.NotFound:
-        with fs.open_input_stream(fatal) as f:
-            raise TrialFailed(f.read().decode())
+    _raise_fatal(run_uri)
     if not cfg.logging.keep_checkpoints:  # the trial is recorded; its step checkpoints have no further use
         fs.delete_dir(run_dir)
+
+
+def _raise_fatal(run_uri: str) -> None:
+    """TrialFailed with the fatal error of the lowest rank that left one, naming that rank."""
+    errors = fatal_errors(run_uri)
+    if errors:
+        rank, message = next(iter(errors.items()))
+        name, _, line = message.partition(": ")
+        more = f" (and {len(errors) - 1} more rank(s))" if len(errors) > 1 else ""
+        raise TrialFailed(f"{name} on rank {rank}: {line}{more}")
 
 
 class TrialFailed(RuntimeError):
