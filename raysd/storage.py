@@ -14,6 +14,10 @@ import pyarrow.parquet as pq
 
 TRIALS, HISTORY, PARTS = "trials.parquet", "history.parquet", "history_parts"
 MODELS = "models"  # <study>/models/<trial id>/: a trial's fine-tuned model
+# <study>/train/<trial id>/: a trial's Ray Train run (step checkpoints, Ray's own files) and,
+# when it failed, its error files: <FATAL_PREFIX><rank>.txt, worker_error.txt.
+TRAIN = "train"
+FATAL_PREFIX = "fatal_error.rank"  # a rank's error that a retry would only repeat
 SPACE_FILE = "space.yaml"  # the space a study runs, overrides applied
 # What `raysd ls` shows (the space name, when and by which raysd it was started) and, for
 # `raysd compare`, its variants in order, so `compare --resume` can write the same table.

@@ -25,10 +25,9 @@ from raysd.errors import ConfigError
 from raysd.console import StudyConsole
 from raysd.results import StudyRecorder
 from raysd.spaces import Param, Space, pretrain_stages
-from raysd.storage import MODELS, SPACE_FILE, STUDY_FILE, TRIALS, Store
+from raysd.storage import FATAL_PREFIX, MODELS, SPACE_FILE, STUDY_FILE, TRAIN, TRIALS, Store
 from raysd.study_folder import StudyFolder, best_row, status_counts
-from raysd.train import FATAL_PREFIX, fatal_errors, train_worker
-from raysd.writers import staging_dir
+from raysd.train import fatal_errors, train_worker
 
 # A trial's driver only waits on trainer.fit(): it takes no CPU and runs on the head, the one
 # node an autoscaler never removes and a spot market never preempts.
@@ -98,9 +97,7 @@ def trial_driver(config: dict, space: Space, train_storage: str, artifacts: str 
         with fs.open_output_stream(log) as f:
             f.write(str(err).encode())
         raise TrialFailed(f"{_root_cause(err)} (traceback: {run_uri}/{WORKER_ERROR})") from None
-    _raise_fatal(run_uri)
-    if not cfg.logging.keep_checkpoints:  # the trial is recorded; its step checkpoints have no further use
-        fs.delete_dir(run_dir)
+    _raise_fatal(run_uri)  # the recorder (results.py) deletes the checkpoints of a final trial
 
 
 def _raise_fatal(run_uri: str) -> None:
@@ -188,14 +185,14 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
     if space.doc.get("weights") == "builtin:demo":
         demo_theta(space.doc["model"])  # build once here, not in every trial at once
     trainable = tune.with_resources(
-        tune.with_parameters(trial_driver, space=space, train_storage=f"{study_uri}/train",
+        tune.with_parameters(trial_driver, space=space, train_storage=f"{study_uri}/{TRAIN}",
                              artifacts=artifacts_uri(space, study_uri),
                              models=models_uri(space, study_uri)),
         tune.PlacementGroupFactory([DRIVER_BUNDLE]),
     )
     journal = searched and not space.study.optuna_storage and "://" in study_uri
     mirrors = {str(optuna_study.journal_path(study_uri)): optuna_study.JOURNAL} if journal else {}
-    callbacks = [StudyRecorder(space, study_uri, staging_dir(study_uri), mirrors=mirrors),
+    callbacks = [StudyRecorder(space, study_uri, mirrors=mirrors),
                  StudyConsole(space, total), *tracker_callbacks(space, study_uri)]
     if resume:
         if journal:

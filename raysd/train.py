@@ -18,11 +18,9 @@ from raysd.data import DataError, load_task
 from raysd.errors import ConfigError
 from raysd.export import describe, model_saver
 from raysd.recipe import Hooks, NonFiniteLoss, run_trial
+from raysd.storage import FATAL_PREFIX
 
 STATE_FILE = "state.pt"
-# Where a rank leaves an error that a retry would only repeat, one file per rank
-# (fatal_error.rank<N>.txt in the trial's train folder); the trial driver fails on it.
-FATAL_PREFIX = "fatal_error.rank"
 
 
 def train_worker(config: dict) -> None:

@@ -1,6 +1,7 @@
 """The Ray-free results writers, driven directly and read back with pyarrow and TensorBoard."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -117,6 +118,7 @@ def test_tensorboard_scalars_per_stage_and_one_hparams_experiment(tmp_path, stag
     study = tmp_path / "study"
     writer = TensorBoardWriter(space, Store(str(study)), str(tmp_path / "staging") if staged else None)
     writer.experiment()
+    threads = threading.active_count()
     for progress, stage, round_ in ((10, "further_pretrain", 0), (20, "self_distill", 1),
                                     (30, "finetune", 0)):
         writer.scalars("t1", {"stage": stage, "round": round_, "step": 10, "progress": progress,
@@ -124,8 +126,10 @@ def test_tensorboard_scalars_per_stage_and_one_hparams_experiment(tmp_path, stag
     writer.scalars("t1", {"stage": "finetune", "loss": 1.0})  # no trial-wide step: not a scalar
     writer.upload()  # a running trial's events reach the study folder when staged
     assert (study / "tensorboard" / "t1").is_dir()
+    assert threading.active_count() == threads + 1  # the running trial's event writer
     writer.hparams("t1", {"mask_ratio": 0.6, "self_distill.rounds": 1, "self_distill.mae_weight": 0.3},
                    {"val_accuracy": 0.8, "test_accuracy": 0.7, "progress": 40}, "completed")
+    assert threading.active_count() == threads  # closed when its trial ends, not with the study
     writer.close()
     scalars = _scalars(study / "tensorboard" / "t1")
     assert scalars["further_pretrain/loss"] == {10: pytest.approx(0.1)}
