@@ -41,6 +41,8 @@ class ResultsWriter:
     def __init__(self, study_uri: str, part_seconds: float = PART_SECONDS):
         folder = StudyFolder(study_uri)
         self.store, self.part_seconds = folder.store, part_seconds
+        for where in (("results",), ("results", PARTS)):  # a crashed driver's cut-short writes
+            self.store.remove_temporaries(*where)
         # On --resume the files already hold the trials that ended before the crash,
         # and the parts hold the rows of those that were running.
         self.trials = folder.trial_rows()

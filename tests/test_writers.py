@@ -86,6 +86,28 @@ def test_a_new_writer_picks_up_a_crashed_drivers_parts(tmp_path):
     assert _parts(tmp_path) == []
 
 
+def test_a_crashs_temporary_files_never_break_resume_or_drop_rows(tmp_path):
+    """A driver killed inside Store.write_bytes leaves `<name>.tmp-<hex>` beside the file."""
+    crashed = ResultsWriter(str(tmp_path), part_seconds=0)
+    crashed.add("t1", _rows("t1", (1,))[0])
+    crashed.end_trial({"trial_id": "t0", "status": "failed"})
+    crashed.flush()
+    results, parts = tmp_path / "results", tmp_path / "results" / "history_parts"
+    for leftover in (parts / "t1-00001.parquet.tmp-0badc0de", results / "trials.parquet.tmp-1234abcd",
+                     results / "history.parquet.tmp-5678ef90"):
+        leftover.write_bytes(b"PAR1 cut short")
+    assert [(r["trial_id"], r["step"]) for r in StudyFolder(str(tmp_path)).running_history()["t1"]] == [("t1", 1)]
+    resumed = ResultsWriter(str(tmp_path), part_seconds=0)
+    resumed.add("t1", _rows("t1", (2,))[0])
+    resumed.flush()
+    assert _parts(tmp_path) == ["t1-00000.parquet", "t1-00001.parquet"]
+    resumed.end_trial({"trial_id": "t1", "status": "completed"})
+    resumed.flush()
+    assert [r["trial_id"] for r in _read(results / "trials.parquet")] == ["t0", "t1"]
+    assert [r["step"] for r in _read(results / "history.parquet")] == [1, 2]
+    assert not list(results.rglob("*.tmp-*"))  # nothing left behind
+
+
 def test_keep_best_model_keeps_the_best_ended_trial_and_running_ones(tmp_path):
     writer = ResultsWriter(str(tmp_path))
     for tid in ("t0", "t1", "t2", "t3", "running"):
