@@ -97,6 +97,7 @@ def test_diverged_trial_fails_at_once_without_retries(diverged_trial):
     row = _trial(diverged_trial.study)
     assert row["status"] == "failed" and "NonFiniteLoss" in row["error"]
     assert diverged_trial.new_train_workers == 1  # one worker group: Ray Train's default retries were not spent
+    assert not (diverged_trial.study / "train" / row["trial_id"]).exists()  # final: checkpoints deleted
     # the console has one FAILED line, not Tune's controller traceback
     assert "FAILED: raysd.study.TrialFailed: NonFiniteLoss" in diverged_trial.out
     assert not [r for r in diverged_trial.records if r.name == "ray.tune.execution.tune_controller"
@@ -129,5 +130,6 @@ def test_error_on_one_rank_ends_the_trial_at_once(ray_local, tmp_path):
     # The failed group and one restart that returned at once: the last retry was not spent, and
     # Tune ran the trial once (its max_failures is 0).
     assert train_worker_count(address) - before == 4
+    assert not (tmp_path / "rank1" / "train" / row["trial_id"]).exists()  # final: checkpoints deleted
     assert seconds < 120, f"{seconds:.0f} s"
     print(f"rank 1's error ended the trial in {seconds:.1f} s")
