@@ -26,9 +26,9 @@ STATE_FILE = "state.pt"
 def train_worker(config: dict) -> None:
     """Ray Train's train_loop_per_worker: resume if a checkpoint exists, then run every stage.
 
-    Errors that would recur on a retry are written to this rank's fatal file under `run_uri`:
-    - a diverged loss, which every rank meets at the same step through an all-reduce: the ranks
-      return together, so the worker group ends at once and Ray Train retries nothing;
+    Errors that would recur on a retry are written to a fatal file of the rank under `run_uri`:
+    - a diverged loss, which every rank meets at the same step through an all-reduce: rank 0
+      writes it and the ranks return together, so the group ends and Ray Train retries nothing;
     - bad data or weights (ConfigError, DataError), which one rank may meet alone (a path
       missing on its node) while the others wait in a collective: that rank raises, so Ray
       Train's controller tears the whole group down at once instead of after the process
