@@ -127,7 +127,7 @@ def test_error_on_one_rank_ends_the_trial_at_once(ray_local, tmp_path):
     assert code == 1 and row["status"] == "failed"
     assert row["error"].endswith(f"ConfigError on rank 1: data 'imagefolder:{missing}': "
                                  f"directory {missing} does not exist"), row["error"]
-    # The failed group and one restart that returned at once: the last retry was not spent, and
+    # The failed group and one restart that returned at once: the second retry was not spent, and
     # Tune ran the trial once (its max_failures is 0).
     assert train_worker_count(address) - before == 4
     assert not (tmp_path / "rank1" / "train" / row["trial_id"]).exists()  # final: checkpoints deleted
