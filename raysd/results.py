@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,8 @@ import raysd
 from raysd.config import columns
 from raysd.credentials import redact, redact_values
 from raysd.spaces import Space
-from raysd.writers import FileMirror, ResultsWriter, TensorBoardWriter, history_row
+from raysd.storage import FATAL_PREFIX, TRAIN
+from raysd.writers import FileMirror, ResultsWriter, TensorBoardWriter, history_row, staging_dir
 
 # Per-stage columns: cost, artifact key, whether it was reused, and its early signal.
 FINAL_PREFIXES = ("val_", "test_", "train_", "seconds_", "steps_", "key_", "reused_", "knn_accuracy_")
@@ -63,19 +65,21 @@ def _guarded(method):
 
 class StudyRecorder(Callback):
     """Tune's events to the study's writers (writers.py): every reported row to history, one
-    row per ended trial to trials.parquet, TensorBoard, and the mirrored files."""
+    row per ended trial to trials.parquet, TensorBoard, and the mirrored files. It also
+    deletes what an ended trial leaves that nothing reads (final_trial says when)."""
 
-    def __init__(self, space: Space, study_uri: str, tensorboard_staging: str | None,
-                 mirrors: dict[str, str] | None = None):
+    def __init__(self, space: Space, study_uri: str, mirrors: dict[str, str] | None = None):
         self.space, self.study_uri = space, study_uri
-        self.staging = tensorboard_staging  # local folder mirrored to storage when remote
         self.mirrors = mirrors or {}  # local file -> its name in the study folder, kept in sync
         self._started: dict[str, float] = {}
 
     def setup(self, **info) -> None:
+        # Made here, not pickled with the callback: a resumed study gets its own, removed at its end.
+        self.staging = staging_dir(self.study_uri)  # local TensorBoard folder when storage is remote
         self.results = ResultsWriter(self.study_uri)
         self.tensorboard = TensorBoardWriter(self.space, self.results.store, self.staging)
         self.mirror = FileMirror(self.results.store, self.mirrors)
+        self._final: set[str] = set()  # trials whose train/ folder is deleted, maybe not yet all
         self.tensorboard.experiment()
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
@@ -98,10 +102,21 @@ class StudyRecorder(Callback):
     def _finish(self, trial, status: str, error: str | None) -> None:
         tid, last = trial.trial_id, trial.last_result or {}
         wall = time.time() - self._started.get(tid, time.time())
-        self.results.end_trial(trial_row(self.space, tid, trial.config, last, status, error, wall))
+        row = trial_row(self.space, tid, trial.config, last, status, error, wall)
+        self.results.end_trial(row)
         self.tensorboard.hparams(tid, trial.config, last, status)
         if status == "completed" and self.space.study.keep_models == "best":
             self.results.keep_best_model(self.space.study.metric, self.space.study.mode)
+        if not row["cfg.logging.keep_checkpoints"] and final_trial(self.results.store, tid, status):
+            self._final.add(tid)
+            try:
+                self._delete_train_folder(tid)
+            except OSError:
+                pass  # a stopped trial's workers still writing a checkpoint: the sweep at the end
+
+    def _delete_train_folder(self, tid: str) -> None:
+        if self.results.store.exists(TRAIN, tid):
+            self.results.store.delete_dir(TRAIN, tid)
 
     @_guarded
     def on_step_end(self, iteration, trials, **info) -> None:
@@ -113,16 +128,35 @@ class StudyRecorder(Callback):
 
     @_guarded
     def on_experiment_end(self, trials, **info) -> None:
-        self.results.close()  # trials still running (Ctrl-C): their rows wait for --resume
-        self.tensorboard.upload()
-        self.mirror.sync()
-        self.tensorboard.close()
+        try:
+            self.results.close()  # trials still running (Ctrl-C): their rows wait for --resume
+            self.tensorboard.upload()
+            self.mirror.sync()
+            self.tensorboard.close()
+            for tid in self._final:  # what stopping trials wrote after they were recorded
+                self._delete_train_folder(tid)
+        finally:
+            if self.staging:  # everything in it is uploaded, or lost with the study's end
+                shutil.rmtree(self.staging, ignore_errors=True)
 
     def __getstate__(self) -> dict:  # Tune pickles callbacks with the experiment state
         state = self.__dict__.copy()
-        for key in ("results", "tensorboard", "mirror"):  # setup() makes them anew
+        for key in ("results", "tensorboard", "mirror", "staging", "_final"):  # setup() makes them anew
             state.pop(key, None)
         return state
+
+
+def final_trial(store, trial_id: str, status: str) -> bool:
+    """Whether nothing will resume this ended trial from its Ray Train checkpoints, so its
+    train/<trial id>/ folder may go (unless logging.keep_checkpoints): it completed; or ASHA
+    stopped it (Tune never runs either again, nor does --resume); or it failed with an error a
+    rank left (<FATAL_PREFIX><rank>.txt: a retry would meet it again, mostly before its first
+    checkpoint). A trial that failed otherwise (Ray Train's restarts spent on crashes) keeps its
+    folder: `--resume` retries it from its last checkpoint, and its error line points at the
+    worker_error.txt there."""
+    if status != "failed":
+        return True
+    return any(name.startswith(FATAL_PREFIX) for name in store.list(TRAIN, trial_id))
 
 
 def error_line(trial) -> str:

@@ -14,6 +14,11 @@ import pyarrow.parquet as pq
 
 TRIALS, HISTORY, PARTS = "trials.parquet", "history.parquet", "history_parts"
 MODELS = "models"  # <study>/models/<trial id>/: a trial's fine-tuned model
+# <study>/train/<trial id>/: a trial's Ray Train run (step checkpoints, Ray's own files) and,
+# when it failed, its error files: <FATAL_PREFIX><rank>.txt, worker_error.txt.
+TRAIN = "train"
+FATAL_PREFIX = "fatal_error.rank"  # a rank's error that a retry would only repeat
+TMP_MARK = ".tmp-"  # <name>.tmp-<hex>: a local write in progress, or one a crash cut short
 SPACE_FILE = "space.yaml"  # the space a study runs, overrides applied
 # What `raysd ls` shows (the space name, when and by which raysd it was started) and, for
 # `raysd compare`, its variants in order, so `compare --resume` can write the same table.
@@ -54,7 +59,7 @@ class Store:
         target = self.path(*parts)
         self.fs.create_dir(self.path(*parts[:-1]), recursive=True)
         if self.local:  # write beside, then rename: atomic on POSIX
-            tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+            tmp = f"{target}{TMP_MARK}{uuid.uuid4().hex[:8]}"
             with open(tmp, "wb") as f:
                 f.write(data)
             os.replace(tmp, target)
@@ -78,7 +83,17 @@ class Store:
         self.write_bytes(buffer.getvalue().to_pybytes(), *parts)
 
     def list(self, *parts: str) -> list[str]:
-        """Base names of the files in a folder (none when it does not exist)."""
+        """Base names of the files in a folder (none when it does not exist), without the
+        temporary files of writes in progress or cut short by a crash."""
+        return [name for name in self._names(*parts) if TMP_MARK not in name]
+
+    def remove_temporaries(self, *parts: str) -> None:
+        """Delete what writes cut short by a crash left in a folder; only its one writer may."""
+        for name in self._names(*parts):
+            if TMP_MARK in name:
+                self.delete(*parts, name)
+
+    def _names(self, *parts: str) -> list[str]:
         selector = pafs.FileSelector(self.path(*parts), allow_not_found=True)
         return sorted(info.base_name for info in self.fs.get_file_info(selector))
 

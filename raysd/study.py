@@ -26,10 +26,9 @@ from raysd.errors import ConfigError
 from raysd.console import StudyConsole
 from raysd.results import StudyRecorder
 from raysd.spaces import Param, Space, pretrain_stages
-from raysd.storage import MODELS, SPACE_FILE, STUDY_FILE, TRIALS, Store
+from raysd.storage import FATAL_PREFIX, MODELS, SPACE_FILE, STUDY_FILE, TRAIN, TRIALS, Store
 from raysd.study_folder import StudyFolder, best_row, status_counts
-from raysd.train import FATAL_FILE, train_worker
-from raysd.writers import staging_dir
+from raysd.train import fatal_errors, train_worker
 
 # A trial's driver only waits on trainer.fit(): it takes no CPU and runs on the head, the one
 # node an autoscaler never removes and a spot market never preempts.
@@ -71,14 +70,13 @@ def trial_driver(config: dict, space: Space, train_storage: str, artifacts: str 
     name = tune.get_context().get_trial_id()
     run_uri = f"{train_storage}/{name}"
     fs, run_dir = pafs.FileSystem.from_uri(run_uri)
-    fatal = f"{run_dir}/{FATAL_FILE}"
     fs.create_dir(run_dir, recursive=True)
-    if fs.get_file_info(fatal).type != pafs.FileType.NotFound:
-        fs.delete_file(fatal)  # from an earlier run of this trial that --resume retries
+    for rank in fatal_errors(run_uri):  # from an earlier run of this trial that --resume retries
+        fs.delete_file(f"{run_dir}/{FATAL_PREFIX}{rank}.txt")
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"trial": cfg, "study_marker": study_marker(train_storage),
-                           "fatal_file": f"{run_uri}/{FATAL_FILE}", "artifacts": artifacts,
+                           "run_uri": run_uri, "artifacts": artifacts,
                            "model_uri": f"{models}/{name}" if models else None},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.resources.workers, use_gpu=cfg.resources.use_gpu,
@@ -94,16 +92,23 @@ def trial_driver(config: dict, space: Space, train_storage: str, artifacts: str 
     try:
         trainer.fit()
     except ray.train.TrainingFailedError as err:
+        _raise_fatal(run_uri)  # a rank's own message beats the group's (its peers' are collateral)
         # The error line says where the workers' whole traceback is: Ray's own logs stay hidden.
         log = f"{run_dir}/{WORKER_ERROR}"
         with fs.open_output_stream(log) as f:
             f.write(str(err).encode())
         raise TrialFailed(f"{_root_cause(err)} (traceback: {run_uri}/{WORKER_ERROR})") from None
-    if fs.get_file_info(fatal).type != pafs.FileType.NotFound:
-        with fs.open_input_stream(fatal) as f:
-            raise TrialFailed(f.read().decode())
-    if not cfg.logging.keep_checkpoints:  # the trial is recorded; its step checkpoints have no further use
-        fs.delete_dir(run_dir)
+    _raise_fatal(run_uri)  # the recorder (results.py) deletes the checkpoints of a final trial
+
+
+def _raise_fatal(run_uri: str) -> None:
+    """TrialFailed with the fatal error of the lowest rank that left one, naming that rank."""
+    errors = fatal_errors(run_uri)
+    if errors:
+        rank, message = next(iter(errors.items()))
+        name, _, line = message.partition(": ")
+        more = f" (and {len(errors) - 1} more rank(s))" if len(errors) > 1 else ""
+        raise TrialFailed(f"{name} on rank {rank}: {line}{more}")
 
 
 class TrialFailed(RuntimeError):
@@ -182,14 +187,14 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
     if space.doc.get("weights") == "builtin:demo":
         demo_theta(space.doc["model"])  # build once here, not in every trial at once
     trainable = tune.with_resources(
-        tune.with_parameters(trial_driver, space=space, train_storage=f"{study_uri}/train",
+        tune.with_parameters(trial_driver, space=space, train_storage=f"{study_uri}/{TRAIN}",
                              artifacts=artifacts_uri(space, study_uri),
                              models=models_uri(space, study_uri)),
         tune.PlacementGroupFactory([DRIVER_BUNDLE]),
     )
     journal = searched and not space.study.optuna_storage and "://" in study_uri
     mirrors = {str(optuna_study.journal_path(study_uri)): optuna_study.JOURNAL} if journal else {}
-    callbacks = [StudyRecorder(space, study_uri, staging_dir(study_uri), mirrors=mirrors),
+    callbacks = [StudyRecorder(space, study_uri, mirrors=mirrors),
                  StudyConsole(space, total), *tracker_callbacks(space, study_uri)]
     if resume:
         if journal:

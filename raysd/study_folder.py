@@ -7,6 +7,8 @@
     results/history.parquet       every reported row of every ended trial
     results/history_parts/        rows of running trials, <trial id>-<n>.parquet, folded into
                                   history.parquet (and deleted) when the trial ends
+A `<file>.tmp-<hex>` beside a file is a write a crash cut short: never read (Store.list leaves
+it out), and deleted by the next run or --resume (ResultsWriter).
 """
 from __future__ import annotations
 

@@ -18,43 +18,68 @@ from raysd.data import DataError, load_task
 from raysd.errors import ConfigError
 from raysd.export import describe, model_saver
 from raysd.recipe import Hooks, NonFiniteLoss, run_trial
+from raysd.storage import FATAL_PREFIX
 
 STATE_FILE = "state.pt"
-# Where rank 0 leaves an error that a retry would only repeat; the trial driver fails on it.
-FATAL_FILE = "fatal_error.txt"
 
 
 def train_worker(config: dict) -> None:
     """Ray Train's train_loop_per_worker: resume if a checkpoint exists, then run every stage.
 
-    Errors that every rank meets alike and that would recur on a retry (bad data or weights, a
-    diverged loss, which all ranks see through an all-reduce) are written to `fatal_file` and
-    the workers return, because Ray Train retries every exception a worker raises.
+    Errors that would recur on a retry are written to a fatal file of the rank under `run_uri`:
+    - a diverged loss, which every rank meets at the same step through an all-reduce: rank 0
+      writes it and the ranks return together, so the group ends and Ray Train retries nothing;
+    - bad data or weights (ConfigError, DataError), which one rank may meet alone (a path
+      missing on its node) while the others wait in a collective: that rank raises, so Ray
+      Train's controller tears the whole group down at once instead of after the process
+      group's timeout (a single rank just returns). A group Ray Train then restarts finds the
+      fatal file and returns before loading anything: the retries left cost one group start.
 
     With `model_uri` (a folder URI), rank 0 saves the fine-tuned model there (raysd.export)
     before the trial's last report."""
     ctx = ray.train.get_context()
-    try:
-        _run(config["trial"], config.get("study_marker"), config.get("artifacts"),
-             config.get("model_uri"), ctx)
-    except (ConfigError, NonFiniteLoss, DataError) as err:
-        # Met alike by every rank: the data (a corrupt image is found when a node decodes the
-        # folder into its cache, before training) and weights are loaded by each.
-        if ctx.get_world_rank() == 0:
-            line = str(err).strip().splitlines()[-1] if str(err).strip() else ""
-            fs, path = pafs.FileSystem.from_uri(config["fatal_file"])
-            with fs.open_output_stream(path) as f:
-                f.write(f"{type(err).__name__}: {line}".encode())
-
-
-def _run(cfg: TrialConfig, study_marker: str | None, artifacts: str | None,
-         model_uri: str | None, ctx) -> None:
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    if study_marker and not os.path.exists(study_marker):
-        raise ConfigError(f"storage {Path(study_marker).parent.parent} is not visible on node "
+    # Before any fatal file: a node that cannot see the storage could not write one where the
+    # driver reads it. Raised, so each retry fails at its start and the last names the node.
+    marker = config.get("study_marker")
+    if marker and not os.path.exists(marker):
+        raise ConfigError(f"storage {Path(marker).parent.parent} is not visible on node "
                           f"{ray.get_runtime_context().get_node_id()[:12]}: a multi-node cluster "
                           "needs shared storage (an NFS mount on every node, s3://, gs://)")
+    if fatal_errors(config["run_uri"]):  # an earlier attempt of this trial met a fatal error
+        return
+    try:
+        _run(config["trial"], config.get("artifacts"), config.get("model_uri"), ctx)
+    except NonFiniteLoss as err:
+        if ctx.get_world_rank() == 0:
+            _write_fatal(config["run_uri"], 0, err)
+    except (ConfigError, DataError) as err:
+        _write_fatal(config["run_uri"], ctx.get_world_rank(), err)
+        if ctx.get_world_size() > 1:  # alone, a rank leaves no one waiting: no restart to pay
+            raise
+
+
+def _write_fatal(run_uri: str, rank: int, err: Exception) -> None:
+    line = str(err).strip().splitlines()[-1] if str(err).strip() else ""
+    fs, path = pafs.FileSystem.from_uri(f"{run_uri}/{FATAL_PREFIX}{rank}.txt")
+    with fs.open_output_stream(path) as f:
+        f.write(f"{type(err).__name__}: {line}".encode())
+
+
+def fatal_errors(run_uri: str) -> dict[int, str]:
+    """rank -> the fatal error it left in the trial's train folder ({} when none did)."""
+    fs, run_dir = pafs.FileSystem.from_uri(run_uri)
+    found = {}
+    for info in fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True)):
+        name = info.base_name
+        if name.startswith(FATAL_PREFIX) and name.endswith(".txt"):
+            with fs.open_input_stream(info.path) as f:
+                found[int(name[len(FATAL_PREFIX):-len(".txt")])] = f.read().decode()
+    return dict(sorted(found.items()))
+
+
+def _run(cfg: TrialConfig, artifacts: str | None, model_uri: str | None, ctx) -> None:
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
 
     resume = None
     checkpoint = ray.train.get_checkpoint()

@@ -42,6 +42,8 @@ class ResultsWriter:
     def __init__(self, study_uri: str, part_seconds: float = PART_SECONDS):
         folder = StudyFolder(study_uri)
         self.store, self.part_seconds = folder.store, part_seconds
+        for where in (("results",), ("results", PARTS)):  # a crashed driver's cut-short writes
+            self.store.remove_temporaries(*where)
         # On --resume the files already hold the trials that ended before the crash,
         # and the parts hold the rows of those that were running.
         self.trials = folder.trial_rows()
@@ -163,7 +165,9 @@ class TensorBoardWriter:
         self._unsent.add(tid)
 
     def hparams(self, tid: str, config: dict, last: dict, status: str) -> None:
-        """The trial's session in the study's HParams experiment, and its final metrics."""
+        """The trial's session in the study's HParams experiment, and its final metrics; then
+        its writer is closed (a study of many trials would otherwise keep a writer thread per
+        trial until it ends)."""
         from tensorboard.plugins.hparams import summary_v2 as hp
 
         writer = self._writer(tid)
@@ -178,7 +182,7 @@ class TensorBoardWriter:
             value = last.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 writer.add_scalar(f"final/{key}", float(value), int(last.get("progress", 0)))
-        writer.flush()
+        self._writers.pop(tid).close()
         self._unsent.discard(tid)
         if self.staging:
             self.store.upload(self.root / tid, "tensorboard", tid)
@@ -198,7 +202,8 @@ class TensorBoardWriter:
 
 
 def staging_dir(study_uri: str) -> str | None:
-    """Local TensorBoard folder for remote storage (TensorBoard writers need a local path)."""
+    """A new local TensorBoard folder for remote storage (TensorBoard writers need a local
+    path); its owner removes it (StudyRecorder, at the experiment's end)."""
     if isinstance(pafs.FileSystem.from_uri(study_uri)[0], pafs.LocalFileSystem):
         return None
     return tempfile.mkdtemp(prefix="raysd-tb-")

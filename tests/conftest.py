@@ -45,9 +45,11 @@ def ray_local(tmp_path_factory):
     its `get_runtime_context().gcs_address` to the State API: other Rays may run on the host."""
     import ray
 
+    from helpers import rank_fault_hook
     from raysd.cluster import start_local_ray
 
-    start_local_ray(num_cpus=3, log_to_driver=False, _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    start_local_ray(num_cpus=3, log_to_driver=False, _temp_dir=str(tmp_path_factory.mktemp("ray")),
+                    runtime_env={"worker_process_setup_hook": rank_fault_hook()})  # inert unless armed
     yield ray
     ray.shutdown()
 
@@ -202,14 +204,11 @@ def diverged_trial(ray_local, tmp_path_factory):
     import logging
     import types
 
-    from ray.util.state import list_actors
-
-    from helpers import TINY
+    from helpers import TINY, train_worker_count
     from raysd import cli
 
     def workers() -> int:
-        return len(list_actors(address=ray_local.get_runtime_context().gcs_address,
-                               filters=[("class_name", "=", "RayTrainWorker")], limit=10_000))
+        return train_worker_count(ray_local.get_runtime_context().gcs_address)
 
     class Keep(logging.Handler):  # what pytest's caplog does: a handler on the root logger
         def __init__(self):

@@ -6,7 +6,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Callable
 
 BIN = Path(sys.executable).parent
 
@@ -25,6 +27,46 @@ TINY = [
 # 4 steps to resume from (used after TINY: later flags win).
 SLOW_ROUND = ["--set", "self_distill.steps=32", "--set", "self_distill.rounds=1",
               "--set", "logging.checkpoint_every=4"]
+
+
+# While this file exists, the Ray Train rank it names reads the data source it names instead
+# of the trial's: a path missing on one node, as when a mount is absent there. JSON
+# {"rank": int, "data": str}; installed in every worker of the session's Ray by rank_fault_hook.
+RANK_FAULT = Path(tempfile.gettempdir()) / f"raysd-test-rank-fault-{os.getpid()}.json"
+
+
+def rank_fault_hook(flag: Path = RANK_FAULT) -> Callable[[], None]:
+    """A Ray `worker_process_setup_hook` that wraps raysd.data.load_task before raysd.train
+    imports it, to apply `flag`'s fault while the flag exists. A closure, so Ray ships it by
+    value: the workers need not import this file."""
+
+    def install() -> None:
+        import raysd.data
+
+        real = raysd.data.load_task
+
+        def load_task(source, **options):
+            if flag.exists():
+                import json
+
+                import ray.train
+
+                fault = json.loads(flag.read_text())
+                if ray.train.get_context().get_world_rank() == fault["rank"]:
+                    source = fault["data"]
+            return real(source, **options)
+
+        raysd.data.load_task = load_task
+
+    return install
+
+
+def train_worker_count(address: str) -> int:
+    """RayTrainWorker actors the Ray at `address` has started so far, alive or not."""
+    from ray.util.state import list_actors
+
+    return len(list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker")],
+                           limit=10_000))
 
 
 def kill_processes_mentioning(marker: str) -> int:

@@ -34,10 +34,12 @@ def test_ray_job_submit_to_a_two_node_cluster_with_token_auth(two_nodes, demo_sm
     print(f"ray job submit -> finished study: {elapsed:.0f} s")
 
 
-def test_study_on_s3_storage(moto_s3, marked_env):
+def test_study_on_s3_storage(moto_s3, marked_env, tmp_path):
     """Results, TensorBoard and checkpoints on s3:// (the session's moto server); TensorBoard
-    events are uploaded while the trial runs, not only when it ends."""
-    env = {**marked_env, **moto_s3, "RAYSD_HISTORY_PART_SECONDS": "2"}
+    events are uploaded while the trial runs, not only when it ends, from a local staging
+    folder that is gone when the command returns."""
+    # TMPDIR: where the driver stages TensorBoard events (Ray's own files follow RAY_TMPDIR).
+    env = {**marked_env, **moto_s3, "RAYSD_HISTORY_PART_SECONDS": "2", "TMPDIR": str(tmp_path)}
     s3 = pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key="testing",
                            secret_key="testing", region="us-east-1")
     run = subprocess.Popen(
@@ -67,3 +69,4 @@ def test_study_on_s3_storage(moto_s3, marked_env):
     assert any("/tensorboard/" in p and "tfevents" in p for p in listed)
     assert any("/train/" in p and p.endswith("state.pt") for p in listed)  # kept, as asked
     assert any(p.endswith("space.yaml") for p in listed)
+    assert not list(tmp_path.glob("raysd-tb-*"))

@@ -1,6 +1,8 @@
 """Faults with the shipped defaults: a Ray Train worker SIGKILLed in the middle of
 self-distillation is restarted by Ray Train and resumes from its step checkpoint, ending with
-exactly the metrics of an uninterrupted run; errors that would recur are not retried."""
+exactly the metrics of an uninterrupted run; errors that would recur are not retried, and an
+error on one rank ends the trial at once."""
+import json
 import logging
 import os
 import signal
@@ -11,7 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from helpers import SLOW_ROUND, TINY
+from helpers import RANK_FAULT, SLOW_ROUND, TINY, train_worker_count
 from raysd import cli
 
 SELF_DISTILL = 1  # index of round 1 in the plan [further_pretrain, self_distill 1, finetune]
@@ -95,7 +97,39 @@ def test_diverged_trial_fails_at_once_without_retries(diverged_trial):
     row = _trial(diverged_trial.study)
     assert row["status"] == "failed" and "NonFiniteLoss" in row["error"]
     assert diverged_trial.new_train_workers == 1  # one worker group: Ray Train's default retries were not spent
+    assert not (diverged_trial.study / "train" / row["trial_id"]).exists()  # final: checkpoints deleted
     # the console has one FAILED line, not Tune's controller traceback
     assert "FAILED: raysd.study.TrialFailed: NonFiniteLoss" in diverged_trial.out
     assert not [r for r in diverged_trial.records if r.name == "ray.tune.execution.tune_controller"
                 and r.levelno >= logging.ERROR]
+
+
+def test_error_on_one_rank_ends_the_trial_at_once(ray_local, tmp_path):
+    """Rank 1 alone finds its data folder missing (as on a node without the mount) while rank 0
+    waits for it in a collective: the trial fails with rank 1's message within a minute or so,
+    not after the process group's 30-minute timeout times Ray Train's retries."""
+    missing = tmp_path / "mount-absent-on-this-node"
+    RANK_FAULT.write_text(json.dumps({"rank": 1, "data": f"imagefolder:{missing}"}))
+    # A hang guard only: Ctrl-C makes Tune stop the trial and return, so the asserts report it.
+    guard = threading.Timer(180, os.kill, (os.getpid(), signal.SIGINT))
+    address = ray_local.get_runtime_context().gcs_address
+    before, started = train_worker_count(address), time.time()
+    guard.start()
+    try:
+        code = cli.main(["run", "--space", "demo", *TINY, "--workers", "2",
+                         "--storage", str(tmp_path), "--name", "rank1"])
+    finally:
+        guard.cancel()
+        RANK_FAULT.unlink()
+    seconds = time.time() - started
+    assert (tmp_path / "rank1" / "results" / "trials.parquet").exists(), f"no trial ended in {seconds:.0f} s"
+    row = _trial(tmp_path / "rank1")
+    assert code == 1 and row["status"] == "failed"
+    assert row["error"].endswith(f"ConfigError on rank 1: data 'imagefolder:{missing}': "
+                                 f"directory {missing} does not exist"), row["error"]
+    # The failed group and one restart that returned at once: the second retry was not spent, and
+    # Tune ran the trial once (its max_failures is 0).
+    assert train_worker_count(address) - before == 4
+    assert not (tmp_path / "rank1" / "train" / row["trial_id"]).exists()  # final: checkpoints deleted
+    assert seconds < 120, f"{seconds:.0f} s"
+    print(f"rank 1's error ended the trial in {seconds:.1f} s")

@@ -1,6 +1,7 @@
 """The Ray-free results writers, driven directly and read back with pyarrow and TensorBoard."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -85,6 +86,28 @@ def test_a_new_writer_picks_up_a_crashed_drivers_parts(tmp_path):
     assert _parts(tmp_path) == []
 
 
+def test_a_crashs_temporary_files_never_break_resume_or_drop_rows(tmp_path):
+    """A driver killed inside Store.write_bytes leaves `<name>.tmp-<hex>` beside the file."""
+    crashed = ResultsWriter(str(tmp_path), part_seconds=0)
+    crashed.add("t1", _rows("t1", (1,))[0])
+    crashed.end_trial({"trial_id": "t0", "status": "failed"})
+    crashed.flush()
+    results, parts = tmp_path / "results", tmp_path / "results" / "history_parts"
+    for leftover in (parts / "t1-00001.parquet.tmp-0badc0de", results / "trials.parquet.tmp-1234abcd",
+                     results / "history.parquet.tmp-5678ef90"):
+        leftover.write_bytes(b"PAR1 cut short")
+    assert [(r["trial_id"], r["step"]) for r in StudyFolder(str(tmp_path)).running_history()["t1"]] == [("t1", 1)]
+    resumed = ResultsWriter(str(tmp_path), part_seconds=0)
+    resumed.add("t1", _rows("t1", (2,))[0])
+    resumed.flush()
+    assert _parts(tmp_path) == ["t1-00000.parquet", "t1-00001.parquet"]
+    resumed.end_trial({"trial_id": "t1", "status": "completed"})
+    resumed.flush()
+    assert [r["trial_id"] for r in _read(results / "trials.parquet")] == ["t0", "t1"]
+    assert [r["step"] for r in _read(results / "history.parquet")] == [1, 2]
+    assert not list(results.rglob("*.tmp-*"))  # nothing left behind
+
+
 def test_keep_best_model_keeps_the_best_ended_trial_and_running_ones(tmp_path):
     writer = ResultsWriter(str(tmp_path))
     for tid in ("t0", "t1", "t2", "t3", "running"):
@@ -117,6 +140,7 @@ def test_tensorboard_scalars_per_stage_and_one_hparams_experiment(tmp_path, stag
     study = tmp_path / "study"
     writer = TensorBoardWriter(space, Store(str(study)), str(tmp_path / "staging") if staged else None)
     writer.experiment()
+    threads = threading.active_count()
     for progress, stage, round_ in ((10, "further_pretrain", 0), (20, "self_distill", 1),
                                     (30, "finetune", 0)):
         writer.scalars("t1", {"stage": stage, "round": round_, "step": 10, "progress": progress,
@@ -124,8 +148,10 @@ def test_tensorboard_scalars_per_stage_and_one_hparams_experiment(tmp_path, stag
     writer.scalars("t1", {"stage": "finetune", "loss": 1.0})  # no trial-wide step: not a scalar
     writer.upload()  # a running trial's events reach the study folder when staged
     assert (study / "tensorboard" / "t1").is_dir()
+    assert threading.active_count() == threads + 1  # the running trial's event writer
     writer.hparams("t1", {"mask_ratio": 0.6, "self_distill.rounds": 1, "self_distill.mae_weight": 0.3},
                    {"val_accuracy": 0.8, "test_accuracy": 0.7, "progress": 40}, "completed")
+    assert threading.active_count() == threads  # closed when its trial ends, not with the study
     writer.close()
     scalars = _scalars(study / "tensorboard" / "t1")
     assert scalars["further_pretrain/loss"] == {10: pytest.approx(0.1)}
