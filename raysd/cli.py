@@ -10,22 +10,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from raysd.data.base import FOLDER_KINDS, SOURCES
+from raysd.data.base import SOURCES
 from raysd.errors import ConfigError
+from raysd.paths import absolute_uri
 
 DEFAULT_STORAGE = "raysd_results"
-
-
-def _absolute_uri(value: str) -> str:
-    """Ray changes the working directory of trials and jobs: local paths become absolute here."""
-    return value if "://" in value else str(Path(value).expanduser().resolve())
-
-
-def _absolute_data(value: str) -> str:
-    kind, sep, arg = value.partition(":")
-    if sep and kind in FOLDER_KINDS and "://" not in arg:
-        return f"{kind}:{Path(arg).expanduser().resolve()}"
-    return value
 
 
 def _overrides(args) -> dict:
@@ -33,7 +22,7 @@ def _overrides(args) -> dict:
 
     values = parse_overrides(args.set or [])
     if args.data:
-        values["data"] = _absolute_data(args.data)
+        values["data"] = args.data
     if args.workers is not None:
         values["resources.workers"] = args.workers
     if args.gpu is not None:
@@ -47,8 +36,7 @@ def _overrides(args) -> dict:
     if args.logger:
         values["study.loggers"] = list(dict.fromkeys(args.logger))
     if args.artifacts:
-        values["study.artifacts"] = ("none" if args.artifacts.lower() == "none"
-                                     else _absolute_uri(args.artifacts).rstrip("/"))
+        values["study.artifacts"] = args.artifacts
     return values
 
 
@@ -165,7 +153,7 @@ def _prepare(args, single: bool, space=None):
                  if getattr(args, flag, None) is not None]
         if given:
             raise ConfigError(f"--resume continues the study as it was started; drop {', '.join(given)}")
-        study_uri = _absolute_uri(args.resume)
+        study_uri = absolute_uri(args.resume)
         space = StudyFolder(study_uri).space()
         _check_resumed_by(args.command, study_uri)
         return space, study_uri
@@ -181,7 +169,7 @@ def _prepare(args, single: bool, space=None):
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name in (".", ".."):
         raise ConfigError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only "
                           "(and not '.' or '..')")
-    storage = _absolute_uri(args.storage).rstrip("/")
+    storage = absolute_uri(args.storage).rstrip("/")
     check_storage(storage)
     check_loggers(space.study.loggers or (), storage)
     check_inputs(space)
@@ -339,7 +327,7 @@ def _compare_trials(args):
         from raysd.storage import SPACE_FILE
         from raysd.study_folder import StudyFolder
 
-        source = _absolute_uri(args.from_study)
+        source = absolute_uri(args.from_study)
         folder = StudyFolder(source)
         studied, trials = folder.space(), folder.trials()
         if trials.empty:
@@ -368,14 +356,14 @@ def _compare_trials(args):
 def cmd_report(args) -> int:
     from raysd.report import write_report
 
-    print(write_report(_absolute_uri(args.study), top=args.top))
+    print(write_report(absolute_uri(args.study), top=args.top))
     return 0
 
 
 def cmd_export(args) -> int:
     from raysd.export import export_trial
 
-    trial_id, out = export_trial(_absolute_uri(args.study), args.trial, _absolute_uri(args.out))
+    trial_id, out = export_trial(absolute_uri(args.study), args.trial, absolute_uri(args.out))
     print(f"raysd: trial {trial_id} exported to {out}")
     return 0
 
@@ -383,7 +371,7 @@ def cmd_export(args) -> int:
 def cmd_ls(args) -> int:
     from raysd.report import list_studies
 
-    storage = _absolute_uri(args.storage).rstrip("/")
+    storage = absolute_uri(args.storage).rstrip("/")
     print(list_studies(storage))
     return 0
 

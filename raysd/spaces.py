@@ -19,6 +19,7 @@ from raysd import config, schema
 from raysd.schema import is_integer, is_number
 from raysd.config import TrialConfig
 from raysd.errors import ConfigError
+from raysd.paths import absolute_doc
 from raysd.overrides import PARAM_KEYS, SCHEDULER_KEYS, SPACE_KEYS, apply_override, read_yaml
 
 # The repository's search_spaces/ folder, installed as the package raysd.search_spaces.
@@ -140,6 +141,7 @@ def load_space_text(text: str, where: str, name: str,
         raise ConfigError(f"{where}: expected a mapping at the top level")
     for key, value in (overrides or {}).items():
         apply_override(doc, key, value)
+    absolute_doc(doc)  # before anyone changes directory: a saved space.yaml holds absolute paths
     if not isinstance(doc.get("description", ""), str):
         raise ConfigError(f"{where}: description: must be text")
     search = doc.pop("search", None) or {}
