@@ -127,7 +127,15 @@ def resolve_path(name_or_path: str) -> Path:
 
 def load_space(name_or_path: str, overrides: dict[str, Any] | None = None) -> Space:
     path = resolve_path(name_or_path)
-    return load_space_text(path.read_text(), str(path), path.stem, overrides)
+    return load_space_text(read_space_file(path), str(path), path.stem, overrides)
+
+
+def read_space_file(path: Path) -> str:
+    """A space file's text; ConfigError when it is not UTF-8."""
+    try:
+        return path.read_bytes().decode()
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 (byte {err.start}: {err.object[err.start]:#04x})") from None
 
 
 def load_space_text(text: str, where: str, name: str,
@@ -220,7 +228,8 @@ def _study(raw: dict, where: str) -> StudySettings:
     _require(settings.keep_models in KEEP_MODELS, where, "study.keep_models", " | ".join(KEEP_MODELS),
              settings.keep_models)
     _require(settings.loggers is None or (isinstance(settings.loggers, list)
-                                          and set(settings.loggers) <= set(LOGGERS)),
+                                          and all(isinstance(x, str) and x in LOGGERS
+                                                  for x in settings.loggers)),
              where, "study.loggers", f"a list of {', '.join(LOGGERS)}", settings.loggers)
     sched = settings.scheduler
     if sched is not None:
@@ -229,10 +238,10 @@ def _study(raw: dict, where: str) -> StudySettings:
         for key in sched:
             if key not in SCHEDULER_KEYS:
                 raise ConfigError(f"{where}: unknown key study.scheduler.{key}")
-        for key in ("grace_period", "reduction_factor"):
+        for key, low in (("grace_period", 1), ("reduction_factor", 2)):  # ASHA keeps 1/factor per rung
             if sched.get(key) is not None:
-                _require(is_integer(sched[key]) and sched[key] >= 1, where, f"study.scheduler.{key}",
-                         "an integer >= 1", sched[key])
+                _require(is_integer(sched[key]) and sched[key] >= low, where, f"study.scheduler.{key}",
+                         f"an integer >= {low}", sched[key])
     return settings
 
 
@@ -312,7 +321,8 @@ def _optuna_accepts(param: Param, at: str) -> None:
 def _when(raw, earlier: list[Param], at: str) -> tuple[str, str, float] | None:
     if raw is None:
         return None
-    match = re.fullmatch(r"\s*([\w.]+)\s*(>=|<=|==|!=|>|<)\s*(-?[\d.eE+-]+)\s*", str(raw))
+    match = re.fullmatch(r"\s*([\w.]+)\s*(>=|<=|==|!=|>|<)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*",
+                         str(raw))
     if not match:
         raise ConfigError(f"{at}: when must read 'KEY OP NUMBER', e.g. 'self_distill.rounds > 0' (got {raw!r})")
     key, op, value = match.groups()
