@@ -229,18 +229,9 @@ def _local_gpu() -> bool:
 
 def cmd_tune(args, single: bool = False) -> int:
     space, study_uri = _prepare(args, single)
-    from raysd.cluster import ensure_ray
-    from raysd.study import run_study
-
-    # Every path is absolute by now. Work from a folder that outlives the run: Ray can garbage-
-    # collect a job's working_dir package under a still-running driver (seen with Ray 2.60).
-    os.chdir(tempfile.gettempdir())
-
-    ensure_ray(args.address, args.verbose)
-    print(f"raysd: study {study_uri}")
-    outcome = run_study(space, study_uri, resume=bool(getattr(args, "resume", None)),
-                        num_samples=1 if single else args.num_samples,
-                        max_concurrent=args.max_concurrent, verbose=args.verbose)
+    outcome = _drive(args, space, study_uri, f"raysd: study {study_uri}",
+                     resume=bool(getattr(args, "resume", None)),
+                     num_samples=1 if single else args.num_samples)
     counts = ", ".join(f"{n} {s}" for s, n in outcome.counts.items())
     print(f"raysd: {counts}")
     if not outcome.finished:  # Ctrl-C: Tune saved its state; no "best" of a study half run
@@ -255,6 +246,22 @@ def cmd_tune(args, single: bool = False) -> int:
     print(f"raysd: results in {study_uri}/results (trials.parquet, history.parquet); "
           f"tensorboard --logdir {study_uri}/tensorboard")
     return 0 if outcome.counts.get("completed") else 1
+
+
+def _drive(args, space, study_uri: str, announce: str, **run):
+    """Hold the study (one driver), start Ray and run the study: its StudyOutcome."""
+    from raysd.cluster import ensure_ray
+    from raysd.driver_lock import DriverLock
+    from raysd.study import run_study
+
+    with DriverLock(study_uri):  # taken before Ray starts: a second driver is refused at once
+        # Every path is absolute by now. Work from a folder that outlives the run: Ray can garbage-
+        # collect a job's working_dir package under a still-running driver (seen with Ray 2.60).
+        os.chdir(tempfile.gettempdir())
+        ensure_ray(args.address, args.verbose)
+        print(announce)
+        return run_study(space, study_uri, max_concurrent=args.max_concurrent, verbose=args.verbose,
+                         **run)
 
 
 def cmd_run(args) -> int:
@@ -275,15 +282,10 @@ def cmd_compare(args) -> int:
     else:
         space, study_uri, variants = _compare_trials(args)
         labels = list(dict.fromkeys(v["variant"] for v in variants))
-    from raysd.cluster import ensure_ray
-    from raysd.study import run_study
-
-    os.chdir(tempfile.gettempdir())
-    ensure_ray(args.address, args.verbose)
     what = "the comparison" if args.resume else f"{len(variants)} trials"
-    print(f"raysd: {'resuming' if args.resume else 'comparing'} {what} in {study_uri}")
-    outcome = run_study(space, study_uri, resume=bool(args.resume), max_concurrent=args.max_concurrent,
-                        verbose=args.verbose, variants=variants)
+    outcome = _drive(args, space, study_uri,
+                     f"raysd: {'resuming' if args.resume else 'comparing'} {what} in {study_uri}",
+                     resume=bool(args.resume), variants=variants)
     if not outcome.finished:  # Ctrl-C: Tune saved its state; no table of a comparison half run
         print(f"raysd: interrupted; finish it with raysd compare --resume {study_uri}", file=sys.stderr)
         return 130

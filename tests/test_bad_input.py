@@ -301,3 +301,23 @@ def test_an_unreadable_path_is_one_line_exit_2(study, tmp_path):
                                    for line in lines), done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["locked"]
     assert not (root / "study" / "new").exists()
+
+
+def test_a_second_driver_on_a_study_is_refused_in_one_line(study, no_ray, tmp_path, monkeypatch, capsys):
+    """Issue 19 item 8: a resume, or a new study of the same name, while a driver holds it."""
+    import os
+
+    from raysd.driver_lock import DriverLock
+
+    monkeypatch.chdir(tmp_path)
+    storage, before = tmp_path / "storage", _files(study)
+    with DriverLock(str(study)), DriverLock(str(storage / "taken")):
+        resumed = cli.main(["tune", "--resume", str(study), *NOWHERE])
+        resumed_err = capsys.readouterr().err
+        started = cli.main(["run", "--space", "demo", "--storage", str(storage), "--name", "taken", *NOWHERE])
+        started_err = capsys.readouterr().err
+    assert (resumed, started) == (2, 2), resumed_err + started_err
+    for err, uri in ((resumed_err, study), (started_err, storage / "taken")):
+        assert err == (f"raysd: error: study {uri} is being run by another driver (host "
+                       f"{os.uname().nodename}, pid {os.getpid()}): one study, one driver\n")
+    assert _files(study) == before and not (storage / "taken").exists()
