@@ -27,7 +27,7 @@ def absolute_data(value: str) -> str:
 
 def absolute_weights(value: str) -> str:
     """A weights folder (`dir` or `hf:dir`) made absolute; hub ids, timm names, builtin:demo
-    and none as given. `hf:X` is a folder only when X is one here, as weights.hub_id reads it."""
+    and none as given. `hf:X` is a folder when X is one here: from_pretrained looks there first."""
     if value.startswith("hf:"):
         name, at, revision = value[3:].partition("@")
         folder = Path(name).expanduser()
