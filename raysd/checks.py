@@ -1,7 +1,8 @@
-"""The checks that read files before Ray starts: every trial's weights and data, and a text
-model's values against its tokenizer and positions."""
+"""The checks that read files before Ray starts: every trial's weights and data, a text
+model's values against its tokenizer and positions, and the folders a study will write."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from raysd import models
@@ -27,10 +28,27 @@ def check_inputs(space: Space) -> None:
         trials += [(f"{space.source}: search.{param.key} = {value!r}",
                     space.trial_config({param.key: value})) for value in values]
     for where, cfg in trials:
+        check_modality(cfg, where)
         check_weights(cfg.model, cfg.weights)
         check_model_fit(cfg, where)
         batches = [getattr(cfg, stage).batch_size for stage, _ in cfg.stages()]
         check_source(cfg.data, min_train=max(batches), val_fraction=cfg.evaluation.val_fraction)
+
+
+# What each model family reads, in data.base.MODALITIES' words.
+FAMILY_MODALITY = {"vit": "image", "roberta": "text"}
+_WORDS = {"image": "images", "text": "text"}
+
+
+def check_modality(cfg: TrialConfig, where: str) -> None:
+    """An image model given text, or a text model given images, would build its weights and
+    fail in every worker: refused here."""
+    from raysd.data.base import modality
+
+    reads, given = FAMILY_MODALITY.get(models.family(cfg.model)), modality(cfg.data)
+    if reads and given and reads != given:
+        raise ConfigError(f"{where}: model {cfg.model} reads {_WORDS[reads]}; data {cfg.data!r} is "
+                          f"{_WORDS[given]}")
 
 
 def check_model_fit(cfg: TrialConfig, where: str) -> None:
@@ -73,3 +91,42 @@ def _local_weights(weights: str) -> Path | None:
         return None
     path = Path(weights).expanduser()
     return path if path.is_dir() else None
+
+
+def check_storage(storage: str, flag: str = "--storage") -> None:
+    """A local folder a study writes (--storage, --artifacts) must be, or be creatable as, a
+    writable folder; a URI must name a filesystem pyarrow reads."""
+    if "://" in storage:
+        import pyarrow.fs as pafs
+
+        try:
+            pafs.FileSystem.from_uri(storage)
+        except (ValueError, OSError) as err:
+            raise ConfigError(f"{flag} {storage}: {str(err).splitlines()[0]}") from None
+        return
+    path = Path(storage)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {storage}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {storage}: {existing} is not writable")
+
+
+def check_artifacts(artifacts: str | None) -> None:
+    """study.artifacts under a file would fail every trial, one after another: refused here."""
+    if artifacts is not None and artifacts.lower() != "none":
+        check_storage(artifacts, "--artifacts")
+
+
+def check_loggers(loggers, storage: str) -> None:
+    """--logger needs its package, and MLflow a tracking URI when the study is not local."""
+    import importlib.util
+
+    for logger in loggers:
+        if importlib.util.find_spec(logger) is None:
+            raise ConfigError(f"--logger {logger}: the {logger} package is not installed "
+                              f"(pip install 'raysd[trackers]')")
+    if "mlflow" in loggers and "://" in storage and not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise ConfigError(f"--logger mlflow: set MLFLOW_TRACKING_URI (a tracking server or "
+                          f"database); the default, SQLite in the study folder, needs a local --storage, "
+                          f"not {storage}")

@@ -5,28 +5,17 @@ import argparse
 import dataclasses
 import os
 import re
+import secrets
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 from raysd.credentials import redact, redact_logs
-from raysd.data.base import FOLDER_KINDS, SOURCES
+from raysd.data.base import SOURCES
 from raysd.errors import ConfigError
+from raysd.paths import absolute_uri
 
 DEFAULT_STORAGE = "raysd_results"
-
-
-def _absolute_uri(value: str) -> str:
-    """Ray changes the working directory of trials and jobs: local paths become absolute here."""
-    return value if "://" in value else str(Path(value).expanduser().resolve())
-
-
-def _absolute_data(value: str) -> str:
-    kind, sep, arg = value.partition(":")
-    if sep and kind in FOLDER_KINDS and "://" not in arg:
-        return f"{kind}:{Path(arg).expanduser().resolve()}"
-    return value
 
 
 def _overrides(args) -> dict:
@@ -34,7 +23,7 @@ def _overrides(args) -> dict:
 
     values = parse_overrides(args.set or [])
     if args.data:
-        values["data"] = _absolute_data(args.data)
+        values["data"] = args.data
     if args.workers is not None:
         values["resources.workers"] = args.workers
     if args.gpu is not None:
@@ -48,8 +37,7 @@ def _overrides(args) -> dict:
     if args.logger:
         values["study.loggers"] = list(dict.fromkeys(args.logger))
     if args.artifacts:
-        values["study.artifacts"] = ("none" if args.artifacts.lower() == "none"
-                                     else _absolute_uri(args.artifacts).rstrip("/"))
+        values["study.artifacts"] = args.artifacts
     return values
 
 
@@ -126,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"raysd: error: {redact(str(err))}", file=sys.stderr)
         return 2
+    except PermissionError as err:  # the OS refused a path the user gave (chmod, a read-only mount)
+        where = err.filename or str(err).split("] ", 1)[-1].split(". Detail")[0]
+        print(f"raysd: error: {where}: permission denied", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         command = "compare" if args.command == "compare" else "tune"
         print(f"raysd: interrupted; resume with raysd {command} --resume <storage>/<study>",
@@ -151,9 +143,10 @@ COMPARE_ONLY = {"methods": "--methods", "rounds": "--rounds", "seeds": "--seeds"
 SEEDS, TOP = 3, 3
 
 
-def _prepare(args, single: bool, space=None):
-    """Validate everything that can be validated before Ray starts."""
-    from raysd.checks import check_inputs
+def _prepare(args, single: bool, space=None, load=None):
+    """Validate everything that can be validated before Ray starts. `load` (overrides -> Space)
+    reloads `space` for --smoke (default: load_space of --space)."""
+    from raysd.checks import check_artifacts, check_inputs, check_loggers, check_storage
     from raysd.spaces import load_space
 
     if args.max_concurrent is not None and args.max_concurrent < 1:
@@ -167,7 +160,7 @@ def _prepare(args, single: bool, space=None):
                  if getattr(args, flag, None) is not None]
         if given:
             raise ConfigError(f"--resume continues the study as it was started; drop {', '.join(given)}")
-        study_uri = _absolute_uri(args.resume)
+        study_uri = absolute_uri(args.resume)
         space = StudyFolder(study_uri).space()
         _check_resumed_by(args.command, study_uri)
         if space.study.optuna_storage:  # its URL comes from the environment again (credentials.py)
@@ -179,16 +172,17 @@ def _prepare(args, single: bool, space=None):
         raise ConfigError("--space is required (see raysd spaces)")
     space = space or load_space(args.space, _overrides(args))
     if args.smoke:
-        space = _smoke(args, space)
+        space = _smoke(args, space, load or (lambda overrides: load_space(args.space, overrides)))
     if single:
         space = dataclasses.replace(space, params=())
     kind = f"{space.name}-smoke" if args.smoke else space.name
-    name = args.name or f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = args.name or default_name(kind)
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name in (".", ".."):
         raise ConfigError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only "
                           "(and not '.' or '..')")
-    storage = _absolute_uri(args.storage).rstrip("/")
+    storage = absolute_uri(args.storage).rstrip("/")
     check_storage(storage)
+    check_artifacts(space.study.artifacts)
     check_loggers(space.study.loggers or (), storage)
     check_inputs(space)
     if space.params:  # a search: its Optuna study must be new
@@ -196,6 +190,12 @@ def _prepare(args, single: bool, space=None):
 
         optuna_study.check_new(f"{storage}/{name}", space.study.optuna_storage)
     return space, f"{storage}/{name}"
+
+
+def default_name(kind: str) -> str:
+    """<kind>-<date>-<time>-<4 hex>: the random part keeps two studies started in the same
+    second apart (and should it ever repeat, the second driver finds the name taken)."""
+    return f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
 def _check_resumed_by(command: str, study_uri: str) -> None:
@@ -211,10 +211,9 @@ def _check_resumed_by(command: str, study_uri: str) -> None:
                           f"raysd tune --resume {study_uri}")
 
 
-def _smoke(args, space):
+def _smoke(args, space, load):
     """The space shrunk by --smoke (flags given with --set win), and one block saying how."""
     from raysd.overrides import current_value, smoke_overrides
-    from raysd.spaces import load_space
 
     remote = bool(args.address or os.environ.get("RAY_ADDRESS"))
     cfg = space.trial_config()
@@ -225,7 +224,7 @@ def _smoke(args, space):
     print("raysd: --smoke shrinks what costs time (results are marked smoke):")
     for key, value in changes.items():
         print(f"  {key}: {current_value(space, key)} -> {value}")
-    return load_space(args.space, {**changes, **user})
+    return load({**changes, **user})
 
 
 def _local_gpu() -> bool:
@@ -234,52 +233,11 @@ def _local_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def check_storage(storage: str) -> None:
-    """A local --storage must be (or be creatable as) a writable folder; URIs must parse."""
-    if "://" in storage:
-        import pyarrow.fs as pafs
-
-        try:
-            pafs.FileSystem.from_uri(storage)
-        except (ValueError, OSError) as err:
-            raise ConfigError(f"--storage {storage}: {str(err).splitlines()[0]}") from None
-        return
-    path = Path(storage)
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        raise ConfigError(f"--storage {storage}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--storage {storage}: {existing} is not writable")
-
-
-def check_loggers(loggers, storage: str) -> None:
-    """--logger needs its package, and MLflow a tracking URI when the study is not local."""
-    import importlib.util
-
-    for logger in loggers:
-        if importlib.util.find_spec(logger) is None:
-            raise ConfigError(f"--logger {logger}: the {logger} package is not installed "
-                              f"(pip install 'raysd[trackers]')")
-    if "mlflow" in loggers and "://" in storage and not os.environ.get("MLFLOW_TRACKING_URI"):
-        raise ConfigError(f"--logger mlflow: set MLFLOW_TRACKING_URI (a tracking server or "
-                          f"database); the default, SQLite in the study folder, needs a local --storage, "
-                          f"not {storage}")
-
-
 def cmd_tune(args, single: bool = False) -> int:
     space, study_uri = _prepare(args, single)
-    from raysd.cluster import ensure_ray
-    from raysd.study import run_study
-
-    # Every path is absolute by now. Work from a folder that outlives the run: Ray can garbage-
-    # collect a job's working_dir package under a still-running driver (seen with Ray 2.60).
-    os.chdir(tempfile.gettempdir())
-
-    ensure_ray(args.address, args.verbose)
-    print(f"raysd: study {study_uri}")
-    outcome = run_study(space, study_uri, resume=bool(getattr(args, "resume", None)),
-                        num_samples=1 if single else args.num_samples,
-                        max_concurrent=args.max_concurrent, verbose=args.verbose)
+    outcome = _drive(args, space, study_uri, f"raysd: study {study_uri}",
+                     resume=bool(getattr(args, "resume", None)),
+                     num_samples=1 if single else args.num_samples)
     counts = ", ".join(f"{n} {s}" for s, n in outcome.counts.items())
     print(f"raysd: {counts}")
     if not outcome.finished:  # Ctrl-C: Tune saved its state; no "best" of a study half run
@@ -294,6 +252,22 @@ def cmd_tune(args, single: bool = False) -> int:
     print(f"raysd: results in {study_uri}/results (trials.parquet, history.parquet); "
           f"tensorboard --logdir {study_uri}/tensorboard")
     return 0 if outcome.counts.get("completed") else 1
+
+
+def _drive(args, space, study_uri: str, announce: str, **run):
+    """Hold the study (one driver), start Ray and run the study: its StudyOutcome."""
+    from raysd.cluster import ensure_ray
+    from raysd.driver_lock import DriverLock
+    from raysd.study import run_study
+
+    with DriverLock(study_uri):  # taken before Ray starts: a second driver is refused at once
+        # Every path is absolute by now. Work from a folder that outlives the run: Ray can garbage-
+        # collect a job's working_dir package under a still-running driver (seen with Ray 2.60).
+        os.chdir(tempfile.gettempdir())
+        ensure_ray(args.address, args.verbose)
+        print(announce)
+        return run_study(space, study_uri, max_concurrent=args.max_concurrent, verbose=args.verbose,
+                         **run)
 
 
 def cmd_run(args) -> int:
@@ -314,15 +288,10 @@ def cmd_compare(args) -> int:
     else:
         space, study_uri, variants = _compare_trials(args)
         labels = list(dict.fromkeys(v["variant"] for v in variants))
-    from raysd.cluster import ensure_ray
-    from raysd.study import run_study
-
-    os.chdir(tempfile.gettempdir())
-    ensure_ray(args.address, args.verbose)
     what = "the comparison" if args.resume else f"{len(variants)} trials"
-    print(f"raysd: {'resuming' if args.resume else 'comparing'} {what} in {study_uri}")
-    outcome = run_study(space, study_uri, resume=bool(args.resume), max_concurrent=args.max_concurrent,
-                        verbose=args.verbose, variants=variants)
+    outcome = _drive(args, space, study_uri,
+                     f"raysd: {'resuming' if args.resume else 'comparing'} {what} in {study_uri}",
+                     resume=bool(args.resume), variants=variants)
     if not outcome.finished:  # Ctrl-C: Tune saved its state; no table of a comparison half run
         print(f"raysd: interrupted; finish it with raysd compare --resume {study_uri}", file=sys.stderr)
         return 130
@@ -340,48 +309,66 @@ def _compare_trials(args):
     from raysd.compare import method_variants, trial_variants
 
     seeds = SEEDS if args.seeds is None else args.seeds
+    if args.top is not None and args.top < 1:
+        raise ConfigError(f"--top {args.top}: must be at least 1")
     if args.from_study:
-        from raysd.spaces import load_space_text
         from raysd.storage import SPACE_FILE
         from raysd.study_folder import StudyFolder
 
-        source = _absolute_uri(args.from_study)
+        source = absolute_uri(args.from_study)
         folder = StudyFolder(source)
         studied, trials = folder.space(), folder.trials()
         if trials.empty:
             raise ConfigError(f"--from {source}: no trials recorded")
         variants = trial_variants(trials, studied.study.metric, studied.study.mode,
                                   TOP if args.top is None else args.top, seeds)
-        base = load_space_text(folder.store.read_text(SPACE_FILE), f"{source}/{SPACE_FILE}",
-                               studied.name, _overrides(args))
+        text, where, name = folder.store.read_text(SPACE_FILE), f"{source}/{SPACE_FILE}", studied.name
     elif not args.space:
         raise ConfigError("--space (or --from STUDY, or --resume STUDY_DIR) is required")
     else:
-        from raysd.spaces import load_space
+        from raysd.spaces import read_space_file, resolve_path
 
-        base = load_space(args.space, _overrides(args))
-        rounds = [int(r) for r in args.rounds.split(",")] if args.rounds else []
+        path = resolve_path(args.space)
+        text, where, name = read_space_file(path), str(path), path.stem
         methods = (args.methods or "finetune,further_pretrain,self_distill").split(",")
-        variants = method_variants([m.strip() for m in methods], rounds, seeds)
-    space = dataclasses.replace(base, params=(), study=dataclasses.replace(base.study, scheduler=None))
-    args.name = args.name or f"{space.name}-compare-{time.strftime('%Y%m%d-%H%M%S')}"
-    space, study_uri = _prepare(args, single=False, space=space)
+        variants = method_variants([m.strip() for m in methods], _rounds(args.rounds), seeds)
+
+    def load(overrides: dict):  # the fixed points are the variants': no search, no ASHA
+        from raysd.spaces import load_space_text
+
+        base = load_space_text(text, where, name, overrides)
+        return dataclasses.replace(base, params=(), study=dataclasses.replace(base.study, scheduler=None))
+
+    space = load(_overrides(args))
+    args.name = args.name or default_name(f"{space.name}-compare")
+    space, study_uri = _prepare(args, single=False, space=space, load=load)
     for variant in variants:  # every variant's values must make a valid trial
         space.trial_config(variant["values"])
     return space, study_uri, variants
 
 
+def _rounds(text: str | None) -> list[int]:
+    """--rounds 1,2 -> [1, 2]."""
+    try:
+        rounds = [int(r) for r in text.split(",")] if text else []
+    except ValueError:
+        rounds = [-1]
+    if any(r < 0 for r in rounds):
+        raise ConfigError(f"--rounds {text!r}: expected comma-separated integers >= 0, e.g. 1,2")
+    return rounds
+
+
 def cmd_report(args) -> int:
     from raysd.report import write_report
 
-    print(write_report(_absolute_uri(args.study), top=args.top))
+    print(write_report(absolute_uri(args.study), top=args.top))
     return 0
 
 
 def cmd_export(args) -> int:
     from raysd.export import export_trial
 
-    trial_id, out = export_trial(_absolute_uri(args.study), args.trial, _absolute_uri(args.out))
+    trial_id, out = export_trial(absolute_uri(args.study), args.trial, absolute_uri(args.out))
     print(f"raysd: trial {trial_id} exported to {out}")
     return 0
 
@@ -389,7 +376,7 @@ def cmd_export(args) -> int:
 def cmd_ls(args) -> int:
     from raysd.report import list_studies
 
-    storage = _absolute_uri(args.storage).rstrip("/")
+    storage = absolute_uri(args.storage).rstrip("/")
     print(list_studies(storage))
     return 0
 

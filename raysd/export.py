@@ -31,6 +31,7 @@ from raysd.config import TrialConfig
 from raysd.credentials import redact_values
 from raysd.data.images import MEAN, STD
 from raysd.errors import ConfigError
+from raysd.model_card import TIMM_DIR, model_card
 from raysd.models import Classifier
 from raysd.models.weights import VIT_LAYER_KEYS
 from raysd.models.vit import MaeViT, ViTSpec
@@ -40,7 +41,6 @@ from raysd.study_folder import StudyFolder
 MODEL_META = "raysd_model.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = 1  # of raysd_model.json; bump when the layout changes
-TIMM_DIR = "timm"
 TIMM_LN_EPS = 1e-6  # timm's LayerNorm eps: its config.json cannot set another
 # RobertaForSequenceClassification's head is out_proj(tanh(dense(x))); raysd's is one linear
 # layer. dense = s*I and out_proj = W/s reproduce it up to tanh(u)/u = 1 - u^2/3 + ...: s is
@@ -163,43 +163,69 @@ def _tokenizer(store: Store, model_uri: str):
             raise ConfigError(f"model folder {model_uri}: no tokenizer ({first})") from None
 
 
-def export_model(model_uri: str, out_dir: str, card: dict) -> Path:
+def export_model(model_uri: str, out_dir: str, card: dict) -> Path | str:
     """Write OUT: a transformers model folder (ViTForImageClassification with its image
     processor, or RobertaForSequenceClassification with its tokenizer), timm's under OUT/timm
-    for ViT, and a README.md model card listing `card`. OUT must not exist or be empty."""
+    for ViT, and a README.md model card listing `card`. OUT, a local folder or a URI (s3://,
+    gs://), must not exist or be empty; returns its absolute path, or the URI."""
     from transformers.utils import logging as hf_logging
 
+    target = _destination(out_dir)
     hf_logging.disable_progress_bar()  # one line from raysd export, not transformers' bars
     classifier, meta = load_classifier(model_uri)
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"export: {out} exists and is not an empty folder")
-    tmp = out.with_name(f".{out.name}.partial")  # renamed into place once complete
+    if isinstance(target, Store):  # built locally, then uploaded; the card last, once all is there
+        with tempfile.TemporaryDirectory() as tmp:
+            _write_export(classifier, meta, card, Path(tmp))
+            readme = (Path(tmp) / "README.md").read_text()
+            (Path(tmp) / "README.md").unlink()
+            target.upload(Path(tmp))
+            target.write_text(readme, "README.md")
+        return out_dir
+    tmp = target.with_name(f".{target.name}.partial")  # renamed into place once complete
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        if meta["family"] == "vit":
-            vit_to_hf(classifier, meta).save_pretrained(tmp)
-            _image_processor(meta).save_pretrained(tmp)
-            save_timm(classifier, meta, tmp / TIMM_DIR)
-            notes = _vit_notes(meta)
-        else:
-            hf, scale = roberta_to_hf(classifier, meta)
-            hf.save_pretrained(tmp)
-            classifier.backbone.tokenizer.save_pretrained(tmp)
-            notes = _roberta_notes(scale)
-        (tmp / "README.md").write_text(model_card(meta, card, notes))
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
+        _write_export(classifier, meta, card, tmp)
+        if target.exists():
+            target.rmdir()
+        tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _destination(out_dir: str) -> Path | Store:
+    """Where `raysd export` writes: a local folder or an object-store prefix, either empty or
+    absent; ConfigError otherwise (an unknown scheme included)."""
+    if "://" in out_dir:
+        store = Store(out_dir)
+        if store.list():
+            raise ConfigError(f"export: {out_dir} exists and is not empty")
+        return store
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"export: {out} exists and is not an empty folder")
     return out
 
 
-def export_trial(study_uri: str, trial: str, out_dir: str) -> tuple[str, Path]:
+def _write_export(classifier: Classifier, meta: dict, card: dict, folder: Path) -> None:
+    if meta["family"] == "vit":
+        vit_to_hf(classifier, meta).save_pretrained(folder)
+        _image_processor(meta).save_pretrained(folder)
+        save_timm(classifier, meta, folder / TIMM_DIR)
+        notes = _vit_notes(meta)
+    else:
+        hf, scale = roberta_to_hf(classifier, meta)
+        hf.save_pretrained(folder)
+        classifier.backbone.tokenizer.save_pretrained(folder)
+        notes = _roberta_notes(scale)
+    (folder / "README.md").write_text(model_card(meta, card, notes))
+
+
+def export_trial(study_uri: str, trial: str, out_dir: str) -> tuple[str, Path | str]:
     """`raysd export`: the saved model of a study's trial (`best`, or a trial id) with a card of
     its parameters and metrics; returns (trial id, OUT)."""
+    _destination(out_dir)  # a destination that cannot be written is refused before anything is read
     folder = StudyFolder(study_uri)
     space = folder.space()
     row = folder.best() if trial == "best" else folder.trial(trial)
@@ -363,47 +389,3 @@ def _roberta_notes(scale: float) -> list[str]:
         "LayerNorm can output, so the logits match raysd's to float precision. To fine-tune "
         "further, re-initialise the classifier head.",
     ]
-
-
-# ---- the model card -------------------------------------------------------------------------
-
-def model_card(meta: dict, card: dict, notes: list[str]) -> str:
-    """README.md: what the model is, the trial's parameters and metrics (`card`), how to load it."""
-    vit = meta["family"] == "vit"
-    title = f"# {meta['model']} fine-tuned by raysd"
-    if "study" in card and "trial_id" in card:
-        title += f": study {card['study']}, trial {card['trial_id']}"
-    classes = f"{meta['num_classes']} classes" + (f": {', '.join(meta['labels'])}" if meta["labels"] else "")
-    lines = ["---", "library_name: transformers",
-             f"pipeline_tag: {'image' if vit else 'text'}-classification",
-             "tags: [raysd, self-distillation]", "---", "", title, "",
-             f"Method `{card.get('method') or meta['method']}` (self-distillation for further "
-             f"pre-training, Lee et al., ICLR 2023) from weights `{meta['weights']}`, fine-tuned "
-             f"on `{meta['data']}` ({classes})."]
-    scalars = [f"- {k}: {_cell(v)}" for k, v in card.items()
-               if not isinstance(v, dict) and k not in ("study", "trial_id", "method")]
-    lines += [""] + scalars if scalars else []
-    for key, value in card.items():
-        if isinstance(value, dict):
-            lines += ["", f"## {key}", "", "| name | value |", "|---|---|"]
-            lines += [f"| {k} | {_cell(v)} |" for k, v in value.items()]
-    lines += ["", "## Loading", "", "```python", 'path = "."  # this folder']
-    if vit:
-        lines += ["from transformers import AutoImageProcessor, ViTForImageClassification",
-                  "model = ViTForImageClassification.from_pretrained(path)",
-                  "processor = AutoImageProcessor.from_pretrained(path)",
-                  "import timm  # the same model in timm, with its preprocessing in model.pretrained_cfg",
-                  f"model = timm.create_model(f\"local-dir:{{path}}/{TIMM_DIR}\", pretrained=True)"]
-    else:
-        lines += ["from transformers import AutoTokenizer, RobertaForSequenceClassification",
-                  "model = RobertaForSequenceClassification.from_pretrained(path)",
-                  "tokenizer = AutoTokenizer.from_pretrained(path)",
-                  f"# raysd fine-tuned it on inputs of at most {meta['max_length']} tokens"]
-    lines += ["```", "", "## Notes", ""] + [f"- {note}" for note in notes]
-    return "\n".join(lines) + "\n"
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value).replace("|", "\\|")

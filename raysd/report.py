@@ -13,6 +13,7 @@ matplotlib.use("Agg")  # no display on cluster heads and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from raysd.errors import ConfigError  # noqa: E402
 from raysd.spaces import Param, Space  # noqa: E402
 from raysd.storage import Store  # noqa: E402
 from raysd.study_folder import StudyFolder, ranked, status_counts  # noqa: E402
@@ -239,8 +240,12 @@ def write_report(study_uri: str, top: int = 5) -> str:
 
 def list_studies(storage: str) -> str:
     """`raysd ls`: one line per study under `storage`, newest first."""
-    rows = []
-    for name in Store(storage).list():
+    import pyarrow.fs as pafs
+
+    rows, store = [], Store(storage)
+    if store.fs.get_file_info(store.root).type == pafs.FileType.File:
+        raise ConfigError(f"{storage} is a file, not a folder of studies")
+    for name in store.list():
         folder = StudyFolder(f"{storage}/{name}")
         if not folder.is_study():
             continue

@@ -20,6 +20,7 @@ from raysd.schema import is_integer, is_number
 from raysd.config import TrialConfig
 from raysd.credentials import conceal, redact
 from raysd.errors import ConfigError
+from raysd.paths import absolute_doc
 from raysd.overrides import PARAM_KEYS, SCHEDULER_KEYS, SPACE_KEYS, apply_override, read_yaml
 
 # The repository's search_spaces/ folder, installed as the package raysd.search_spaces.
@@ -127,7 +128,15 @@ def resolve_path(name_or_path: str) -> Path:
 
 def load_space(name_or_path: str, overrides: dict[str, Any] | None = None) -> Space:
     path = resolve_path(name_or_path)
-    return load_space_text(path.read_text(), str(path), path.stem, overrides)
+    return load_space_text(read_space_file(path), str(path), path.stem, overrides)
+
+
+def read_space_file(path: Path) -> str:
+    """A space file's text; ConfigError when it is not UTF-8."""
+    try:
+        return path.read_bytes().decode()
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 (byte {err.start}: {err.object[err.start]:#04x})") from None
 
 
 def load_space_text(text: str, where: str, name: str,
@@ -141,6 +150,7 @@ def load_space_text(text: str, where: str, name: str,
         raise ConfigError(f"{where}: expected a mapping at the top level")
     for key, value in (overrides or {}).items():
         apply_override(doc, key, value)
+    absolute_doc(doc)  # before anyone changes directory: a saved space.yaml holds absolute paths
     if not isinstance(doc.get("description", ""), str):
         raise ConfigError(f"{where}: description: must be text")
     search = doc.pop("search", None) or {}
@@ -223,7 +233,8 @@ def _study(raw: dict, where: str) -> StudySettings:
     _require(settings.keep_models in KEEP_MODELS, where, "study.keep_models", " | ".join(KEEP_MODELS),
              settings.keep_models)
     _require(settings.loggers is None or (isinstance(settings.loggers, list)
-                                          and set(settings.loggers) <= set(LOGGERS)),
+                                          and all(isinstance(x, str) and x in LOGGERS
+                                                  for x in settings.loggers)),
              where, "study.loggers", f"a list of {', '.join(LOGGERS)}", settings.loggers)
     sched = settings.scheduler
     if sched is not None:
@@ -232,10 +243,10 @@ def _study(raw: dict, where: str) -> StudySettings:
         for key in sched:
             if key not in SCHEDULER_KEYS:
                 raise ConfigError(f"{where}: unknown key study.scheduler.{key}")
-        for key in ("grace_period", "reduction_factor"):
+        for key, low in (("grace_period", 1), ("reduction_factor", 2)):  # ASHA keeps 1/factor per rung
             if sched.get(key) is not None:
-                _require(is_integer(sched[key]) and sched[key] >= 1, where, f"study.scheduler.{key}",
-                         "an integer >= 1", sched[key])
+                _require(is_integer(sched[key]) and sched[key] >= low, where, f"study.scheduler.{key}",
+                         f"an integer >= {low}", sched[key])
     return settings
 
 
@@ -315,7 +326,8 @@ def _optuna_accepts(param: Param, at: str) -> None:
 def _when(raw, earlier: list[Param], at: str) -> tuple[str, str, float] | None:
     if raw is None:
         return None
-    match = re.fullmatch(r"\s*([\w.]+)\s*(>=|<=|==|!=|>|<)\s*(-?[\d.eE+-]+)\s*", str(raw))
+    match = re.fullmatch(r"\s*([\w.]+)\s*(>=|<=|==|!=|>|<)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*",
+                         str(raw))
     if not match:
         raise ConfigError(f"{at}: when must read 'KEY OP NUMBER', e.g. 'self_distill.rounds > 0' (got {raw!r})")
     key, op, value = match.groups()

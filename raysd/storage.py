@@ -12,6 +12,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from raysd.errors import ConfigError
+
 TRIALS, HISTORY, PARTS = "trials.parquet", "history.parquet", "history_parts"
 MODELS = "models"  # <study>/models/<trial id>/: a trial's fine-tuned model
 # <study>/train/<trial id>/: a trial's Ray Train run (step checkpoints, Ray's own files) and,
@@ -25,11 +27,24 @@ SPACE_FILE = "space.yaml"  # the space a study runs, overrides applied
 STUDY_FILE = "study.yaml"
 
 
+def open_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    """pyarrow's (filesystem, path) of a local path or URI; ConfigError when pyarrow reads no
+    filesystem there (an unknown scheme, a malformed URI)."""
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except ValueError as err:  # pyarrow.lib.ArrowInvalid
+        if "Unrecognized filesystem type" in str(err):
+            scheme = uri.partition("://")[0]
+            raise ConfigError(f"{uri}: unknown storage scheme {scheme!r} (use a local path, "
+                              "s3://, gs:// or another scheme pyarrow reads)") from None
+        raise ConfigError(f"{uri}: {str(err).splitlines()[0]}") from None
+
+
 class Store:
     """A study folder on a pyarrow filesystem: small whole-file reads and atomic writes."""
 
     def __init__(self, uri: str):
-        self.fs, self.root = pafs.FileSystem.from_uri(uri)
+        self.fs, self.root = open_uri(uri)
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
 
     def path(self, *parts: str) -> str:

@@ -174,16 +174,16 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
     searched = bool(space.params) and not variants
     concurrency = plan_concurrency(space, max_concurrent, total)
     check_shared_storage(study_uri)
-    if not resume:
-        study = {**dataclasses.asdict(space.study), "num_samples": total}
-        # No password in the study folder (credentials.py), wherever the space had one.
-        store.write_text(yaml.safe_dump(redact_values({**space.doc, "search": _search_doc(space),
-                                                       "study": study}), sort_keys=False), SPACE_FILE)
+    if not resume:  # the folder is a study once SPACE_FILE exists: it is written last
         about = {"space": space.name, "raysd": raysd.__version__,
                  "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
         if variants:  # raysd compare: its variants in order, for compare --resume's table
             about["compare"] = list(dict.fromkeys(v["variant"] for v in variants))
         store.write_text(yaml.safe_dump(redact_values(about), sort_keys=False), STUDY_FILE)
+        study = {**dataclasses.asdict(space.study), "num_samples": total}
+        # No password in the study folder (credentials.py), wherever the space had one.
+        store.write_text(yaml.safe_dump(redact_values({**space.doc, "search": _search_doc(space),
+                                                       "study": study}), sort_keys=False), SPACE_FILE)
     if space.doc.get("weights") == "builtin:demo":
         demo_theta(space.doc["model"])  # build once here, not in every trial at once
     trainable = tune.with_resources(

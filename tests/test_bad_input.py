@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from raysd import cli, models
+from raysd.errors import ConfigError
 from raysd.models.weights import save_backbone
 
 NOWHERE = ["--address", "127.0.0.1:1"]
@@ -156,3 +157,167 @@ def test_flags_that_conflict_with_resume(tmp_path, capsys, case):
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1
     assert not study.exists()
+
+
+# Issue 19, item 9: each of these gave a traceback (or, for --top 0, ran the space's defaults).
+# `{root}` is the inputs fixture, `{study}` a study folder with one completed trial.
+COMMAND_CASES = {
+    "when value 1e": (["tune", "--space", "{root}/when_1e.yaml"], "when must read 'KEY OP NUMBER'"),
+    "loggers a nested list": (["tune", "--space", "demo", "--set", "study.loggers=[[mlflow]]"],
+                              "study.loggers: must be a list of mlflow, wandb"),
+    "compare rounds not integers": (["compare", "--space", "demo", "--rounds", "1,x"],
+                                    "--rounds '1,x': expected comma-separated integers >= 0"),
+    "space file not utf8": (["tune", "--space", "{root}/latin1.yaml"], "latin1.yaml: not UTF-8"),
+    "report unknown scheme": (["report", "nosuch://b/s"], "nosuch://b/s: unknown storage scheme 'nosuch'"),
+    "ls unknown scheme": (["ls", "nosuch://b"], "nosuch://b: unknown storage scheme 'nosuch'"),
+    "export unknown scheme": (["export", "nosuch://b/s", "out"], "nosuch://b/s: unknown storage scheme"),
+    "resume unknown scheme": (["tune", "--resume", "nosuch://b/s"], "nosuch://b/s: unknown storage scheme"),
+    "compare from unknown scheme": (["compare", "--from", "nosuch://b/s"],
+                                    "nosuch://b/s: unknown storage scheme"),
+    "export to an unknown scheme": (["export", "{study}", "nosuch://b/m"], "nosuch://b/m: unknown storage scheme"),
+    "reduction factor one": (["tune", "--space", "demo", "--set", "study.scheduler.reduction_factor=1"],
+                             "study.scheduler.reduction_factor: must be an integer >= 2 (got 1)"),
+    "compare top zero": (["compare", "--from", "{study}", "--top", "0"], "--top 0: must be at least 1"),
+    "ls on a file": (["ls", "{root}/a_file"], "a_file is a file, not a folder of studies"),
+    "artifacts under a file": (["tune", "--space", "demo", "--artifacts", "{root}/a_file/shared"],
+                               "--artifacts {root}/a_file/shared: {root}/a_file is a file, not a folder"),
+    "text model given images": (["run", "--space", "demo_text", "--data", "builtin:digits"],
+                                "model roberta_tiny reads text; data 'builtin:digits' is images"),
+    "image model given text": (["run", "--space", "demo", "--data", "builtin:text"],
+                               "model vit_tiny reads images; data 'builtin:text' is text"),
+}
+
+
+@pytest.fixture(scope="module")
+def study(inputs):
+    """A study folder as run_study leaves it: the demo space and one completed trial."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raysd.spaces import available
+
+    folder = inputs / "study"
+    (folder / "results").mkdir(parents=True)
+    (folder / "space.yaml").write_text(available()["demo"].read_text())
+    (folder / "study.yaml").write_text("space: demo\n")
+    row = {"trial_id": "t1", "status": "completed", "val_accuracy": 0.9, "param.mask_ratio": 0.6,
+           "param.self_distill.rounds": 1.0, "param.self_distill.mae_weight": 0.5}
+    pq.write_table(pa.Table.from_pylist([row]), folder / "results" / "trials.parquet")
+    (inputs / "when_1e.yaml").write_text(
+        available()["demo"].read_text().replace("self_distill.rounds > 0", "self_distill.rounds > 1e"))
+    (inputs / "latin1.yaml").write_bytes("description: café\n".encode("latin-1") + cli_space_text().encode())
+    return folder
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Input that slips through reaches Ray: fail at once there instead of waiting to connect."""
+    from raysd import cluster
+
+    def reached(*_):
+        raise RuntimeError("reached Ray")
+
+    monkeypatch.setattr(cluster, "ensure_ray", reached)
+
+
+def _files(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("case", sorted(COMMAND_CASES))
+def test_bad_command_is_one_line_exit_2_nothing_written(inputs, study, no_ray, tmp_path, monkeypatch,
+                                                         capsys, case):
+    argv, message = COMMAND_CASES[case]
+    monkeypatch.chdir(tmp_path)  # the default storage, ./raysd_results, must not appear
+    argv = [a.replace("{root}", str(inputs)).replace("{study}", str(study)) for a in argv]
+    if argv[0] in ("tune", "run", "compare"):
+        argv += NOWHERE
+    before = _files(inputs)
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message.replace("{root}", str(inputs)) in err, err
+    assert err.startswith("raysd: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert _files(tmp_path) == [] and _files(inputs) == before
+
+
+def test_compare_from_a_study_with_smoke_shrinks_that_studys_space(study, tmp_path, monkeypatch, capsys):
+    """It raised a TypeError (the smoke space was reloaded from --space, which --from leaves unset)."""
+    from raysd import cluster
+
+    monkeypatch.chdir(tmp_path)
+
+    def stop(*_):
+        raise ConfigError("stopped where Ray would start")
+
+    monkeypatch.setattr(cluster, "ensure_ray", stop)
+    code = cli.main(["compare", "--from", str(study), "--smoke", "--seeds", "1", *NOWHERE])
+    out, err = capsys.readouterr()
+    assert code == 2 and err == "raysd: error: stopped where Ray would start\n", err
+    assert "--smoke shrinks" in out and "finetune.steps: 150 -> 4" in out
+
+
+UNREADABLE = """
+import json, sys
+from raysd import cli
+root, out = sys.argv[1], []
+for argv in ([["tune", "--space", f"{root}/space.yaml"], ["tune", "--space", "demo", "--data",
+             f"imagefolder:{root}/images"], ["report", f"{root}/study"], ["tune", "--resume", f"{root}/study"],
+             ["ls", f"{root}/study"], ["tune", "--space", "demo", "--storage", f"{root}/study/new"]]):
+    argv += ["--address", "127.0.0.1:1"] if argv[0] == "tune" else []
+    out.append([cli.main(argv), argv])
+print(json.dumps(out))
+"""
+
+
+def test_an_unreadable_path_is_one_line_exit_2(study, tmp_path):
+    """chmod 000 on a space file, a data folder and a study folder. Root reads anything, so as
+    root the commands run without the capabilities that let it (setpriv)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from raysd.spaces import available
+
+    root = tmp_path / "locked"
+    root.mkdir()
+    (root / "space.yaml").write_text(available()["demo"].read_text())
+    shutil.copytree(study, root / "study")
+    _images(root / "images", "train", ["a", "b"])
+    for path in (root / "space.yaml", root / "images", root / "study"):
+        path.chmod(0)
+    drop = (["setpriv", "--bounding-set", "-dac_override,-dac_read_search"] if os.geteuid() == 0 else [])
+    try:
+        done = subprocess.run([*drop, sys.executable, "-c", UNREADABLE, str(root)], capture_output=True,
+                              text=True, timeout=120, cwd=tmp_path)
+    finally:
+        for path in (root / "space.yaml", root / "images", root / "study"):
+            path.chmod(0o755)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert [code for code, _ in json.loads(done.stdout.strip().splitlines()[-1])] == [2] * 6, done.stderr
+    assert len(lines) == 6 and all(line.startswith("raysd: error: ") and "ermission denied" in line
+                                   for line in lines), done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["locked"]
+    assert not (root / "study" / "new").exists()
+
+
+def test_a_second_driver_on_a_study_is_refused_in_one_line(study, no_ray, tmp_path, monkeypatch, capsys):
+    """Issue 19 item 8: a resume, or a new study of the same name, while a driver holds it."""
+    import os
+
+    from raysd.driver_lock import DriverLock
+
+    monkeypatch.chdir(tmp_path)
+    storage, before = tmp_path / "storage", _files(study)
+    with DriverLock(str(study)), DriverLock(str(storage / "taken")):
+        resumed = cli.main(["tune", "--resume", str(study), *NOWHERE])
+        resumed_err = capsys.readouterr().err
+        started = cli.main(["run", "--space", "demo", "--storage", str(storage), "--name", "taken", *NOWHERE])
+        started_err = capsys.readouterr().err
+    assert (resumed, started) == (2, 2), resumed_err + started_err
+    for err, uri in ((resumed_err, study), (started_err, storage / "taken")):
+        assert err == (f"raysd: error: study {uri} is being run by another driver (host "
+                       f"{os.uname().nodename}, pid {os.getpid()}): one study, one driver\n")
+    assert _files(study) == before and not (storage / "taken").exists()

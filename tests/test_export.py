@@ -321,3 +321,19 @@ def test_model_on_s3_saves_loads_and_exports(s3, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(batch), ours(batch))
     assert _roberta_mismatches(ours, export_model(uri, str(tmp_path / "out"), CARD)) == {}
+
+
+def test_export_to_s3_writes_the_bucket_and_refuses_a_prefix_in_use(vit_saved, s3, tmp_path, monkeypatch):
+    """It made a local folder named `s3:` instead."""
+    from raysd.storage import Store
+
+    _, folder = vit_saved
+    monkeypatch.chdir(tmp_path)
+    uri = f"{s3}/exports/vit"
+    assert export_model(folder, uri, CARD) == uri
+    written = Store(uri)
+    assert {"config.json", "model.safetensors", "README.md", "timm"} <= set(written.list())
+    assert "timm.create_model" in written.read_text("README.md")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ConfigError, match=f"export: {uri} exists and is not empty"):
+        export_model(folder, uri, CARD)

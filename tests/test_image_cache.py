@@ -183,3 +183,17 @@ def test_a_loader_worker_gets_the_file_not_the_mapping(tmp_path):
     x = test[0]["x"]
     copy = pickle.loads(pickle.dumps(test))
     assert len(pickle.dumps(test)) < 2000 and torch.equal(copy[0]["x"], x)
+
+
+def test_an_image_over_pillows_pixel_limit_is_a_data_error_naming_it(tmp_path, cache, monkeypatch):
+    """Pillow's decompression-bomb guard raised its own error (no OSError): a traceback, and
+    Ray Train retried the trial. The limit is lowered so that the 31x22 images trip it."""
+    import re
+
+    root = _folder(tmp_path / "data")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # Pillow errors beyond twice the limit
+    with pytest.raises(DataError, match="Pillow's decompression-bomb guard") as err:
+        _load(root)
+    assert re.search(rf"{re.escape(str(root))}/train/\w+/3\.png: .*682 pixels", str(err.value)), err.value
+    assert "\n" not in str(err.value)
+    assert not [p for p in cache.iterdir() if p.is_dir()]

@@ -13,11 +13,19 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
-# Every data source raysd reads, as a user writes it. A builtin set is named whole; the other
-# kinds take a local folder (DIR), which must exist and which the CLI makes absolute.
-SOURCES = ("builtin:digits", "builtin:text", "imagefolder:DIR", "jsonl:DIR", "hfdisk:DIR")
+# Every data source raysd reads, as a user writes it, and what its examples are (Task.modality).
+# A builtin set is named whole; the other kinds take a local folder (DIR), which must exist and
+# which raysd.paths makes absolute.
+MODALITIES = {"builtin:digits": "image", "builtin:text": "text", "imagefolder:DIR": "image",
+              "jsonl:DIR": "text", "hfdisk:DIR": "text"}
+SOURCES = tuple(MODALITIES)
 BUILTINS = tuple(s for s in SOURCES if s.startswith("builtin:"))
 FOLDER_KINDS = tuple(s.split(":")[0] for s in SOURCES if s.endswith(":DIR"))
+
+
+def modality(source: str) -> str | None:
+    """"image" or "text", what a source's examples are; None for a source raysd does not read."""
+    return MODALITIES.get(source) or MODALITIES.get(f"{source.partition(':')[0]}:DIR")
 
 
 class DataError(RuntimeError):

@@ -220,10 +220,14 @@ def _decode(path: str, plain: Callable) -> np.ndarray:
     """The plain view of one image as uint8 [3, S, S]."""
     from torchvision.datasets.folder import pil_loader
 
+    from PIL import Image
+
     try:
         image = plain(pil_loader(path))
     except (OSError, ValueError) as err:  # PIL: truncated or not an image
         raise DataError(f"{path}: cannot read image ({err})") from None
+    except Image.DecompressionBombError as err:  # not an OSError: Pillow's own, raised on open
+        raise DataError(f"{path}: refused by Pillow's decompression-bomb guard ({err})") from None
     return np.asarray(image).transpose(2, 0, 1)
 
 
