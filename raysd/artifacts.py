@@ -107,6 +107,7 @@ class ArtifactStore:
 
     def __init__(self, uri: str, owner: str, lease_seconds: float = LEASE_SECONDS):
         self.uri = uri.rstrip("/")
+        leases.require_client(self.uri)
         self.store = Store(self.uri)
         self.owner, self.lease_seconds = owner, lease_seconds
         self.creator = leases.creator(self.uri, self.store)

@@ -19,6 +19,7 @@ not renew in time, or that finds a successor in the chain, has lost the lease (`
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 import sys
@@ -102,21 +103,33 @@ class GCSCreator(Creator):
             return False
 
 
-def creator(uri: str, store: Store) -> Creator:
-    """The store's create-if-absent, or a ConfigError naming what it lacks."""
+CLIENTS = {"s3": ("boto3", "boto3", "s3"), "gs": ("google.cloud.storage", "google-cloud-storage", "gcs")}
+
+
+def require_client(uri: str) -> None:
+    """A ConfigError, in one line, when the client library that creates-if-absent on `uri`'s
+    store is not installed (checked before anything touches the store)."""
     scheme = urlparse(uri).scheme if "://" in uri else "file"
-    needs = {"s3": ("boto3", "s3"), "gs": ("google-cloud-storage", "gcs")}
+    module, package, extra = CLIENTS.get("gs" if scheme == "gcs" else scheme, (None,) * 3)
+    if module is None:
+        return
     try:
-        if store.local:
-            return LocalCreator()
-        if scheme == "s3":
-            return _probe(S3Creator(uri), store)
-        if scheme in ("gs", "gcs"):
-            return GCSCreator()
+        importlib.import_module(module)
     except ImportError:
-        package, extra = needs["gs" if scheme == "gcs" else scheme]
         raise ConfigError(f"artifacts {uri}: one builder per artifact on {scheme}:// needs "
                           f"{package} (pip install 'raysd[{extra}]')") from None
+
+
+def creator(uri: str, store: Store) -> Creator:
+    """The store's create-if-absent, or a ConfigError naming what it lacks."""
+    require_client(uri)
+    scheme = urlparse(uri).scheme if "://" in uri else "file"
+    if store.local:
+        return LocalCreator()
+    if scheme == "s3":
+        return _probe(S3Creator(uri), store)
+    if scheme in ("gs", "gcs"):
+        return GCSCreator()
     raise ConfigError(f"artifacts {uri}: {scheme}:// has no atomic create-if-absent raysd knows; "
                       "use a local or NFS folder, s3:// or gs://")
 
@@ -245,8 +258,12 @@ class Leases:
         if held is None:
             return
         if not published:
-            if not self.store.exists(self._name(key, held.generation + 1)):
+            if time.time() > held.valid_until or self.store.exists(self._name(key, held.generation + 1)):
+                return  # no longer ours to give up
+            try:
                 self._rewrite(key, held.generation, 0.0)
+            except OSError as err:  # then it runs out on its own
+                warn(f"artifact {key}: giving the lease up failed ({err})")
             return
         for generation in range(held.generation + 1):
             try:
