@@ -66,11 +66,19 @@ class S3Creator(Creator):
     def __init__(self, uri: str):
         import boto3
 
+        # The store pyarrow reaches from the same URI: its endpoint, region and keys, if given.
         query = {k: v[-1] for k, v in parse_qs(urlparse(uri).query).items()}
         endpoint = query.get("endpoint_override")
         if endpoint and "://" not in endpoint:
             endpoint = f"{query.get('scheme', 'https')}://{endpoint}"
-        self.client = boto3.client("s3", endpoint_url=endpoint, region_name=query.get("region"))
+        self.client = boto3.client("s3", endpoint_url=endpoint, region_name=query.get("region"),
+                                   aws_access_key_id=query.get("access_key"),
+                                   aws_secret_access_key=query.get("secret_key"),
+                                   aws_session_token=query.get("session_token"))
+        put = self.client.meta.service_model.operation_model("PutObject").input_shape.members
+        if "IfNoneMatch" not in put:
+            raise ConfigError(f"artifacts {uri}: boto3 {boto3.__version__} predates S3's conditional "
+                              "writes (If-None-Match); pip install -U boto3")
 
     def create(self, path: str, data: bytes) -> bool:
         from botocore.exceptions import ClientError
