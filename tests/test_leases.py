@@ -252,3 +252,38 @@ def test_an_s3_store_that_ignores_if_none_match_is_refused(s3):
     with proxy(s3, drop=b"If-None-Match") as ignoring:
         with pytest.raises(ConfigError, match="ignores If-None-Match, so two trials could both build"):
             ArtifactStore(f"s3://raysd/x?endpoint_override={ignoring}&scheme=http", owner="a")
+
+
+def test_gcs_creates_with_a_generation_precondition(monkeypatch):
+    """google-cloud-storage is not installed here: a stand-in with its API and GCS's rule (an
+    upload with if_generation_match=0 fails with PreconditionFailed when the object exists)."""
+    import types
+
+    from raysd.leases import GCSCreator
+
+    class PreconditionFailed(Exception):
+        pass
+
+    objects = {}
+
+    class Blob:
+        def __init__(self, name):
+            self.name = name
+
+        def upload_from_string(self, data, if_generation_match=None):
+            if if_generation_match == 0 and self.name in objects:
+                raise PreconditionFailed(self.name)
+            objects[self.name] = data
+
+    client = types.SimpleNamespace(bucket=lambda b: types.SimpleNamespace(blob=lambda n: Blob(f"{b}/{n}")))
+    storage = types.SimpleNamespace(Client=lambda: client)
+    google = types.ModuleType("google")
+    google.cloud = types.SimpleNamespace(storage=storage)
+    monkeypatch.setitem(sys.modules, "google", google)
+    monkeypatch.setitem(sys.modules, "google.cloud", google.cloud)
+    monkeypatch.setitem(sys.modules, "google.cloud.storage", storage)
+    monkeypatch.setitem(sys.modules, "google.api_core.exceptions",
+                        types.SimpleNamespace(PreconditionFailed=PreconditionFailed))
+    gcs = GCSCreator()
+    assert gcs.create("b/k.lease.0", b"first") and not gcs.create("b/k.lease.0", b"second")
+    assert objects == {"b/k.lease.0": b"first"}
