@@ -6,11 +6,16 @@ change it, the number of ranks, the device, the method's code, the libraries and
 stage. `stage_key` hashes those; a trial whose key exists loads the output instead of training it.
 
 Layout under the store's URI (a local folder, NFS, s3://, gs://):
-    <key>/weights.pt    the stage's state_dict (loaded with weights_only=True)
-    <key>/meta.json     written last: what the key was made of, the stage's last row, seconds
-    <key>.lease         who is building it and until when; renewed while building, so a lease
-                        left by a crashed trial expires and another trial takes over
-Correctness never depends on the lease: two builders of one key write identical weights.
+    <key>/weights-<id>.pt  a builder's state_dict (loaded with weights_only=True)
+    <key>/meta.json        created once, last: what the key was made of, the stage's last row,
+                           seconds, and the name and state_hash of the weights it describes
+    <key>.lease.<n>        who is building it and until when (leases.py); renewed while
+                           building, so a lease left by a crashed trial expires and another
+                           trial takes over
+Two builders of one key need not write identical weights (GPU kernels are not bitwise
+deterministic), so one builder per key is enforced (leases.py) and meta.json is published once,
+naming the weights it hashed: a load that finds other bytes raises ArtifactError, naming the
+key, rather than rebuild, since a published meta is never replaced.
 """
 from __future__ import annotations
 
@@ -23,13 +28,13 @@ import io
 import json
 import os
 import threading
-import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from raysd import leases
 from raysd.storage import Store
 
 # The code that computes a stage's output: its hash (comments and docstrings aside) is part of
@@ -93,103 +98,98 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+class ArtifactError(RuntimeError):
+    """A published artifact that cannot be trusted: its weights are not the ones its meta hashed."""
+
+
 class ArtifactStore:
     """Stage outputs under one URI. `owner` names the builder (a trial) in its leases."""
 
     def __init__(self, uri: str, owner: str, lease_seconds: float = LEASE_SECONDS):
         self.uri = uri.rstrip("/")
+        leases.require_client(self.uri)
         self.store = Store(self.uri)
         self.owner, self.lease_seconds = owner, lease_seconds
+        self.creator = leases.creator(self.uri, self.store)
+        self.leases = leases.Leases(self.store, self.creator, owner, lease_seconds)
 
     def has(self, key: str) -> bool:
         return self.store.exists(key, META)
 
     def load(self, key: str) -> tuple[dict[str, torch.Tensor], dict]:
-        """(weights, meta) of a finished artifact."""
+        """(weights, meta) of a published artifact, its weights checked against meta's hash."""
         meta = json.loads(self.store.read_text(key, META))
-        weights = torch.load(io.BytesIO(self.store.read_bytes(key, WEIGHTS)), map_location="cpu",
-                             weights_only=True)
+        if "weights_hash" not in meta:
+            raise ArtifactError(f"artifact {key} in {self.uri}: its {META} records no weights hash "
+                                f"(an older raysd wrote it); delete {key}/ to rebuild it")
+        weights = torch.load(io.BytesIO(self.store.read_bytes(key, meta["weights"])),
+                             map_location="cpu", weights_only=True)
+        if state_hash(weights) != meta["weights_hash"]:
+            raise ArtifactError(f"artifact {key} in {self.uri}: {meta['weights']} is not the "
+                                f"state its {META} describes; delete {key}/ to rebuild it")
         return weights, meta
 
     def save(self, key: str, weights: dict[str, torch.Tensor], meta: dict) -> None:
-        """Weights first, meta last: an artifact exists once its meta does."""
+        """Publish `key`: weights under a name of their own, then meta.json, created once, with
+        their name and hash. Only the lease holder publishes (LeaseLost otherwise), and a meta
+        never names another builder's weights, whoever publishes."""
         buffer = io.BytesIO()
         torch.save(weights, buffer)
-        self.store.write_bytes(buffer.getvalue(), key, WEIGHTS)
-        self.store.write_text(json.dumps(meta, indent=1, default=str), key, META)
+        name = f"weights-{uuid.uuid4().hex[:12]}.pt"
+        self.store.write_bytes(buffer.getvalue(), key, name)
+        doc = {**meta, "weights": name, "weights_hash": state_hash(weights)}
+        try:
+            self.leases.renew(key)
+            if not self.creator.create(self.store.path(key, META),
+                                       json.dumps(doc, indent=1, default=str).encode()):
+                raise leases.LeaseLost(f"artifact {key}: another trial published it first")
+        except leases.LeaseLost:
+            self.store.delete(key, name)
+            raise
 
-    # Leases: at most one builder per key at a time, across processes and nodes.
+    # Leases: at most one builder per key at a time, across processes and nodes (leases.py).
 
     def claim(self, key: str) -> str:
         """"ready" (load it), "build" (this owner holds the lease) or "wait" (another does)."""
         if self.has(key):
             return "ready"
-        holder = self.lease_holder(key)
-        if holder is not None and holder != self.owner:
+        if not self.leases.acquire(key):
             return "wait"
-        self.store.fs.create_dir(self.store.root, recursive=True)
-        lease = self.store.path(f"{key}.lease")
-        if holder is None and self.store.local and not os.path.exists(lease):
-            # Atomic: the lease appears whole, and of two trials asking at once one gets it.
-            tmp = f"{lease}.tmp-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "w") as f:
-                f.write(self._lease_doc())
-            try:
-                os.link(tmp, lease)
-            except FileExistsError:
-                return "wait"
-            finally:
-                os.unlink(tmp)
-        else:
-            # Ours already, or expired (its builder died): rewrite it. Two trials taking over
-            # one expired lease at once may both build; they write identical weights.
-            self._renew(key)
-            if not self.store.local:  # no atomic create on object stores: write, settle, read back
-                time.sleep(1.0)
-        if self.lease_holder(key) != self.owner:
-            return "wait"
-        if self.has(key):  # finished by another between our first look and the lease
+        if self.has(key):  # published by another between our first look and the lease
             self.release(key)
             return "ready"
         return "build"
 
     def lease_holder(self, key: str) -> str | None:
         """The owner of an unexpired lease on `key`, or None."""
-        try:
-            lease = json.loads(self.store.read_text(f"{key}.lease") or "{}")
-        except (FileNotFoundError, OSError, ValueError):
-            return None
-        if not lease or lease.get("expires", 0) < time.time():
-            return None
-        return lease.get("owner")
-
-    def _lease_doc(self) -> str:
-        return json.dumps({"owner": self.owner, "expires": time.time() + self.lease_seconds})
-
-    def _renew(self, key: str) -> None:
-        self.store.write_text(self._lease_doc(), f"{key}.lease")
+        return self.leases.holder(key)
 
     def release(self, key: str) -> None:
-        if self.lease_holder(key) == self.owner:
-            self.store.delete(f"{key}.lease")
+        self.leases.release(key, published=self.has(key))
 
     @contextmanager
     def building(self, key: str):
-        """Hold the lease on `key` while the body builds it: renewed in the background, so it
-        stays while this process lives and expires soon after it dies."""
+        """Hold the lease on `key` (taken by `claim`) while the body builds it, renewed in the
+        background so it stays while this process lives and expires soon after it dies. A lost
+        lease is reported at once and raised by `save` (or here): it never passes silently."""
         stop = threading.Event()
 
         def renew() -> None:
             while not stop.wait(self.lease_seconds / 4):
                 try:
-                    self._renew(key)
-                except OSError:
-                    pass  # a storage hiccup: the next renewal tries again
+                    self.leases.renew(key)
+                except leases.LeaseLost as err:
+                    leases.warn(f"{err}; this trial will not publish it")
+                    return
+                except OSError as err:  # a storage hiccup: retried until the lease runs out
+                    leases.warn(f"artifact {key}: renewing the lease failed ({err}); retrying")
 
         thread = threading.Thread(target=renew, name=f"raysd-lease-{key[:8]}", daemon=True)
         thread.start()
         try:
             yield
+            if not self.has(key):
+                self.leases.renew(key)  # built but not published: say so if the lease was lost
         finally:
             stop.set()
             thread.join()

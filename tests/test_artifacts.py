@@ -141,13 +141,13 @@ def test_lease_one_builder_others_wait_and_a_dead_builders_lease_expires(tmp_pat
     b = ArtifactStore(str(tmp_path), owner="trial-b", lease_seconds=60)
     assert a.claim("k") == "build"
     assert b.claim("k") == "wait" and b.lease_holder("k") == "trial-a"
-    assert a.claim("k") == "build"  # a restarted trial keeps its own lease
+    assert ArtifactStore(str(tmp_path), owner="trial-a").claim("k") == "build"  # a restarted trial keeps its lease
     # A builder that died: its lease is not renewed and runs out; the waiter takes over.
-    (tmp_path / "k.lease").write_text(json.dumps({"owner": "trial-a", "expires": time.time() - 1}))
+    (tmp_path / "k.lease.0").write_text(json.dumps({"owner": "trial-a", "expires": time.time() - 1}))
     assert b.claim("k") == "build" and a.claim("k") == "wait"
     b.save("k", {"w": torch.ones(2)}, {"row": {"loss": 1.0}})
     b.release("k")
-    assert a.claim("k") == "ready" and not (tmp_path / "k.lease").exists()
+    assert a.claim("k") == "ready" and not list(tmp_path.glob("k.lease*"))
     weights, meta = a.load("k")
     assert torch.equal(weights["w"], torch.ones(2)) and meta["row"]["loss"] == 1.0
 
