@@ -18,9 +18,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/raysd tune --space demo
 
-# --durations: the 30 slowest tests, so CI's log shows where the suite's time goes.
+# Two pytest-xdist workers: a trial keeps about one core busy, so two share a 2-core machine
+# (tests that share a session fixture run in one worker: conftest.py). --durations: the 30
+# slowest tests, so CI's log shows where the suite's time goes.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest tests -q --durations=30
+	$(VENV)/bin/python -m pytest tests -q -n $(TEST_WORKERS) --dist loadgroup --durations=30
 
 # Applies each bug of benchmarks/mutations.py alone to a copy and runs its fast tests;
 # two at a time by default (`make mutations JOBS=1` for one). About 5 min on 2 cores.

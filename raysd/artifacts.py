@@ -43,6 +43,9 @@ METHOD_CODE = ("stages", "losses", "teacher", "features", "recipe", "bootstrap",
 LIBRARIES = ("torch", "timm", "transformers", "tokenizers")
 LEASE_SECONDS = float(os.environ.get("RAYSD_LEASE_SECONDS", "120"))
 META, WEIGHTS = "meta.json", "weights.pt"
+# The layout under a key; part of every key, so artifacts of an older layout (a meta.json without
+# its weights' name and hash) are never found, and are rebuilt instead of failing the load.
+LAYOUT = 2
 
 
 def digest(doc: dict) -> str:

@@ -112,10 +112,18 @@ def check_storage(storage: str, flag: str = "--storage") -> None:
         raise ConfigError(f"{flag} {storage}: {existing} is not writable")
 
 
-def check_artifacts(artifacts: str | None) -> None:
-    """study.artifacts under a file would fail every trial, one after another: refused here."""
-    if artifacts is not None and artifacts.lower() != "none":
-        check_storage(artifacts, "--artifacts")
+def check_artifacts(artifacts: str | None, study_uri: str) -> None:
+    """Where trials share stage outputs (study.artifacts; by default <study>/artifacts) must work
+    before any trial starts: a folder under a file, or an object store without the client library
+    its leases need (raysd.leases), would fail every trial, one after another."""
+    if artifacts is not None and artifacts.lower() == "none":
+        return
+    uri = artifacts or f"{study_uri}/artifacts"
+    check_storage(uri, "--artifacts")
+    if "://" in uri:
+        from raysd.leases import require_client
+
+        require_client(uri)
 
 
 def check_loggers(loggers, storage: str) -> None:

@@ -182,7 +182,7 @@ def _prepare(args, single: bool, space=None, load=None):
                           "(and not '.' or '..')")
     storage = absolute_uri(args.storage).rstrip("/")
     check_storage(storage)
-    check_artifacts(space.study.artifacts)
+    check_artifacts(space.study.artifacts, f"{storage}/{name}")
     check_loggers(space.study.loggers or (), storage)
     check_inputs(space)
     if space.params:  # a search: its Optuna study must be new

@@ -111,21 +111,23 @@ class GCSCreator(Creator):
             return False
 
 
-CLIENTS = {"s3": ("boto3", "boto3", "s3"), "gs": ("google.cloud.storage", "google-cloud-storage", "gcs")}
+# scheme -> (module, package, how to install it): boto3 is a dependency of raysd, GCS's client an extra
+CLIENTS = {"s3": ("boto3", "boto3", "pip install boto3"),
+           "gs": ("google.cloud.storage", "google-cloud-storage", "pip install 'raysd[gcs]'")}
 
 
 def require_client(uri: str) -> None:
     """A ConfigError, in one line, when the client library that creates-if-absent on `uri`'s
     store is not installed (checked before anything touches the store)."""
     scheme = urlparse(uri).scheme if "://" in uri else "file"
-    module, package, extra = CLIENTS.get("gs" if scheme == "gcs" else scheme, (None,) * 3)
+    module, package, install = CLIENTS.get("gs" if scheme == "gcs" else scheme, (None,) * 3)
     if module is None:
         return
     try:
         importlib.import_module(module)
     except ImportError:
         raise ConfigError(f"artifacts {uri}: one builder per artifact on {scheme}:// needs "
-                          f"{package} (pip install 'raysd[{extra}]')") from None
+                          f"{package} ({install})") from None
 
 
 def creator(uri: str, store: Store) -> Creator:

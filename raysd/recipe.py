@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from raysd import __version__
-from raysd.artifacts import code_version, digest, library_versions, state_hash
+from raysd.artifacts import LAYOUT, code_version, digest, library_versions, state_hash
 from raysd.config import TrialConfig
 from raysd.schema import key_inputs
 from raysd.data import Task
@@ -251,7 +251,7 @@ def init_key(init: nn.Module, task: Task) -> str:
     """The key of theta_init on this task: the root of every stage key of the trial. The
     method's code and the libraries it runs on are part of it, so neither a change to a stage
     nor an upgrade of torch reuses what was built before."""
-    return digest({"code": code_version(), "libraries": library_versions(),
+    return digest({"code": code_version(), "libraries": library_versions(), "layout": LAYOUT,
                    "theta_init": state_hash(init.state_dict()), "data": task.source,
                    "data_fingerprint": task.fingerprint})
 

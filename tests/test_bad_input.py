@@ -181,6 +181,10 @@ COMMAND_CASES = {
     "ls on a file": (["ls", "{root}/a_file"], "a_file is a file, not a folder of studies"),
     "artifacts under a file": (["tune", "--space", "demo", "--artifacts", "{root}/a_file/shared"],
                                "--artifacts {root}/a_file/shared: {root}/a_file is a file, not a folder"),
+    # google-cloud-storage is not installed here: leases on gs:// could not be taken.
+    "artifacts on gs without its client": (["tune", "--space", "demo", "--artifacts", "gs://b/shared"],
+                                           "artifacts gs://b/shared: one builder per artifact on gs:// "
+                                           "needs google-cloud-storage"),
     "text model given images": (["run", "--space", "demo_text", "--data", "builtin:digits"],
                                 "model roberta_tiny reads text; data 'builtin:digits' is images"),
     "image model given text": (["run", "--space", "demo", "--data", "builtin:text"],
