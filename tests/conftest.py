@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from typing import Callable
 
@@ -40,7 +41,7 @@ def digits():
 
 
 @pytest.fixture(scope="session")
-def ray_local(tmp_path_factory):
+def ray_local():
     """One isolated local Ray for every test that needs it (starting Ray costs seconds). Give
     its `get_runtime_context().gcs_address` to the State API: other Rays may run on the host."""
     import ray
@@ -48,10 +49,13 @@ def ray_local(tmp_path_factory):
     from helpers import rank_fault_hook
     from raysd.cluster import start_local_ray
 
-    start_local_ray(num_cpus=3, log_to_driver=False, _temp_dir=str(tmp_path_factory.mktemp("ray")),
+    # Short: Ray's socket paths are length-limited, and an xdist worker's tmp_path is long.
+    temp = tempfile.mkdtemp(prefix="rst", dir="/tmp")
+    start_local_ray(num_cpus=3, log_to_driver=False, _temp_dir=temp,
                     runtime_env={"worker_process_setup_hook": rank_fault_hook()})  # inert unless armed
     yield ray
     ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture
