@@ -99,6 +99,29 @@ def trial_driver(config: dict, space: Space, train_storage: str, artifacts: str 
             f.write(str(err).encode())
         raise TrialFailed(f"{_root_cause(err)} (traceback: {run_uri}/{WORKER_ERROR})") from None
     _raise_fatal(run_uri)  # the recorder (results.py) deletes the checkpoints of a final trial
+    _let_tune_take_the_last_report()
+
+
+def _let_tune_take_the_last_report(settle_s: float = 1.0) -> None:
+    """Return only once Tune's trial actor has taken every report Ray Train passed it.
+
+    Ray 2.60 deadlocks otherwise (seen on a loaded machine): TuneReportCallback hands rank 0's
+    last report to this actor through a queue, and fit() can return before the actor's main
+    thread takes it. This function's return then puts Tune's end-of-trial marker in the
+    actor's one-slot result queue, the main thread takes the late report and blocks putting it
+    in that full queue, of which it is the only reader, and the trial never ends. So wait until
+    both queues stay empty for `settle_s` (the main thread moves a report from one to the other
+    in a few instructions)."""
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    queues = [q for q in (getattr(session, "_inter_actor_queue", None),
+                          getattr(session, "result_queue", None)) if q is not None]
+    quiet_since = time.monotonic()
+    while time.monotonic() - quiet_since < settle_s:
+        if not all(q.empty() for q in queues):
+            quiet_since = time.monotonic()
+        time.sleep(0.1)
 
 
 def _raise_fatal(run_uri: str) -> None:
