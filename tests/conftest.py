@@ -113,6 +113,22 @@ def pytest_collection_modifyitems(config, items):
     for item, keys in keys_of.items():
         if keys:
             item.add_marker(pytest.mark.xdist_group(find(keys[0])))
+    # Whole modules move, the slowest first, so neither worker is left with a long test at the
+    # end while the other idles (xdist hands out work in collection order).
+    first_seen = {}
+    for index, item in enumerate(items):
+        first_seen.setdefault(item.module.__name__, index)
+    items.sort(key=lambda item: (_rank(item.module.__name__), first_seen[item.module.__name__]))
+
+
+# The modules whose tests start Ray studies, costliest first (`make test` prints the durations).
+_SLOW_MODULES = ("test_cluster_jobs", "test_study", "test_compare", "test_smoke", "test_text_demo",
+                 "test_multinode", "test_faults", "test_packaging", "test_optuna_storage")
+
+
+def _rank(module: str) -> int:
+    name = module.rsplit(".", 1)[-1]
+    return _SLOW_MODULES.index(name) if name in _SLOW_MODULES else len(_SLOW_MODULES)
 
 
 def pytest_runtest_teardown(item, nextitem):
