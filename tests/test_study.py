@@ -280,7 +280,7 @@ def test_asha_on_the_early_signal_never_stops_a_trial_for_its_t_prime(ray_local,
     T'=2 trial fine-tunes, and the shared stages were trained once across concurrent trials."""
     code = cli.main(["tune", "--space", "demo", *TINY, "--num-samples", "3", "--max-concurrent", "3",
                      "--set", "search.mask_ratio=none", "--set", "search.self_distill.mae_weight=none",
-                     "--set", "study.seed=1", "--set", "study.n_startup_trials=4",
+                     "--set", "study.seed=2", "--set", "study.n_startup_trials=4",
                      "--set", "study.scheduler={type: asha, grace_period: 1, reduction_factor: 2}",
                      "--storage", str(tmp_path), "--name", "asha"])
     assert code == 0
