@@ -15,13 +15,17 @@ A resumed study is a fresh Tuner over the same folder:
   those of an uninterrupted run);
 - a fixed study's trials are listed in study.yaml (a comparison's variants) or numbered up to
   num_samples (raysd run); each without a finished row runs.
-A failed trial runs again, as Tune's `resume_errored` did.
+A failed trial runs again, as Tune's `resume_errored` did. ASHA's rungs are refilled from the
+early signals in the history (StudyASHA).
 """
 from __future__ import annotations
 
 import re
 
+import types
+
 import optuna
+from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
@@ -135,3 +139,43 @@ class StudySearch(OptunaSearch):
 
     def save(self, checkpoint_path: str) -> None:
         raise NotImplementedError  # the Optuna storage is the searcher's state
+
+
+class StudyASHA(ASHAScheduler):
+    """ASHA that files trials under their raysd ids, so that --resume can refill its rungs from
+    the study's history (replay) and a trial run again keeps the rungs it had reached."""
+
+    def replay(self, signals: dict[str, list[float]]) -> None:
+        """Each trial's early signals, one per pre-training stage it ended, in order."""
+        for tid, values in signals.items():
+            for stages_done, value in enumerate(values, 1):
+                self._brackets[0].on_result(_named(tid), stages_done, self._metric_op * value)
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        super().on_trial_add(tune_controller, _named(trial.config[TRIAL_ID]))
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        return super().on_trial_result(tune_controller, _named(trial.config[TRIAL_ID]), result)
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        super().on_trial_complete(tune_controller, _named(trial.config[TRIAL_ID]), result)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        super().on_trial_remove(tune_controller, _named(trial.config[TRIAL_ID]))
+
+
+def _named(trial_id: str):
+    return types.SimpleNamespace(trial_id=trial_id)  # all ASHA reads of a trial
+
+
+def early_signals(rows: list[dict]) -> dict[str, list[float]]:
+    """trial id -> its early signal (knn_accuracy) after each pre-training stage, in order;
+    a stage's row written twice (a history part and the end, a restart) counts once."""
+    out: dict[str, dict] = {}
+    for row in sorted((r for r in rows if _present(r.get("knn_accuracy"))), key=lambda r: r.get("progress", 0)):
+        out.setdefault(row["trial_id"], {})[(row["stage"], row.get("round"))] = row["knn_accuracy"]
+    return {tid: list(values.values()) for tid, values in out.items()}
+
+
+def _present(value) -> bool:
+    return value is not None and value == value  # not NaN

@@ -13,7 +13,6 @@ import yaml
 from ray import tune
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
-from ray.tune.schedulers import ASHAScheduler
 
 import raysd
 from raysd import optuna_study
@@ -24,8 +23,8 @@ from raysd.credentials import redact_values
 from raysd.errors import ConfigError
 from raysd.console import StudyConsole
 from raysd.results import StudyRecorder
-from raysd.resume import (STATE_FORMAT, TRIAL_ID, FixedTrials, SeededTPESampler, StudySearch,
-                          finished_ids, fixed_configs)
+from raysd.resume import (STATE_FORMAT, TRIAL_ID, FixedTrials, SeededTPESampler, StudyASHA,
+                          StudySearch, early_signals, finished_ids, fixed_configs)
 from raysd.spaces import Param, Space, pretrain_stages
 from raysd.storage import FATAL_PREFIX, MODELS, SPACE_FILE, STUDY_FILE, TRAIN, TRIALS, Store
 from raysd.study_folder import StudyFolder, best_row, status_counts
@@ -164,10 +163,10 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
     logging.getLogger("ray.tune.search.searcher").setLevel(logging.ERROR)
     # Tune's result grid looks for the per-trial files its auto loggers (off, above) would write.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    store = Store(study_uri)
+    store, folder = Store(study_uri), StudyFolder(study_uri)
     storage, name = study_uri.rstrip("/").rsplit("/", 1)
     if resume:  # a comparison's variants are in study.yaml; --resume never reads Tune's pickles
-        variants = StudyFolder(study_uri).about().get("variants")
+        variants = folder.about().get("variants")
     total = len(variants) if variants else num_samples or space.study.num_samples
     # Everything that can refuse the study runs before its folder is written.
     if not resume and (store.exists("results", TRIALS) or store.exists("tuner.pkl")):
@@ -199,7 +198,11 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
     mirrors = {str(optuna_study.journal_path(study_uri)): optuna_study.JOURNAL} if journal else {}
     # A resumed study is a fresh Tuner (resume.py): the finished trials are in trials.parquet,
     # the others run (again) under their own ids.
-    finished = finished_ids(StudyFolder(study_uri).trial_rows()) if resume else {}
+    finished = finished_ids(folder.trial_rows()) if resume else {}
+    scheduler = None if variants else _scheduler(space)
+    if scheduler and resume:
+        scheduler.replay(early_signals(folder.history_rows() +
+                                       [r for rows in folder.running_history().values() for r in rows]))
     if journal and resume:
         optuna_study.fetch_journal(study_uri)
     if searched:
@@ -213,8 +216,7 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
         if left > 0:  # on Ctrl-C, Tune stops the trials and fit() returns early
             tune.Tuner(
                 trainable,
-                tune_config=tune.TuneConfig(search_alg=search, num_samples=left,
-                                            scheduler=None if variants else _scheduler(space),
+                tune_config=tune.TuneConfig(search_alg=search, num_samples=left, scheduler=scheduler,
                                             max_concurrent_trials=concurrency),
                 run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks,
                                           verbose=1 if verbose else 0,
@@ -261,7 +263,7 @@ def tracker_callbacks(space: Space, study_uri: str) -> list:
     return out
 
 
-def _scheduler(space: Space):
+def _scheduler(space: Space) -> StudyASHA | None:
     sched = space.study.scheduler
     if not sched:
         return None
@@ -270,7 +272,7 @@ def _scheduler(space: Space):
     # same steps), and max_t lies beyond the longest trial's last stage, so no trial is stopped
     # for its T': a trial's last rung is its last pre-training stage, and fine-tuning follows.
     _, most = pretrain_stages(space)
-    return ASHAScheduler(time_attr="stages_done", metric="knn_accuracy", mode="max",
+    return StudyASHA(time_attr="stages_done", metric="knn_accuracy", mode="max",
                          max_t=most + 1, grace_period=sched.get("grace_period", 1),
                          reduction_factor=sched.get("reduction_factor", 2))
 

@@ -2,14 +2,16 @@
 uninterrupted one would go on, and a study only Tune's pickles could resume is refused."""
 from __future__ import annotations
 
+import types
+
 import optuna
 import yaml
 from optuna.trial import TrialState
 
 from raysd import cli
-from raysd.resume import TRIAL_ID, fixed_configs, searched_id
+from raysd.resume import TRIAL_ID, early_signals, fixed_configs, searched_id
 from raysd.spaces import load_space
-from raysd.study import _searcher
+from raysd.study import _scheduler, _searcher
 from test_report import make_study
 
 # Two random start-up trials, then TPE: both of the sampler's generators are exercised.
@@ -95,3 +97,23 @@ def test_a_study_only_tunes_pickles_could_resume_is_refused_in_one_line(tmp_path
     assert cli.main(["tune", "--resume", str(study)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no longer loads" in err and str(study) in err
+
+
+def test_asha_rungs_refilled_from_the_history_stop_a_weak_trial_and_count_a_rerun_once():
+    """A fresh scheduler knows nothing of the trials that ended before --resume; replayed from
+    the history's early signals it stops a trial below their cutoff, and a trial run again that
+    reports a rung it had reached is not counted twice."""
+    rows = [{"trial_id": "a", "stage": "further_pretrain", "round": 0, "progress": 4, "knn_accuracy": 0.9},
+            {"trial_id": "a", "stage": "further_pretrain", "round": 0, "progress": 4, "knn_accuracy": 0.9},
+            {"trial_id": "a", "stage": "finetune", "round": 0, "progress": 12, "loss": 0.3},
+            {"trial_id": "b", "stage": "self_distill", "round": 1, "progress": 8, "knn_accuracy": 0.7},
+            {"trial_id": "b", "stage": "further_pretrain", "round": 0, "progress": 4, "knn_accuracy": 0.8}]
+    assert early_signals(rows) == {"a": [0.9], "b": [0.8, 0.7]}
+    scheduler = _scheduler(load_space("demo", {"study.scheduler": {"type": "asha", "grace_period": 1}}))
+    scheduler.replay(early_signals(rows))
+    weak, rerun = (types.SimpleNamespace(config={TRIAL_ID: tid}) for tid in ("c", "b"))
+    for trial in (weak, rerun):
+        scheduler.on_trial_add(None, trial)
+    assert scheduler.on_trial_result(None, weak, {"stages_done": 1, "knn_accuracy": 0.5}) == "STOP"
+    assert scheduler.on_trial_result(None, rerun, {"stages_done": 1, "knn_accuracy": 0.8}) == "CONTINUE"
+    assert sorted(scheduler._brackets[0]._rungs[-1][1]) == ["a", "b", "c"]
