@@ -39,18 +39,19 @@ class StudyConsole(Callback):
         best = "" if top is None else f" | best {self.metric} {top[self.metric]:.4f} ({top['trial_id']})"
         left = self.total - self.finished
         eta = ""
-        if self.finished > self._resumed and left > 0:  # at the pace so far
-            eta = f" | ETA {_duration((time.time() - self.started) / (self.finished - self._resumed) * left)}"
+        ended = self.finished - self._resumed  # in this run
+        if ended and left > 0:  # at the pace so far
+            eta = f" | ETA {_duration((time.time() - self.started) / ended * left)}"
         return f"{self.finished}/{self.total} finished, {running} running, {self.failed} failed{best}{eta}"
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         config = dict(trial.config)
-        config.pop(TRIAL_ID)
+        tid = config.pop(TRIAL_ID)
         variant = config.pop("variant", None)  # raysd compare: a label and its fixed values
         if variant:
             config = {"variant": variant["variant"], "seed": variant["values"].get("seed")}
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in config.items())
-        self._print(f"trial {trial.config[TRIAL_ID]} started: {params}")
+        self._print(f"trial {tid} started: {params}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if "stage" in result:
@@ -83,22 +84,24 @@ class StudyConsole(Callback):
         return text
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._latest.pop(trial.config[TRIAL_ID], None)
+        tid = trial.config[TRIAL_ID]
+        self._latest.pop(tid, None)
         last = trial.last_result or {}
         value = last.get(self.metric)
         if last.get("trial_done"):
-            self._completed.append({"trial_id": trial.config[TRIAL_ID], "status": "completed", self.metric: value})
+            self._completed.append({"trial_id": tid, "status": "completed", self.metric: value})
         self.finished += 1
         shown = "stopped early" if not last.get("trial_done") else f"{self.metric} {_fmt(value)}"
-        self._print(f"trial {trial.config[TRIAL_ID]} {shown} | {self._counts(trials, trial)}")
+        self._print(f"trial {tid} {shown} | {self._counts(trials, trial)}")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         from raysd.results import error_line
 
-        self._latest.pop(trial.config[TRIAL_ID], None)
+        tid = trial.config[TRIAL_ID]
+        self._latest.pop(tid, None)
         self.finished += 1
         self.failed += 1
-        self._print(f"trial {trial.config[TRIAL_ID]} FAILED: {error_line(trial)} | {self._counts(trials, trial)}")
+        self._print(f"trial {tid} FAILED: {error_line(trial)} | {self._counts(trials, trial)}")
 
 
 def _duration(seconds: float) -> str:

@@ -172,7 +172,8 @@ def early_signals(rows: list[dict]) -> dict[str, list[float]]:
     """trial id -> its early signal (knn_accuracy) after each pre-training stage, in order;
     a stage's row written twice (a history part and the end, a restart) counts once."""
     out: dict[str, dict] = {}
-    for row in sorted((r for r in rows if _present(r.get("knn_accuracy"))), key=lambda r: r.get("progress", 0)):
+    signalled = (r for r in rows if _present(r.get("knn_accuracy")))
+    for row in sorted(signalled, key=lambda r: r.get("progress", 0)):
         out.setdefault(row["trial_id"], {})[(row["stage"], row.get("round"))] = row["knn_accuracy"]
     return {tid: list(values.values()) for tid, values in out.items()}
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -59,6 +60,26 @@ def rank_fault_hook(flag: Path = RANK_FAULT) -> Callable[[], None]:
         raysd.data.load_task = load_task
 
     return install
+
+
+class _Unpickled:
+    """Unpickling this creates `marker`: how a planted pickle would run code on the head."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def plant_pickles(folder: Path, marker: Path) -> int:
+    """Replace every *.pkl under `folder` (Tune's tuner.pkl, trainable.pkl, searcher state)
+    with one whose unpickling creates `marker`; how many there were."""
+    planted = pickle.dumps(_Unpickled(marker))
+    found = list(folder.rglob("*.pkl"))
+    for path in found:
+        path.write_bytes(planted)
+    return len(found)
 
 
 def train_worker_count(address: str) -> int:

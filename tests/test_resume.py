@@ -3,6 +3,7 @@ uninterrupted one would go on, and a study only Tune's pickles could resume is r
 from __future__ import annotations
 
 import types
+from pathlib import Path
 
 import optuna
 import yaml
@@ -117,3 +118,13 @@ def test_asha_rungs_refilled_from_the_history_stop_a_weak_trial_and_count_a_reru
     assert scheduler.on_trial_result(None, weak, {"stages_done": 1, "knn_accuracy": 0.5}) == "STOP"
     assert scheduler.on_trial_result(None, rerun, {"stages_done": 1, "knn_accuracy": 0.8}) == "CONTINUE"
     assert sorted(scheduler._brackets[0]._rungs[-1][1]) == ["a", "b", "c"]
+
+
+def test_the_demos_first_random_draws_cover_every_t_prime(tmp_path):
+    """demo.yaml's claim for its study.seed, under SeededTPESampler: its first three trials
+    (the demo's random start-up) have T' = 0, 1 and 2, at three mask ratios."""
+    demo = Path(__file__).parents[1] / "search_spaces" / "demo.yaml"  # this checkout's
+    searcher = _searcher(load_space(str(demo)), str(tmp_path / "demo"), finished={})
+    first = [searcher.suggest(f"t{i}") for i in range(3)]
+    assert sorted(c["self_distill.rounds"] for c in first) == [0, 1, 2]
+    assert len({c["mask_ratio"] for c in first}) == 3

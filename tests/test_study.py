@@ -8,10 +8,11 @@ import sys
 import tempfile
 import time
 
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import TINY, kill_processes_mentioning
+from helpers import TINY, kill_processes_mentioning, plant_pickles
 from raysd import cli
 
 
@@ -203,7 +204,11 @@ def _raysd(*args, env):
                             start_new_session=True)
 
 
-def test_resume_after_the_driver_is_killed(tmp_path):
+def test_resume_after_the_driver_is_killed(demo_study, tmp_path):
+    """SIGKILL mid-study, then --resume: the trials that finished are not run again, the one
+    that was running resumes under its own id, no history row twice, every Optuna trial told
+    once - without unpickling anything in the study folder; and each trial's metrics are
+    bit-identical to the uninterrupted demo study's (the same seed proposes the same params)."""
     ray_tmp = tempfile.mkdtemp(prefix="rsd", dir="/tmp")  # short: Ray's socket paths are length-limited
     # history parts written at every step: the killed driver leaves the running trial's rows
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAYSD_HISTORY_PART_SECONDS": "0"}
@@ -222,6 +227,8 @@ def test_resume_after_the_driver_is_killed(tmp_path):
         kill_processes_mentioning(ray_tmp)
         done_before = pq.read_table(trials).to_pandas()
         assert 1 <= len(done_before) < 3
+        marker = tmp_path / "unpickled"
+        assert plant_pickles(study, marker) >= 2  # Tune's tuner.pkl and trainable.pkl at least
 
         resumed = _raysd("tune", "--resume", str(study), env=env)
         out, _ = resumed.communicate(timeout=600)
@@ -248,8 +255,20 @@ def test_resume_after_the_driver_is_killed(tmp_path):
         JournalFileBackend(str(study / "optuna.journal"))))
     states = [t.state for t in loaded.trials]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 3, states
+    assert len(states) == 3  # none failed or left RUNNING
     assert sorted(t.value for t in loaded.trials if t.value is not None) == pytest.approx(
         sorted(after.val_accuracy))
+    assert not marker.exists()  # --resume unpickled nothing from the study folder
+    # Interrupted or not, the same trials with the same params give the same numbers, bit for bit.
+    _, reference, _ = demo_study
+    reference = pq.read_table(reference / "results" / "trials.parquet").to_pandas().set_index("trial_id")
+    after = after.set_index("trial_id")
+    assert sorted(after.index) == sorted(reference.index)
+    compared = [c for c in reference.columns if c.startswith(("param.", "val_", "test_", "knn_accuracy_"))
+                or c in ("init_distance", "gen_gap", "steps_finetune")]
+    assert "val_accuracy" in compared and "param.mask_ratio" in compared
+    pd.testing.assert_frame_equal(after.loc[reference.index, compared], reference[compared],
+                                  check_exact=True)
 
 
 def test_ctrl_c_exits_130_with_the_resume_hint_and_no_best_line(tmp_path):
