@@ -251,15 +251,14 @@ def tracker_callbacks(space: Space, study_uri: str) -> list:
             out.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=name,
                                             save_artifact=False))
         elif logger == "wandb":
-            from ray.air.integrations.wandb import WandbLoggerCallback
+            from raysd.trackers import StudyWandb
 
             # W&B's own variables apply (WANDB_API_KEY, WANDB_PROJECT, WANDB_MODE=offline,
             # WANDB_DIR); mode and dir are passed on, as Ray's logging actors do not inherit them.
             init = {k: os.environ[v] for k, v in (("mode", "WANDB_MODE"), ("dir", "WANDB_DIR"))
                     if os.environ.get(v)}
-            out.append(WandbLoggerCallback(project=os.environ.get("WANDB_PROJECT", "raysd"),
-                                           group=name, log_config=True, upload_checkpoints=False,
-                                           **init))
+            out.append(StudyWandb(project=os.environ.get("WANDB_PROJECT", "raysd"), group=name,
+                                  log_config=True, upload_checkpoints=False, **init))
     return out
 
 
