@@ -145,6 +145,8 @@ def test_optuna_storage_holds_the_study_as_trials_parquet_does(demo_study):
                       for _, row in trials.iterrows())
     assert [v for v, _ in recorded] == pytest.approx([v for v, _ in expected])
     assert [p for _, p in recorded] == [p for _, p in expected]
+    # a trial's raysd id is its Optuna trial's number (what --resume relies on)
+    assert {f"trial_{t.number:04d}": t.value for t in finished} == dict(zip(trials.trial_id, trials.val_accuracy))
 
 
 def test_progress_lines_while_trials_run_and_one_output_layout(demo_study):
