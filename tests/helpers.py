@@ -72,14 +72,14 @@ class _Unpickled:
         return open, (str(self.marker), "w")
 
 
-def plant_pickles(folder: Path, marker: Path) -> int:
-    """Replace every *.pkl under `folder` (Tune's tuner.pkl, trainable.pkl, searcher state)
-    with one whose unpickling creates `marker`; how many there were."""
+def plant_pickles(folder: Path, marker: Path) -> set[str]:
+    """Replace every *.pkl under `folder` (Tune's tuner.pkl, and whatever else Tune pickled)
+    with one whose unpickling creates `marker`; the names of those files."""
     planted = pickle.dumps(_Unpickled(marker))
     found = list(folder.rglob("*.pkl"))
     for path in found:
         path.write_bytes(planted)
-    return len(found)
+    return {path.name for path in found}
 
 
 def train_worker_count(address: str) -> int:

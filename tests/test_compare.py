@@ -86,7 +86,7 @@ def test_an_interrupted_comparison_resumes_and_writes_its_table(tmp_path, capsys
         assert f"a raysd compare study; finish it with raysd compare --resume {study}" in errors
         assert "drop --seeds" in errors
         marker = tmp_path / "unpickled"
-        assert plant_pickles(study, marker) >= 2  # Tune's tuner.pkl and trainable.pkl at least
+        assert "tuner.pkl" in plant_pickles(study, marker)  # what Tuner.restore unpickled
 
         resumed = subprocess.run([sys.executable, "-m", "raysd.cli", "compare", "--resume", str(study)],
                                  env=env, capture_output=True, text=True, timeout=600)
