@@ -1,6 +1,6 @@
 """Which trials a study runs, under which ids, and how `--resume` picks them up from raysd's own
-files - never from Tune's pickles (tuner.pkl, trainable.pkl, searcher-state-*.pkl), which anyone
-who can write the study folder could make run code on the head.
+files - never from Tune's saved state (tuner.pkl, search_gen_state-*.json, a pickle too), which
+anyone who can write the study folder could make run code on the head.
 
 Every trial carries its raysd id in its config (TRIAL_ID), fixed before it starts: a searched
 trial is named after its Optuna trial number, a fixed trial (raysd run, a comparison's variant)
