@@ -73,10 +73,11 @@ class _Unpickled:
 
 
 def plant_pickles(folder: Path, marker: Path) -> set[str]:
-    """Replace every *.pkl under `folder` (Tune's tuner.pkl, and whatever else Tune pickled)
-    with one whose unpickling creates `marker`; the names of those files."""
+    """Replace every *.pkl under `folder` and Tune's other saved state (search_gen_state-*.json
+    is a pickle too; experiment_state-*.json) with a pickle whose loading creates `marker`; the
+    names of those files."""
     planted = pickle.dumps(_Unpickled(marker))
-    found = list(folder.rglob("*.pkl"))
+    found = [p for pattern in ("*.pkl", "search_gen_state-*", "experiment_state-*") for p in folder.rglob(pattern)]
     for path in found:
         path.write_bytes(planted)
     return {path.name for path in found}
