@@ -161,8 +161,12 @@ def _prepare(args, single: bool, space=None, load=None):
         if given:
             raise ConfigError(f"--resume continues the study as it was started; drop {', '.join(given)}")
         study_uri = absolute_uri(args.resume)
-        space = StudyFolder(study_uri).space()
+        folder = StudyFolder(study_uri)
+        space = folder.space()
         _check_resumed_by(args.command, study_uri)
+        from raysd.resume import check_resumable
+
+        check_resumable(folder.about(), study_uri)
         if space.study.optuna_storage:  # its URL comes from the environment again (credentials.py)
             from raysd import optuna_study
 
@@ -240,7 +244,7 @@ def cmd_tune(args, single: bool = False) -> int:
                      num_samples=1 if single else args.num_samples)
     counts = ", ".join(f"{n} {s}" for s, n in outcome.counts.items())
     print(f"raysd: {counts}")
-    if not outcome.finished:  # Ctrl-C: Tune saved its state; no "best" of a study half run
+    if not outcome.finished:  # Ctrl-C: no "best" of a study half run
         print(f"raysd: interrupted; finish it with raysd tune --resume {study_uri}", file=sys.stderr)
         return 130
     if outcome.best:
@@ -292,7 +296,7 @@ def cmd_compare(args) -> int:
     outcome = _drive(args, space, study_uri,
                      f"raysd: {'resuming' if args.resume else 'comparing'} {what} in {study_uri}",
                      resume=bool(args.resume), variants=variants)
-    if not outcome.finished:  # Ctrl-C: Tune saved its state; no table of a comparison half run
+    if not outcome.finished:  # Ctrl-C: no table of a comparison half run
         print(f"raysd: interrupted; finish it with raysd compare --resume {study_uri}", file=sys.stderr)
         return 130
     from raysd.compare import write_table

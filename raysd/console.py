@@ -8,6 +8,7 @@ import time
 
 from ray.tune import Callback
 
+from raysd.resume import TRIAL_ID
 from raysd.spaces import Space
 from raysd.study_folder import best_row
 
@@ -17,13 +18,14 @@ PROGRESS_SECONDS = float(os.environ.get("RAYSD_PROGRESS_SECONDS", "30"))
 class StudyConsole(Callback):
     """A Tune callback that prints; it writes nothing."""
 
-    def __init__(self, space: Space, total: int, stream=None):
+    def __init__(self, space: Space, total: int, stream=None, finished: int = 0):
         self.space, self.total = space, total
         self.metric, self.mode = space.study.metric, space.study.mode
         self.stream = stream
         self._completed: list[dict] = []  # what study_folder.best_row needs of each completed trial
         self.started = time.time()
-        self.finished = self.failed = 0
+        self.finished, self.failed = finished, 0  # finished: before a --resume
+        self._resumed = finished  # the ETA counts only this run's pace
         self._latest: dict[str, dict] = {}  # trial id -> its last reported row
         self._shown_at = time.time()
 
@@ -37,30 +39,32 @@ class StudyConsole(Callback):
         best = "" if top is None else f" | best {self.metric} {top[self.metric]:.4f} ({top['trial_id']})"
         left = self.total - self.finished
         eta = ""
-        if self.finished and left > 0:  # at the pace so far
-            eta = f" | ETA {_duration((time.time() - self.started) / self.finished * left)}"
+        ended = self.finished - self._resumed  # in this run
+        if ended and left > 0:  # at the pace so far
+            eta = f" | ETA {_duration((time.time() - self.started) / ended * left)}"
         return f"{self.finished}/{self.total} finished, {running} running, {self.failed} failed{best}{eta}"
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         config = dict(trial.config)
+        tid = config.pop(TRIAL_ID)
         variant = config.pop("variant", None)  # raysd compare: a label and its fixed values
         if variant:
             config = {"variant": variant["variant"], "seed": variant["values"].get("seed")}
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in config.items())
-        self._print(f"trial {trial.trial_id} started: {params}")
+        self._print(f"trial {tid} started: {params}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if "stage" in result:
-            self._latest[trial.trial_id] = result
+            self._latest[trial.config[TRIAL_ID]] = result
 
     def on_step_end(self, iteration, trials, **info) -> None:
         if time.time() - self._shown_at < PROGRESS_SECONDS:
             return
         self._shown_at = time.time()
         for trial in trials:
-            row = self._latest.get(trial.trial_id)
+            row = self._latest.get(trial.config[TRIAL_ID])
             if trial.status == "RUNNING" and row is not None:
-                self._print(f"trial {trial.trial_id} {self.where(trial.config, row)}")
+                self._print(f"trial {trial.config[TRIAL_ID]} {self.where(trial.config, row)}")
 
     def where(self, config: dict, row: dict) -> str:
         """'self_distill round 1/2 step 40/100, 512 samples/s, ETA 3m10s' for a trial's last row."""
@@ -80,22 +84,24 @@ class StudyConsole(Callback):
         return text
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._latest.pop(trial.trial_id, None)
+        tid = trial.config[TRIAL_ID]
+        self._latest.pop(tid, None)
         last = trial.last_result or {}
         value = last.get(self.metric)
         if last.get("trial_done"):
-            self._completed.append({"trial_id": trial.trial_id, "status": "completed", self.metric: value})
+            self._completed.append({"trial_id": tid, "status": "completed", self.metric: value})
         self.finished += 1
         shown = "stopped early" if not last.get("trial_done") else f"{self.metric} {_fmt(value)}"
-        self._print(f"trial {trial.trial_id} {shown} | {self._counts(trials, trial)}")
+        self._print(f"trial {tid} {shown} | {self._counts(trials, trial)}")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         from raysd.results import error_line
 
-        self._latest.pop(trial.trial_id, None)
+        tid = trial.config[TRIAL_ID]
+        self._latest.pop(tid, None)
         self.finished += 1
         self.failed += 1
-        self._print(f"trial {trial.trial_id} FAILED: {error_line(trial)} | {self._counts(trials, trial)}")
+        self._print(f"trial {tid} FAILED: {error_line(trial)} | {self._counts(trials, trial)}")
 
 
 def _duration(seconds: float) -> str:

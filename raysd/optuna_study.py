@@ -43,8 +43,9 @@ def journal_path(study_uri: str) -> Path:
 
 
 class ConcealedRDBStorage(optuna.storages.RDBStorage):
-    """An RDBStorage whose pickle (Tune saves the searcher, with its study, in the study folder)
-    holds the space's concealed URL, and which reveals it again when unpickled (--resume)."""
+    """An RDBStorage whose pickle holds the space's concealed URL (Tune pickles the Tuner, with
+    the searcher and its study, into the study folder; raysd never loads it), and whose copies
+    reveal it again."""
 
     def __init__(self, concealed: str):
         self.concealed = concealed

@@ -14,6 +14,7 @@ from ray.tune import Callback
 import raysd
 from raysd.config import columns
 from raysd.credentials import redact, redact_values
+from raysd.resume import TRIAL_ID
 from raysd.spaces import Space
 from raysd.storage import FATAL_PREFIX, TRAIN
 from raysd.writers import FileMirror, ResultsWriter, TensorBoardWriter, history_row, staging_dir
@@ -74,7 +75,7 @@ class StudyRecorder(Callback):
         self._started: dict[str, float] = {}
 
     def setup(self, **info) -> None:
-        # Made here, not pickled with the callback: a resumed study gets its own, removed at its end.
+        # Made here, when the study starts: a resumed study gets its own, removed at its end.
         self.staging = staging_dir(self.study_uri)  # local TensorBoard folder when storage is remote
         self.results = ResultsWriter(self.study_uri)
         self.tensorboard = TensorBoardWriter(self.space, self.results.store, self.staging)
@@ -83,12 +84,13 @@ class StudyRecorder(Callback):
         self.tensorboard.experiment()
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self._started.setdefault(trial.trial_id, time.time())
+        self._started.setdefault(trial.config[TRIAL_ID], time.time())
 
     @_guarded
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        self.results.add(trial.trial_id, history_row(trial.trial_id, result))
-        self.tensorboard.scalars(trial.trial_id, result)
+        tid = trial.config[TRIAL_ID]
+        self.results.add(tid, history_row(tid, result))
+        self.tensorboard.scalars(tid, result)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         last = trial.last_result or {}
@@ -100,7 +102,7 @@ class StudyRecorder(Callback):
 
     @_guarded
     def _finish(self, trial, status: str, error: str | None) -> None:
-        tid, last = trial.trial_id, trial.last_result or {}
+        tid, last = trial.config[TRIAL_ID], trial.last_result or {}
         wall = time.time() - self._started.get(tid, time.time())
         row = trial_row(self.space, tid, trial.config, last, status, error, wall)
         self.results.end_trial(row)
@@ -120,8 +122,7 @@ class StudyRecorder(Callback):
 
     @_guarded
     def on_step_end(self, iteration, trials, **info) -> None:
-        # Tune saves its experiment state just before this hook: a trial that appears in
-        # trials.parquet is then also finished for `--resume`, which never reruns it.
+        # A trial in trials.parquet has finished for `--resume`, which never runs it again.
         if self.results.flush():  # running trials' parts were due: so are their uploads
             self.tensorboard.upload()
             self.mirror.sync()
@@ -139,9 +140,9 @@ class StudyRecorder(Callback):
             if self.staging:  # everything in it is uploaded, or lost with the study's end
                 shutil.rmtree(self.staging, ignore_errors=True)
 
-    def __getstate__(self) -> dict:  # Tune pickles callbacks with the experiment state
+    def __getstate__(self) -> dict:  # Tune pickles callbacks with its state (raysd never loads it)
         state = self.__dict__.copy()
-        for key in ("results", "tensorboard", "mirror", "staging", "_final"):  # setup() makes them anew
+        for key in ("results", "tensorboard", "mirror", "staging", "_final"):  # writers, threads
             state.pop(key, None)
         return state
 

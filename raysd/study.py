@@ -13,8 +13,6 @@ import yaml
 from ray import tune
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
-from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search.optuna import OptunaSearch
 
 import raysd
 from raysd import optuna_study
@@ -25,6 +23,8 @@ from raysd.credentials import redact_values
 from raysd.errors import ConfigError
 from raysd.console import StudyConsole
 from raysd.results import StudyRecorder
+from raysd.resume import (STATE_FORMAT, TRIAL_ID, FixedTrials, SeededTPESampler, StudyASHA,
+                          StudySearch, early_signals, finished_ids, fixed_configs)
 from raysd.spaces import Param, Space, pretrain_stages
 from raysd.storage import FATAL_PREFIX, MODELS, SPACE_FILE, STUDY_FILE, TRAIN, TRIALS, Store
 from raysd.study_folder import StudyFolder, best_row, status_counts
@@ -67,7 +67,7 @@ def trial_driver(config: dict, space: Space, train_storage: str, artifacts: str 
     # A worker group that cannot start in time is retried without limit (Ray's default
     # controller_failure_limit): on an autoscaling cluster the nodes are still coming.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
-    name = tune.get_context().get_trial_id()
+    name = config[TRIAL_ID]  # raysd's id (resume.py), the same when --resume runs it again
     run_uri = f"{train_storage}/{name}"
     fs, run_dir = pafs.FileSystem.from_uri(run_uri)
     fs.create_dir(run_dir, recursive=True)
@@ -82,7 +82,7 @@ def trial_driver(config: dict, space: Space, train_storage: str, artifacts: str 
             num_workers=cfg.resources.workers, use_gpu=cfg.resources.use_gpu,
             resources_per_worker=cfg.worker_resources(), accelerator_type=cfg.resources.accelerator_type,
             placement_strategy=PLACEMENTS[cfg.resources.placement]),
-        # Named after the Tune trial: a retried or restored trial finds its own checkpoints.
+        # Named after the trial: a retried or resumed trial finds its own checkpoints.
         run_config=ray.train.RunConfig(
             name=name, storage_path=train_storage, callbacks=[TuneReportCallback()],
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
@@ -172,9 +172,6 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
     instead of a search."""
     # Stage rows carry losses, not the validation metric, which comes with fine-tuning.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    # Save Tune's experiment state every step (it is small), so the results recorder, which
-    # writes right after a save, never lists a trial that --resume would run again.
-    os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "0"
     # One layout, ours (README: "What a study writes"): Tune's own TensorBoard, CSV and JSON
     # loggers would write a second copy of every row into each trial folder.
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
@@ -185,10 +182,14 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         logging.getLogger("ray.tune.utils.util").setLevel(logging.ERROR)  # "took 1.2 s" notes
+    # Our searchers save nothing (the study folder is the state): Tune notes it once.
+    logging.getLogger("ray.tune.search.searcher").setLevel(logging.ERROR)
     # Tune's result grid looks for the per-trial files its auto loggers (off, above) would write.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    store = Store(study_uri)
+    store, folder = Store(study_uri), StudyFolder(study_uri)
     storage, name = study_uri.rstrip("/").rsplit("/", 1)
+    if resume:  # a comparison's variants are in study.yaml; --resume never reads Tune's pickles
+        variants = folder.about().get("variants")
     total = len(variants) if variants else num_samples or space.study.num_samples
     # Everything that can refuse the study runs before its folder is written.
     if not resume and (store.exists("results", TRIALS) or store.exists("tuner.pkl")):
@@ -199,9 +200,10 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
     check_shared_storage(study_uri)
     if not resume:  # the folder is a study once SPACE_FILE exists: it is written last
         about = {"space": space.name, "raysd": raysd.__version__,
-                 "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
-        if variants:  # raysd compare: its variants in order, for compare --resume's table
+                 "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "state_format": STATE_FORMAT}
+        if variants:  # raysd compare: its labels in order (the table's) and its trials (--resume's)
             about["compare"] = list(dict.fromkeys(v["variant"] for v in variants))
+            about["variants"] = variants
         store.write_text(yaml.safe_dump(redact_values(about), sort_keys=False), STUDY_FILE)
         study = {**dataclasses.asdict(space.study), "num_samples": total}
         # No password in the study folder (credentials.py), wherever the space had one.
@@ -217,51 +219,46 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
     )
     journal = searched and not space.study.optuna_storage and "://" in study_uri
     mirrors = {str(optuna_study.journal_path(study_uri)): optuna_study.JOURNAL} if journal else {}
-    callbacks = [StudyRecorder(space, study_uri, mirrors=mirrors),
-                 StudyConsole(space, total), *tracker_callbacks(space, study_uri)]
-    if resume:
-        if journal:
-            optuna_study.fetch_journal(study_uri)
-        tuner = tune.Tuner.restore(study_uri, trainable=trainable, resume_errored=True,
-                                   resume_unfinished=True)
+    # A resumed study is a fresh Tuner (resume.py): the finished trials are in trials.parquet,
+    # the others run (again) under their own ids.
+    finished = finished_ids(folder.trial_rows()) if resume else {}
+    scheduler = None if variants else _scheduler(space)
+    if scheduler and resume:
+        scheduler.replay(early_signals(folder.history_rows() +
+                                       [r for rows in folder.running_history().values() for r in rows]))
+    if journal and resume:
+        optuna_study.fetch_journal(study_uri)
+    if searched:
+        search = _searcher(space, study_uri, finished)
     else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"variant": tune.grid_search(variants)} if variants else None,
-            tune_config=tune.TuneConfig(search_alg=_searcher(space, study_uri) if searched else None,
-                                        scheduler=None if variants else _scheduler(space),
-                                        num_samples=1 if variants else total,
-                                        max_concurrent_trials=concurrency),
-            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks,
-                                      verbose=1 if verbose else 0,
-                                      failure_config=tune.FailureConfig(max_failures=0)),
-        )
+        search = FixedTrials([c for c in fixed_configs(total, variants) if c[TRIAL_ID] not in finished])
+    left = total - len(finished) if searched else len(search.configs)
+    callbacks = [StudyRecorder(space, study_uri, mirrors=mirrors),
+                 StudyConsole(space, total, finished=len(finished)), *tracker_callbacks(space, study_uri)]
     try:
-        tuner.fit()  # on Ctrl-C, Tune saves its state and returns early
+        if left > 0:  # on Ctrl-C, Tune stops the trials and fit() returns early
+            tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(search_alg=search, num_samples=left, scheduler=scheduler,
+                                            max_concurrent_trials=concurrency),
+                run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks,
+                                          verbose=1 if verbose else 0,
+                                          failure_config=tune.FailureConfig(max_failures=0)),
+            ).fit()
     finally:  # the journal's last records, whatever the recorder's last upload caught
         if journal:
             optuna_study.push_journal(study_uri)
     return summarize(study_uri, space, total)
 
 
-class StageAwareOptunaSearch(OptunaSearch):
-    """OptunaSearch that skips rows without the metric: pre-training rows carry only losses."""
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if self.metric in result:
-            super().on_trial_result(trial_id, result)
-
-
-def _searcher(space: Space, study_uri: str) -> OptunaSearch:
-    """Tune's OptunaSearch, persisting every Optuna trial (optuna_study.py says where)."""
-    import optuna
-
-    sampler = optuna.samplers.TPESampler(seed=space.study.seed,
-                                         n_startup_trials=space.study.n_startup_trials)
-    return StageAwareOptunaSearch(space=DefineByRun(space.params), metric=space.study.metric,
-                        mode=space.study.mode, sampler=sampler,
-                        study_name=optuna_study.study_name(study_uri),
-                        storage=optuna_study.storage(study_uri, space.study.optuna_storage))
+def _searcher(space: Space, study_uri: str, finished: dict[str, dict]) -> StudySearch:
+    """The study's Optuna search, persisting every Optuna trial (optuna_study.py says where);
+    `finished`: the trials --resume never runs again (resume.py)."""
+    sampler = SeededTPESampler(space.study.seed, n_startup_trials=space.study.n_startup_trials)
+    return StudySearch(space=DefineByRun(space.params), metric=space.study.metric,
+                       mode=space.study.mode, sampler=sampler, finished=finished,
+                       study_name=optuna_study.study_name(study_uri),
+                       storage=optuna_study.storage(study_uri, space.study.optuna_storage))
 
 
 def tracker_callbacks(space: Space, study_uri: str) -> list:
@@ -277,19 +274,18 @@ def tracker_callbacks(space: Space, study_uri: str) -> list:
             out.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=name,
                                             save_artifact=False))
         elif logger == "wandb":
-            from ray.air.integrations.wandb import WandbLoggerCallback
+            from raysd.trackers import StudyWandb
 
             # W&B's own variables apply (WANDB_API_KEY, WANDB_PROJECT, WANDB_MODE=offline,
             # WANDB_DIR); mode and dir are passed on, as Ray's logging actors do not inherit them.
             init = {k: os.environ[v] for k, v in (("mode", "WANDB_MODE"), ("dir", "WANDB_DIR"))
                     if os.environ.get(v)}
-            out.append(WandbLoggerCallback(project=os.environ.get("WANDB_PROJECT", "raysd"),
-                                           group=name, log_config=True, upload_checkpoints=False,
-                                           **init))
+            out.append(StudyWandb(project=os.environ.get("WANDB_PROJECT", "raysd"), group=name,
+                                  log_config=True, upload_checkpoints=False, **init))
     return out
 
 
-def _scheduler(space: Space):
+def _scheduler(space: Space) -> StudyASHA | None:
     sched = space.study.scheduler
     if not sched:
         return None
@@ -298,7 +294,7 @@ def _scheduler(space: Space):
     # same steps), and max_t lies beyond the longest trial's last stage, so no trial is stopped
     # for its T': a trial's last rung is its last pre-training stage, and fine-tuning follows.
     _, most = pretrain_stages(space)
-    return ASHAScheduler(time_attr="stages_done", metric="knn_accuracy", mode="max",
+    return StudyASHA(time_attr="stages_done", metric="knn_accuracy", mode="max",
                          max_t=most + 1, grace_period=sched.get("grace_period", 1),
                          reduction_factor=sched.get("reduction_factor", 2))
 

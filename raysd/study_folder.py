@@ -2,7 +2,8 @@
 
 `<storage>/<study>/` on any filesystem storage.Store opens (local, NFS, s3://, gs://):
     space.yaml                    the space the study runs, overrides applied
-    study.yaml                    the space's name, raysd version, start time; a comparison's variants
+    study.yaml                    the space's name, raysd version, start time, state_format (resume.py);
+                                  a comparison's variants
     results/trials.parquet        one row per ended trial, in the order they ended
     results/history.parquet       every reported row of every ended trial
     results/history_parts/        rows of running trials, <trial id>-<n>.parquet, folded into

@@ -64,7 +64,9 @@ class ResultsWriter:
         history rows, for the next write()."""
         tid = row["trial_id"]
         self.trials = [r for r in self.trials if r["trial_id"] != tid] + [row]
-        self.history += unique_rows(self._parted.pop(tid, []) + self._pending.pop(tid, []))
+        earlier = [r for r in self.history if r["trial_id"] == tid]  # a failed trial run again
+        self.history = [r for r in self.history if r["trial_id"] != tid] + unique_rows(
+            earlier + self._parted.pop(tid, []) + self._pending.pop(tid, []))
         self._dirty = True
 
     def flush(self) -> bool:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -59,6 +60,27 @@ def rank_fault_hook(flag: Path = RANK_FAULT) -> Callable[[], None]:
         raysd.data.load_task = load_task
 
     return install
+
+
+class _Unpickled:
+    """Unpickling this creates `marker`: how a planted pickle would run code on the head."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def plant_pickles(folder: Path, marker: Path) -> set[str]:
+    """Replace every *.pkl under `folder` and Tune's other saved state (search_gen_state-*.json
+    is a pickle too; experiment_state-*.json) with a pickle whose loading creates `marker`; the
+    names of those files."""
+    planted = pickle.dumps(_Unpickled(marker))
+    found = [p for pattern in ("*.pkl", "search_gen_state-*", "experiment_state-*") for p in folder.rglob(pattern)]
+    for path in found:
+        path.write_bytes(planted)
+    return {path.name for path in found}
 
 
 def train_worker_count(address: str) -> int:

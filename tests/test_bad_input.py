@@ -203,7 +203,7 @@ def study(inputs):
     folder = inputs / "study"
     (folder / "results").mkdir(parents=True)
     (folder / "space.yaml").write_text(available()["demo"].read_text())
-    (folder / "study.yaml").write_text("space: demo\n")
+    (folder / "study.yaml").write_text("space: demo\nstate_format: 2\n")
     row = {"trial_id": "t1", "status": "completed", "val_accuracy": 0.9, "param.mask_ratio": 0.6,
            "param.self_distill.rounds": 1.0, "param.self_distill.mae_weight": 0.5}
     pq.write_table(pa.Table.from_pylist([row]), folder / "results" / "trials.parquet")

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from scipy import stats
 
-from helpers import TINY, kill_processes_mentioning
+from helpers import TINY, kill_processes_mentioning, plant_pickles
 from raysd import cli
 from raysd.compare import method_variants, summary_table, trial_variants
 from raysd.errors import ConfigError
@@ -85,6 +85,8 @@ def test_an_interrupted_comparison_resumes_and_writes_its_table(tmp_path, capsys
         errors = capsys.readouterr().err
         assert f"a raysd compare study; finish it with raysd compare --resume {study}" in errors
         assert "drop --seeds" in errors
+        marker = tmp_path / "unpickled"
+        assert "tuner.pkl" in plant_pickles(study, marker)  # what Tuner.restore unpickled
 
         resumed = subprocess.run([sys.executable, "-m", "raysd.cli", "compare", "--resume", str(study)],
                                  env=env, capture_output=True, text=True, timeout=600)
@@ -99,6 +101,7 @@ def test_an_interrupted_comparison_resumes_and_writes_its_table(tmp_path, capsys
     assert after[after.method == "finetune"].val_loss.nunique() == 2
     first = after[after.trial_id == done_before.trial_id[0]].iloc[0]  # recorded once, not re-run
     assert first.wall_seconds == done_before.wall_seconds[0]
+    assert not marker.exists()  # --resume unpickled nothing from the study folder
     text = table.read_text()
     assert text in resumed.stdout and "test_accuracy - finetune" in text
     assert {"finetune", "self_distill"} <= set(text.split()) and "(baseline)" in text

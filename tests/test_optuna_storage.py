@@ -18,7 +18,7 @@ def test_an_rdb_storage_receives_the_searchers_trials(tmp_path):
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     space = load_space("demo", {"study.optuna_storage": url})
-    searcher = _searcher(space, str(tmp_path / "mystudy"))
+    searcher = _searcher(space, str(tmp_path / "mystudy"), finished={})
     config = searcher.suggest("t1")
     searcher.on_trial_complete("t1", {**config, "val_accuracy": 0.75})
     loaded = optuna.load_study(study_name="mystudy", storage=url)

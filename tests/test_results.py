@@ -17,7 +17,7 @@ def _trial(tid: str, tmp_path: Path, error: str | None = None) -> types.SimpleNa
     if error:
         error_file = tmp_path / f"{tid}.error.txt"
         error_file.write_text(f"Traceback ...\nraysd.study.TrialFailed: {error}\n")
-    return types.SimpleNamespace(trial_id=tid, config={}, error_file=error_file and str(error_file),
+    return types.SimpleNamespace(trial_id=tid, config={"trial_id": tid}, error_file=error_file and str(error_file),
                                  last_result=DONE if error is None else {})
 
 

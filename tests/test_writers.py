@@ -86,6 +86,24 @@ def test_a_new_writer_picks_up_a_crashed_drivers_parts(tmp_path):
     assert _parts(tmp_path) == []
 
 
+def test_a_failed_trial_run_again_by_resume_keeps_one_row_per_step(tmp_path):
+    """--resume runs a failed trial again from its last checkpoint: the steps it repeats replace
+    the failed run's rows, and its trials.parquet row is replaced."""
+    first = ResultsWriter(str(tmp_path), part_seconds=0)
+    for row in _rows("t1", (1, 2, 3)):
+        first.add("t1", row)
+    first.end_trial({"trial_id": "t1", "status": "failed"})
+    first.flush()
+    resumed = ResultsWriter(str(tmp_path), part_seconds=0)
+    for row in _rows("t1", (3, 4)):  # from the checkpoint after step 2
+        resumed.add("t1", {**row, "loss": 9.0})
+    resumed.end_trial({"trial_id": "t1", "status": "completed"})
+    resumed.flush()
+    assert _read(tmp_path / "results" / "trials.parquet") == [{"trial_id": "t1", "status": "completed"}]
+    history = _read(tmp_path / "results" / "history.parquet")
+    assert [(r["step"], r["loss"]) for r in history] == [(1, 1.0), (2, 0.5), (3, 9.0), (4, 9.0)]
+
+
 def test_a_crashs_temporary_files_never_break_resume_or_drop_rows(tmp_path):
     """A driver killed inside Store.write_bytes leaves `<name>.tmp-<hex>` beside the file."""
     crashed = ResultsWriter(str(tmp_path), part_seconds=0)

@@ -1,0 +1,182 @@
+"""Which trials a study runs, under which ids, and how `--resume` picks them up from raysd's own
+files - never from Tune's saved state (tuner.pkl, search_gen_state-*.json, a pickle too), which
+anyone who can write the study folder could make run code on the head.
+
+Every trial carries its raysd id in its config (TRIAL_ID), fixed before it starts: a searched
+trial is named after its Optuna trial number, a fixed trial (raysd run, a comparison's variant)
+after its place in the study. Ray Train runs, history rows, TensorBoard runs and models are filed
+under that id, so a trial run again by `--resume` finds its own checkpoints (train/<id>/).
+
+A resumed study is a fresh Tuner over the same folder:
+- the trials that finished are the completed and stopped rows of results/trials.parquet;
+- a searched study's other trials are the Optuna trials (the searcher's state) without such a
+  row: each runs again first, with its recorded params, and its Optuna trial, if still RUNNING,
+  is told its outcome once; then Optuna proposes the rest (SeededTPESampler keeps the proposals
+  those of an uninterrupted run);
+- a fixed study's trials are listed in study.yaml (a comparison's variants) or numbered up to
+  num_samples (raysd run); each without a finished row runs.
+A failed trial runs again, as Tune's `resume_errored` did. ASHA's rungs are refilled from the
+early signals in the history (StudyASHA).
+"""
+from __future__ import annotations
+
+import re
+
+import types
+
+import optuna
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from raysd.errors import ConfigError
+
+TRIAL_ID = "trial_id"  # a trial's config key: its raysd id
+# study.yaml's `state_format`: 2 = resumed from raysd's own files (this module). Studies
+# without it were resumed through Tune's pickled state, which raysd no longer loads.
+STATE_FORMAT = 2
+FINISHED = ("completed", "stopped")  # never run again (ASHA never resumes a stopped trial)
+
+
+def searched_id(number: int) -> str:
+    """The raysd id of a searched trial: its Optuna trial's number."""
+    return f"trial_{number:04d}"
+
+
+def fixed_configs(total: int, variants: list[dict] | None) -> list[dict]:
+    """The configs of a study without a search: a comparison's variants, else `total` trials of
+    the space as it is (raysd run). Ids: `<variant>-s<seed>` (unique in a comparison), or the
+    trial's place."""
+    if variants:  # a label may hold spaces and quotes (`self_distill T'=1`): not in a folder name
+        return [{TRIAL_ID: f"{re.sub(r'[^A-Za-z0-9._]+', '_', v['variant'])}-s{v['values']['seed']}",
+                 "variant": v} for v in variants]
+    return [{TRIAL_ID: searched_id(i)} for i in range(total)]
+
+
+def finished_ids(rows: list[dict]) -> dict[str, dict]:
+    """trial id -> its trials.parquet row, for the trials `--resume` never runs again."""
+    return {row["trial_id"]: row for row in rows if row.get("status") in FINISHED}
+
+
+def check_resumable(about: dict, uri: str) -> None:
+    """ConfigError (one line) for a study whose unfinished trials only Tune's pickles describe."""
+    if about.get("state_format") != STATE_FORMAT:
+        raise ConfigError(f"--resume {uri}: started by raysd {about.get('raysd', '?')}, whose studies "
+                          "resume only through Tune's pickled state, which raysd no longer loads "
+                          "(it could run code); start the study again")
+
+
+class FixedTrials(Searcher):
+    """The given configs, in order, one trial each (a comparison, raysd run)."""
+
+    def __init__(self, configs: list[dict]):
+        super().__init__()
+        self.configs = list(configs)
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        return self.configs.pop(0) if self.configs else Searcher.FINISHED
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        pass
+
+    def save(self, checkpoint_path: str) -> None:
+        raise NotImplementedError  # nothing to save: --resume reads the study folder
+
+
+class SeededTPESampler(optuna.samplers.TPESampler):
+    """TPE whose random draws for trial n are seeded from (seed, n): a proposal depends on the
+    seed, the trial's number and the study's history only, not on how many proposals this
+    sampler object made before - so a resumed study proposes what an uninterrupted one would."""
+
+    def __init__(self, seed: int | None, **options):
+        super().__init__(seed=seed, **options)
+        self.seed = seed
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        super().before_trial(study, trial)
+        if self.seed is not None:
+            self._rng.rng.seed([self.seed, trial.number])  # TPE's own draws
+            self._random_sampler._rng.rng.seed([self.seed, trial.number, 1])  # its startup trials
+
+
+class StudySearch(OptunaSearch):
+    """OptunaSearch over the study's Optuna storage that names each trial after its Optuna
+    trial and, on --resume, first runs again the Optuna trials `finished` lacks (see above)."""
+
+    def __init__(self, *, finished: dict[str, dict], **options):
+        super().__init__(**options)
+        self._reruns = []
+        for trial in self._ot_study.get_trials(deepcopy=False):
+            row = finished.get(searched_id(trial.number))
+            if row is None:
+                self._reruns.append(trial)
+            elif trial.state == optuna.trial.TrialState.RUNNING:  # ended, but never told
+                value = row.get(self.metric) if row["status"] == "completed" else None
+                self._ot_study.tell(trial.number, value, state=optuna.trial.TrialState.COMPLETE
+                                    if value is not None else optuna.trial.TrialState.PRUNED)
+
+    @property
+    def reruns(self) -> int:
+        return len(self._reruns)
+
+    def suggest(self, trial_id: str) -> dict | None:
+        if self._reruns:
+            trial = self._reruns.pop(0)
+            if trial.state == optuna.trial.TrialState.RUNNING:  # told when this run ends
+                self._ot_trials[trial_id] = optuna.Trial(self._ot_study, trial._trial_id)
+            return {**trial.params, TRIAL_ID: searched_id(trial.number)}
+        config = super().suggest(trial_id)
+        return {**config, TRIAL_ID: searched_id(self._ot_trials[trial_id].number)}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        # Stage rows carry losses only; a rerun whose Optuna trial had ended has none to tell.
+        if self.metric in result and trial_id in self._ot_trials:
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._ot_trials:
+            super().on_trial_complete(trial_id, result, error)
+
+    def save(self, checkpoint_path: str) -> None:
+        raise NotImplementedError  # the Optuna storage is the searcher's state
+
+
+class StudyASHA(ASHAScheduler):
+    """ASHA that files trials under their raysd ids, so that --resume can refill its rungs from
+    the study's history (replay) and a trial run again keeps the rungs it had reached."""
+
+    def replay(self, signals: dict[str, list[float]]) -> None:
+        """Each trial's early signals, one per pre-training stage it ended, in order."""
+        for tid, values in signals.items():
+            for stages_done, value in enumerate(values, 1):
+                self._brackets[0].on_result(_named(tid), stages_done, self._metric_op * value)
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        super().on_trial_add(tune_controller, _named(trial.config[TRIAL_ID]))
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        return super().on_trial_result(tune_controller, _named(trial.config[TRIAL_ID]), result)
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        super().on_trial_complete(tune_controller, _named(trial.config[TRIAL_ID]), result)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        super().on_trial_remove(tune_controller, _named(trial.config[TRIAL_ID]))
+
+
+def _named(trial_id: str):
+    return types.SimpleNamespace(trial_id=trial_id)  # all ASHA reads of a trial
+
+
+def early_signals(rows: list[dict]) -> dict[str, list[float]]:
+    """trial id -> its early signal (knn_accuracy) after each pre-training stage, in order;
+    a stage's row written twice (a history part and the end, a restart) counts once."""
+    out: dict[str, dict] = {}
+    signalled = (r for r in rows if _present(r.get("knn_accuracy")))
+    for row in sorted(signalled, key=lambda r: r.get("progress", 0)):
+        out.setdefault(row["trial_id"], {})[(row["stage"], row.get("round"))] = row["knn_accuracy"]
+    return {tid: list(values.values()) for tid, values in out.items()}
+
+
+def _present(value) -> bool:
+    return value is not None and value == value  # not NaN
