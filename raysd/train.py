@@ -48,7 +48,7 @@ def train_worker(config: dict) -> None:
     if fatal_errors(config["run_uri"]):  # an earlier attempt of this trial met a fatal error
         return
     try:
-        _run(config["trial"], config.get("artifacts"), config.get("model_uri"), ctx)
+        _run(config["trial"], config.get("artifacts"), config.get("model_uri"), config["run_uri"], ctx)
     except NonFiniteLoss as err:
         if ctx.get_world_rank() == 0:
             _write_fatal(config["run_uri"], 0, err)
@@ -77,7 +77,7 @@ def fatal_errors(run_uri: str) -> dict[int, str]:
     return dict(sorted(found.items()))
 
 
-def _run(cfg: TrialConfig, artifacts: str | None, model_uri: str | None, ctx) -> None:
+def _run(cfg: TrialConfig, artifacts: str | None, model_uri: str | None, run_uri: str, ctx) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
 
@@ -128,8 +128,9 @@ def _run(cfg: TrialConfig, artifacts: str | None, model_uri: str | None, ctx) ->
         device=device, rank=rank, world_size=world, wrap=ray.train.torch.prepare_model,
         all_reduce=all_reduce, report=report, resume=resume,
         autocast=torch.bfloat16 if device.type == "cuda" and cfg.precision == "bf16" else None,
-        # Named after the trial (stable across restarts): a restarted trial keeps its leases.
-        artifacts=ArtifactStore(artifacts, owner=ctx.get_experiment_name()) if artifacts else None,
+        # Owned by the trial's run folder: stable across restarts, unique among the studies
+        # that share one store (trial ids such as trial_0003 repeat from study to study).
+        artifacts=ArtifactStore(artifacts, owner=run_uri) if artifacts else None,
         save_model=model_saver(model_uri, describe(cfg, task, init)) if model_uri else None,
     )
     run_trial(cfg, task, init, hooks)
