@@ -16,7 +16,7 @@ from helpers import TINY, kill_processes_mentioning, plant_pickles
 from raysd import cli
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: never torn down and rebuilt between its tests
 def demo_study(ray_local, tmp_path_factory):
     """A 3-trial study, also logged to MLflow (a file store) and W&B (offline); its console
     output is kept for the progress-line test."""
