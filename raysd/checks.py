@@ -116,9 +116,11 @@ def check_artifacts(artifacts: str | None, study_uri: str) -> None:
     """Where trials share stage outputs (study.artifacts; by default <study>/artifacts) must work
     before any trial starts: a folder under a file, or an object store without the client library
     its leases need (raysd.leases), would fail every trial, one after another."""
-    if artifacts is not None and artifacts.lower() == "none":
+    from raysd.paths import artifacts_uri
+
+    uri = artifacts_uri(artifacts, study_uri)
+    if uri is None:
         return
-    uri = artifacts or f"{study_uri}/artifacts"
     check_storage(uri, "--artifacts")
     if "://" in uri:
         from raysd.leases import require_client

@@ -32,6 +32,7 @@ from raysd.credentials import redact_values
 from raysd.data.images import MEAN, STD
 from raysd.errors import ConfigError
 from raysd.model_card import TIMM_DIR, model_card
+from raysd.paths import absolute_uri
 from raysd.models import Classifier
 from raysd.models.weights import VIT_LAYER_KEYS
 from raysd.models.vit import MaeViT, ViTSpec
@@ -101,7 +102,7 @@ def model_saver(model_uri: str, meta: dict) -> Callable[[nn.Module, dict], None]
 
 
 def _store(uri: str) -> Store:
-    return Store(uri if "://" in uri else str(Path(uri).expanduser().resolve()))
+    return Store(absolute_uri(uri))
 
 
 def read_meta(model_uri: str) -> dict:

@@ -12,6 +12,13 @@ from raysd.data.base import FOLDER_KINDS
 _SQLITE_RELATIVE = re.compile(r"^(sqlite(?:\+\w+)?):///(?!/)([^?]+)(\?.*)?$")
 
 
+def artifacts_uri(setting: str | None, study_uri: str) -> str | None:
+    """Where a study's trials share stage outputs, from study.artifacts (None: reuse is off)."""
+    if setting is None:
+        return f"{study_uri}/artifacts"
+    return None if setting.lower() == "none" else setting
+
+
 def absolute_uri(value: str) -> str:
     """A local path made absolute; a URI (s3://, gs://, file://) as given."""
     return value if "://" in value else str(Path(value).expanduser().resolve())

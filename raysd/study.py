@@ -21,6 +21,7 @@ from raysd.cluster import check_shared_storage, plan_concurrency
 from raysd.config import PLACEMENTS
 from raysd.credentials import redact_values
 from raysd.errors import ConfigError
+from raysd.paths import artifacts_uri
 from raysd.console import StudyConsole
 from raysd.results import StudyRecorder
 from raysd.resume import (STATE_FORMAT, TRIAL_ID, FixedTrials, SeededTPESampler, StudyASHA,
@@ -145,14 +146,6 @@ def _root_cause(err: Exception) -> str:
     return f"{type(cause).__name__}: {text[-1] if text else ''}"
 
 
-def artifacts_uri(space: Space, study_uri: str) -> str | None:
-    """Where the study's trials share stage outputs (None: reuse is off)."""
-    where = space.study.artifacts
-    if where is None:
-        return f"{study_uri}/artifacts"
-    return None if where.lower() == "none" else where
-
-
 def models_uri(space: Space, study_uri: str) -> str | None:
     """Where trials save their fine-tuned models (None: study.keep_models is none)."""
     return None if space.study.keep_models == "none" else f"{study_uri}/{MODELS}"
@@ -213,7 +206,7 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
         demo_theta(space.doc["model"])  # build once here, not in every trial at once
     trainable = tune.with_resources(
         tune.with_parameters(trial_driver, space=space, train_storage=f"{study_uri}/{TRAIN}",
-                             artifacts=artifacts_uri(space, study_uri),
+                             artifacts=artifacts_uri(space.study.artifacts, study_uri),
                              models=models_uri(space, study_uri)),
         tune.PlacementGroupFactory([DRIVER_BUNDLE]),
     )
