@@ -14,7 +14,23 @@ from raysd.errors import ConfigError
 from raysd.schema import (BOOLEAN, EVERYTHING, NOTHING, OWN_STAGE, PRETRAIN, Rule, flatten, integer,
                           number, one_of, section, setting, text)
 
-METHODS = ("finetune", "further_pretrain", "self_distill")
+# Each method runs one of three plans; the baselines and ablations are settings of a plan's
+# stages (`effective`), so they share every stage artifact they compute alike.
+PLANS = {"finetune": "finetune", "recadam": "finetune", "mars": "finetune", "r3f": "finetune",
+         "further_pretrain": "further_pretrain", "further_pretrain_2x": "further_pretrain",
+         "self_distill": "self_distill", "no_mae": "self_distill",
+         "match_predictions": "self_distill", "match_weights_l2": "self_distill",
+         "match_weights_mars": "self_distill"}
+METHODS = tuple(PLANS)
+# What a self-distillation round matches with its teacher (Table 3): f(x) (the paper's), the
+# reconstructions g(f(x^)) on the masked input, or the encoder's weights (L2 or MARS distance).
+TARGETS = ("representation", "predictions", "weights_l2", "weights_mars")
+# A fine-tuning regulariser towards the weights fine-tuning starts from (Table 1's baselines).
+REGULARISERS = ("none", "recadam", "mars", "r3f")
+NOISE = ("normal", "uniform")
+# How image folders are brought to the model's square size: squash (resize both sides; the
+# reference's feature extractor) or crop (resize the short side, centre crop).
+RESIZES = ("squash", "crop")
 # Ray Train's placement strategies: pack ranks on few nodes (fast all-reduce) or spread them.
 PLACEMENTS = {"pack": "PACK", "spread": "SPREAD", "strict_pack": "STRICT_PACK",
               "strict_spread": "STRICT_SPREAD"}
@@ -68,7 +84,10 @@ class DistillConfig(StageConfig):
                           doc="T': round t's output does not depend on how many rounds follow it")
     mae_weight: float = setting(1.0, number(0), changes=("self_distill",), doc="lambda")
     teacher_cache: str = setting("auto", one_of(*TEACHER_CACHE), changes=("self_distill",),
-                                 doc="keyed as what it resolves to: on or off")
+                                 doc="keyed as what it resolves to: on or off (dropped from the key "
+                                     "unless target is representation)")
+    target: str = setting("representation", one_of(*TARGETS), changes=("self_distill",),
+                          doc="what the student matches with its teacher; set by the match_* methods")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +102,44 @@ class FinetuneConfig(StageConfig):
     dropout: float = setting(0.1, number(0, 1), changes=("finetune",),
                              doc="hidden dropout while fine-tuning (the reference's 0.1)")
     augment: str = setting("flip", one_of(*AUGMENTS), changes=("finetune",))
+    regulariser: str = setting("none", one_of(*REGULARISERS), changes=("finetune",),
+                               doc="towards the starting weights; set by the recadam, mars and r3f methods")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecAdamConfig:
+    """RecAdam (Chen et al. 2020): Adam whose step is lambda(t) * Adam's plus a pull
+    (1 - lambda(t)) * coef * (theta - theta_start), lambda(t) = sigmoid(k (t - t0))."""
+
+    anneal_k: float = setting(0.5, number(0, low_open=True), changes=("finetune",),
+                              doc="slope of the sigmoid annealing (RecAdam's default)")
+    anneal_t0: int = setting(1000, integer(0), changes=("finetune",),
+                             doc="its midpoint in steps (RecAdam's default)")
+    pretrain_coef: float = setting(5000.0, number(0), changes=("finetune",),
+                                   doc="coefficient of the quadratic pull (RecAdam's default)")
+
+
+@dataclasses.dataclass(frozen=True)
+class MarsConfig:
+    """MARS (Gouk et al. 2021): after every step each layer's rows are scaled back into an
+    L1 ball around the starting weights, so ||W - W_start||_inf-op <= radius."""
+
+    radius: float = setting(6.6, number(0, low_open=True), changes=("finetune",),
+                            doc="encoder layers (the MARS README's example)")
+    head_radius: float = setting(7.6, number(0, low_open=True), changes=("finetune",),
+                                 doc="the fresh head, around 0 (the MARS README's example)")
+
+
+@dataclasses.dataclass(frozen=True)
+class R3FConfig:
+    """R3F (Aghajanyan et al. 2021): CE + lam * symmetric KL between outputs on the input
+    embeddings and on the embeddings plus noise."""
+
+    lam: float = setting(1.0, number(0), changes=("finetune",), doc="lambda (fairseq's default)")
+    eps: float = setting(1e-5, number(0, low_open=True), changes=("finetune",),
+                         doc="noise scale (fairseq's default)")
+    noise: str = setting("normal", one_of(*NOISE), changes=("finetune",),
+                         doc="normal: N(0, eps^2); uniform: U(-eps, eps)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,9 +156,10 @@ class EvaluationConfig:
     signal_examples: int = setting(10000, integer(0), changes=("signal",),
                                    doc="k-NN bank and queries: a fixed random subset of N of D_u "
                                        "and of val, the same for every trial (0 = all)")
-    val_fraction: float = setting(0.1, number(0, 1, low_open=True), changes=EVERYTHING,
+    val_fraction: float = setting(0.1, number(0, 1), changes=EVERYTHING,
                                   doc="of train held out for validation when the data has no val "
-                                      "split; it changes D_u, so every stage")
+                                      "split (0: none, as the reference; a study then needs val/); "
+                                      "it changes D_u, so every stage")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,9 +202,14 @@ class TrialConfig:
                               doc="text models: tokens per example (dropped from image keys)")
     precision: str = setting("bf16", one_of(*PRECISIONS), changes=EVERYTHING,
                              doc="keyed as what runs: fp32 on a CPU")
+    image_resize: str = setting("crop", one_of(*RESIZES), changes=EVERYTHING,
+                                doc="image folders: squash (the reference's) or crop")
     further_pretrain: StageConfig = section(StageConfig)
     self_distill: DistillConfig = section(DistillConfig)
     finetune: FinetuneConfig = section(FinetuneConfig)
+    recadam: RecAdamConfig = section(RecAdamConfig)
+    mars: MarsConfig = section(MarsConfig)
+    r3f: R3FConfig = section(R3FConfig)
     evaluation: EvaluationConfig = section(EvaluationConfig)
     resources: ResourcesConfig = section(ResourcesConfig)
     logging: LoggingConfig = section(LoggingConfig)
@@ -163,11 +226,27 @@ class TrialConfig:
     def stages(self) -> list[tuple[str, int]]:
         """The trial's plan as (stage, round) pairs, in order."""
         plan: list[tuple[str, int]] = []
-        if self.method != "finetune":
+        if PLANS[self.method] != "finetune":
             plan.append(("further_pretrain", 0))
-        if self.method == "self_distill":
+        if PLANS[self.method] == "self_distill":
             plan += [("self_distill", t) for t in range(1, self.self_distill.rounds + 1)]
         return plan + [("finetune", 0)]
+
+    def effective(self) -> "TrialConfig":
+        """The settings the stages run under: a baseline or ablation is its plan's stages with
+        the settings that make it (no_mae: lambda = 0; further_pretrain_2x: twice the steps;
+        match_*: the distillation target; recadam, mars, r3f: the fine-tuning regulariser).
+        Call it once per trial: further_pretrain_2x doubles whatever steps it is given."""
+        fp, sd, ft = self.further_pretrain, self.self_distill, self.finetune
+        change = {
+            "no_mae": {"self_distill": dataclasses.replace(sd, mae_weight=0.0)},
+            "further_pretrain_2x": {"further_pretrain": dataclasses.replace(fp, steps=2 * fp.steps)},
+            "match_predictions": {"self_distill": dataclasses.replace(sd, target="predictions")},
+            "match_weights_l2": {"self_distill": dataclasses.replace(sd, target="weights_l2")},
+            "match_weights_mars": {"self_distill": dataclasses.replace(sd, target="weights_mars")},
+            **{m: {"finetune": dataclasses.replace(ft, regulariser=m)} for m in ("recadam", "mars", "r3f")},
+        }.get(self.method, {})
+        return dataclasses.replace(self, **change)
 
 
 STAGES = ("further_pretrain", "self_distill", "finetune")

@@ -1,4 +1,5 @@
-"""The paper's two losses and MAE's shuffle masking. Pure tensor code, no model, no Ray."""
+"""The paper's two losses, MAE's shuffle masking and the prediction-matching ablation's
+distances. Pure tensor code, no model, no Ray."""
 from __future__ import annotations
 
 import torch
@@ -51,3 +52,19 @@ def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> to
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Batch mean of ||f_student(x) - StopGrad(f_teacher(x))||_2^2; both [B, D]."""
     return (student - teacher.detach()).pow(2).sum(dim=-1).mean()
+
+
+def masked_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Match predictions (ViT): squared error per value, averaged over the masked patches;
+    student, teacher [B, K, P], the teacher's held fixed; mask [B, K] with 1 on masked patches."""
+    per_patch = (student - teacher.detach()).pow(2).mean(dim=-1)  # [B, K]
+    return (per_patch * mask).sum() / mask.sum()
+
+
+def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Match predictions (RoBERTa): mean over the masked tokens of KL(p_teacher || p_student),
+    both [M, V] logits, the teacher's held fixed; 0 for no tokens."""
+    log_t = torch.log_softmax(teacher_logits.detach().float(), -1)
+    log_s = torch.log_softmax(student_logits.float(), -1)
+    per_token = (log_t.exp() * (log_t - log_s)).sum(-1)  # [M]
+    return per_token.sum() / max(1, per_token.shape[0])

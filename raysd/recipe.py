@@ -72,6 +72,7 @@ def stage_name(stage: str, round_: int) -> str:
 def run_trial(cfg: TrialConfig, task: Task, init: nn.Module, hooks: Hooks) -> dict:
     """Run every stage of cfg.method from theta_init (`init`, never modified); return the
     trial's summary: final metrics, per-stage seconds, artifact keys, reuse and signals."""
+    cfg = cfg.effective()  # a baseline or ablation: its plan's stages under its settings
     plan = cfg.stages()
     state = _resumed(hooks.resume, plan) if hooks.resume is not None else _fresh(cfg, task, init, hooks)
     ledger = Ledger(state.summary)
@@ -259,7 +260,8 @@ def init_key(init: nn.Module, task: Task) -> str:
 def stage_key(parent: str, cfg: TrialConfig, stage: str, round_: int, hooks: Hooks, task: Task
               ) -> tuple[str, dict]:
     """(key, what it was made of) for a pre-training stage: its parent's key and every setting
-    the schema declares able to change its output, as it resolves in this run."""
+    the schema declares able to change its output, as it resolves in this run (`cfg` is the
+    trial's cfg.effective(): a method is keyed as the settings it runs under)."""
     on_gpu = hooks.device.type == "cuda"
     resolved: dict = {"precision": cfg.precision if on_gpu else "fp32",
                       "max_length": cfg.max_length if task.modality == "text" else None}
@@ -267,8 +269,10 @@ def stage_key(parent: str, cfg: TrialConfig, stage: str, round_: int, hooks: Hoo
         distill = cfg.self_distill
         cached = uses_cache(distill.teacher_cache, distill.steps * distill.batch_size, len(task.unlabelled))
         resolved["self_distill.teacher_cache"] = "on" if cached else "off"
-        if not cached:  # only cached targets are computed in evaluation-sized batches
-            resolved["evaluation.batch_size"] = None
+        if distill.target != "representation":  # only f_teacher(x) is ever cached
+            resolved["self_distill.teacher_cache"] = None
+        if not cached or distill.target != "representation":
+            resolved["evaluation.batch_size"] = None  # only cached targets are computed in batches
     inputs = {
         "parent": parent, "stage": stage, "round": round_,
         "settings": key_inputs(cfg, stage, resolved),

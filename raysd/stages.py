@@ -3,7 +3,9 @@
   further_pretrain       theta_init -> theta_0 by masked auto-encoding on D_u          (Alg. 2)
   self_distill_round     the student restarts from theta_init and minimises
                          lambda * L_MAE + ||f_student(x) - StopGrad(f_teacher(x))||^2   (Alg. 1)
-  finetune_and_evaluate  encoder + fresh linear head, cross-entropy on D_tr; val/test metrics
+                         (or an ablation's target: objectives.py)
+  finetune_and_evaluate  encoder + fresh linear head, cross-entropy on D_tr (plus a baseline's
+                         regulariser: objectives.py); val/test metrics
   knn_signal             a cheap score of a pre-training stage's representation (early signal)
 
 They share one loop (`train_loop`): AdamW, warm-up + linear decay, a NaN guard, step-seeded
@@ -28,9 +30,8 @@ from raysd.config import StageConfig, TrialConfig
 from raysd.data import Task
 from raysd.data.loader import shard_batches, step_batches
 from raysd.features import autocast, represent_all, sample_indices
-from raysd.losses import distill_loss
 from raysd.models import Classifier
-from raysd.teacher import teacher_targets
+from raysd.objectives import distill_step, finetune_step
 
 
 class NonFiniteLoss(RuntimeError):
@@ -112,32 +113,25 @@ def further_pretrain(init: nn.Module, d_u: Dataset, run: StageRun) -> tuple[dict
 def self_distill_round(init: nn.Module, teacher_weights: dict, d_u: Dataset, run: StageRun
                        ) -> tuple[dict, dict]:
     """theta_t: the student restarts from (theta_init, phi_init); the teacher theta_{t-1} is
-    frozen. -> (weights, last row)"""
+    frozen. What the student matches is self_distill.target (objectives.distill_step).
+    -> (weights, last row)"""
     cfg, hooks = run.cfg, run.hooks
+    distill = cfg.self_distill
+    uses_decoder = distill.target == "predictions"  # the teacher's reconstructions are the target
     teacher = copy.deepcopy(init)
     teacher.load_state_dict(teacher_weights)
-    teacher.decoder = None
+    if not uses_decoder:
+        teacher.decoder = None
     teacher.to(hooks.device).eval().requires_grad_(False)
-    # The teacher is frozen and sees un-augmented D_u: f_teacher(x_i) is one vector per example
-    # for the whole round, computed once when the round takes more samples than D_u holds.
-    targets = teacher_targets(teacher, d_u, cfg, hooks, samples=cfg.self_distill.steps
-                              * cfg.self_distill.batch_size)
     student = copy.deepcopy(init)
-    lam = cfg.self_distill.mae_weight
-    if lam == 0:
+    if distill.mae_weight == 0 and not uses_decoder:
         # lambda = 0: the decoder takes no part, so it must not move (not even by weight decay).
         student.decoder.requires_grad_(False)
     model = hooks.wrap(student.to(hooks.device))
-    gamma = cfg.mask_ratio if lam > 0 else None
-
-    def step_loss(batch: dict) -> tuple[torch.Tensor, dict]:
-        out = model(batch, mask_ratio=gamma, represent=True)
-        distill = distill_loss(out["repr"].float(), targets(batch).float())
-        if lam == 0:
-            return distill, {"distill_loss": distill}
-        return lam * out["mae"] + distill, {"mae_loss": out["mae"], "distill_loss": distill}
-
-    last = train_loop(model, step_loss, cfg.self_distill, targets.dataset, run)
+    # The teacher is frozen and sees un-augmented D_u: f_teacher(x_i) is one vector per example
+    # for the whole round, computed once when the round takes more samples than D_u holds.
+    step_loss, dataset = distill_step(model, teacher, d_u, run)
+    last = train_loop(model, step_loss, distill, dataset, run)
     return weights_of(model), last
 
 
@@ -151,19 +145,20 @@ def finetune_and_evaluate(init: nn.Module, weights: dict, task: Task, run: Stage
     backbone = copy.deepcopy(init)
     backbone.load_state_dict(weights)
     classifier = Classifier(backbone, task.num_classes)
+    # Every encoder tensor trains, position embeddings too (fixed sin-cos while pre-training a
+    # ViT): the reference fine-tunes a ViTForImageClassification, whose are parameters.
+    classifier.backbone.encoder.requires_grad_(True)
     set_hidden_dropout(classifier.backbone, cfg.finetune.dropout)
     torch.manual_seed(_seed(cfg.seed, "head"))  # same head init on every rank and every retry
-    classifier.head.reset_parameters()
+    classifier.init_head()
     model = hooks.wrap(classifier.to(hooks.device))
-
-    def step_loss(batch: dict) -> tuple[torch.Tensor, dict]:
-        loss = F.cross_entropy(model(batch).float(), batch["y"])
-        return loss, {"ce_loss": loss}
+    step_loss, make_optimizer, after_step = finetune_step(model, weights, run)
 
     def validate() -> dict:
         return {f"val_{k}": v for k, v in evaluate(unwrap(model), task.val, task, cfg, hooks).items()}
 
-    last = train_loop(model, step_loss, cfg.finetune, task.train, run, validate=validate)
+    last = train_loop(model, step_loss, cfg.finetune, task.train, run, validate=validate,
+                      make_optimizer=make_optimizer, after_step=after_step)
     final = unwrap(model)
     metrics = {}
     for split, dataset in (("val", task.val), ("test", task.test), ("train", task.unlabelled)):
@@ -182,26 +177,36 @@ def _distance(encoder: nn.Module, init_state: dict) -> float:
     return math.sqrt(total)
 
 
-# Fine-tuning exempts these from weight decay, as the reference does (and MAE's code).
-NO_DECAY = ("pos_embed", "cls_token", "mask_token", "position_embeddings", "token_type_embeddings")
+# Fine-tuning exempts parameters whose names hold these, as the reference's fine-tuning does
+# ("bias", "position_embeddings", "cls_token"; norm weights are decayed), in both families' names.
+FINETUNE_NO_DECAY = ("bias", "pos_embed", "position_embeddings", "cls_token")
 
 
-def _param_groups(model: nn.Module, weight_decay: float, exempt: bool) -> list[dict]:
-    """AdamW groups: with `exempt`, biases, norms (1-D tensors), position embeddings and the
-    CLS token take no weight decay."""
+def _param_groups(model: nn.Module, weight_decay: float, stage: str) -> list[dict]:
+    """AdamW groups. Pre-training stages exempt 1-D tensors and biases (timm's add_weight_decay,
+    the reference's); fine-tuning exempts FINETUNE_NO_DECAY by name (the reference's)."""
     decay, free = [], []
     for name, param in model.named_parameters():
-        if param.requires_grad:
-            skip = exempt and (param.ndim <= 1 or any(part in NO_DECAY for part in name.split(".")))
-            (free if skip else decay).append(param)
+        if not param.requires_grad:
+            continue
+        if stage == "finetune":
+            skip = any(part in name for part in FINETUNE_NO_DECAY)
+        else:
+            skip = param.ndim <= 1 or name.endswith(".bias")
+        (free if skip else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": free, "weight_decay": 0.0}]
 
 
+# The reference's hidden_dropout_prob sits at the embeddings, the attention output and the MLP
+# output: timm's pos_drop, attn.proj_drop and mlp.drop2 (not drop1, after the GELU);
+# transformers' embeddings.dropout and each layer's attention.output / output dropout.
+HIDDEN_DROPOUT = ("pos_drop", "proj_drop", "drop2", "embeddings.dropout", "output.dropout")
+
+
 def set_hidden_dropout(backbone: nn.Module, p: float) -> None:
-    """Dropout on the encoder's hidden states (embeddings, attention and MLP outputs) while
-    fine-tuning, the reference's hidden_dropout_prob; attention-probability dropout is left."""
+    """Dropout p at HIDDEN_DROPOUT while fine-tuning; every other dropout is left as it is."""
     for name, module in backbone.encoder.named_modules():
-        if isinstance(module, nn.Dropout) and not name.endswith(("attn_drop", "attention.self.dropout")):
+        if isinstance(module, nn.Dropout) and name.endswith(HIDDEN_DROPOUT):
             module.p = p
 
 
@@ -218,16 +223,22 @@ def _lr_lambda(scfg: StageConfig) -> Callable[[int], float]:
     return factor
 
 
+def _adamw(groups: list[dict], lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
 def train_loop(model: nn.Module, step_loss, scfg: StageConfig, dataset: Dataset, run: StageRun,
-               validate: Callable[[], dict] | None = None) -> dict:
-    """The stage loop: AdamW, warm-up + linear decay, optional clipping, NaN guard, reports.
+               validate: Callable[[], dict] | None = None, make_optimizer: Callable | None = None,
+               after_step: Callable[[], None] | None = None) -> dict:
+    """The stage loop: AdamW (or `make_optimizer(groups, lr, betas)`), warm-up + linear decay,
+    optional clipping, `after_step` (a projection) after every step, NaN guard, reports.
 
     Reports every log_every steps; the last row is returned for the caller to report with
     the stage's boundary checkpoint (or the trial's final metrics)."""
     cfg, hooks = run.cfg, run.hooks
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(_param_groups(model, scfg.weight_decay, run.stage == "finetune"),
-                                  lr=scfg.lr, betas=(0.9, scfg.beta2))
+    optimizer = (make_optimizer or _adamw)(_param_groups(unwrap(model), scfg.weight_decay, run.stage),
+                                           scfg.lr, (0.9, scfg.beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(scfg))
     start = 0
     if run.resume is not None:
@@ -258,6 +269,8 @@ def train_loop(model: nn.Module, step_loss, scfg: StageConfig, dataset: Dataset,
         if scfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, scfg.grad_clip)
         optimizer.step()
+        if after_step is not None:
+            after_step()
         scheduler.step()
         window_samples += len(batch[next(iter(batch))]) * hooks.world_size
         steps_done = step + 1

@@ -3,8 +3,10 @@
 A backbone is an nn.Module with `family`, `hidden_size`, an `encoder` (f_theta) and a
 `decoder` (g_phi) submodule, and
   mae_loss(batch, mask_ratio) -> scalar     masked auto-encoding loss on the batch
-  represent(batch) -> [B, D]                f(x) on the full, unmasked input
-  forward(batch, mask_ratio=None, represent=False) -> {"mae": ..., "repr": ...}
+  represent(batch, perturb=None) -> [B, D]  f(x) on the full, unmasked input (R3F: perturbed)
+  draw_masking, predict, reconstruction_loss, prediction_distance   the parts of mae_loss,
+                                            and the prediction-matching ablation's distance
+  forward(batch, mask_ratio=None, represent=False, masking=None) -> {"mae", "repr", "pred"}
 Weights are applied afterwards by raysd.models.weights.load_backbone.
 """
 from __future__ import annotations
@@ -62,8 +64,15 @@ class Classifier(nn.Module):
         self.backbone = backbone
         self.head = nn.Linear(backbone.hidden_size, num_classes)
 
-    def forward(self, batch: dict):
-        return self.head(self.backbone.represent(batch))  # [B, num_classes]
+    def init_head(self) -> None:
+        """As the reference's ViTForImageClassification: weights from a normal of std 0.02
+        truncated at +-2, zero bias (from torch's global RNG)."""
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, batch: dict, perturb=None):
+        """Logits [B, num_classes]; with R3F's `perturb` of the input embeddings, [B', num_classes]."""
+        return self.head(self.backbone.represent(batch, perturb))
 
 
 def _roberta(size: str) -> Callable[[], nn.Module]:

@@ -6,12 +6,15 @@ token); the distillation representation is the last-layer <s> vector of the unma
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import RobertaConfig, RobertaForMaskedLM
 
 from raysd.errors import ConfigError
+from raysd.losses import token_kl
 from raysd.models.base import Backbone
 
 IGNORE = -100  # label of an unmasked position (transformers' convention)
@@ -72,9 +75,19 @@ class MaskedLMRoberta(Backbone):
                               f"{self.max_length} positions")
         return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-    def represent(self, batch: dict) -> torch.Tensor:
-        """f(x): last-layer <s> vector of the full, unmasked text, [B, D]."""
-        return self.encode(batch["input_ids"], batch["attention_mask"])[:, 0]
+    def represent(self, batch: dict, perturb: Callable | None = None) -> torch.Tensor:
+        """f(x): last-layer <s> vector of the full, unmasked text, [B, D]. `perturb` maps the
+        word embeddings [B, L, D] to [B', L, D] before positions are added (R3F): [B', D]."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if perturb is None:
+            return self.encode(ids, mask)[:, 0]
+        embeddings = self.encoder.embeddings
+        words = perturb(embeddings.word_embeddings(ids))  # [B', L, D]
+        times = words.shape[0] // ids.shape[0]
+        # Positions as from the ids (padding keeps the padding position), not from the embeddings.
+        positions = embeddings.create_position_ids_from_input_ids(ids, self.config.pad_token_id)
+        return self.encoder(inputs_embeds=words, attention_mask=mask.repeat(times, 1),
+                            position_ids=positions.repeat(times, 1)).last_hidden_state[:, 0]
 
     def mask_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     mask_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,15 +114,26 @@ class MaskedLMRoberta(Backbone):
     def mlm_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy over the positions whose label is not -100 (transformers' MLM loss)."""
-        hidden = self.encode(input_ids, attention_mask)  # [B, L, D]
-        picked = labels != IGNORE
-        logits = self.decoder(hidden[picked])  # [M, V]: the head only where it is scored
-        total = F.cross_entropy(logits.float(), labels[picked], reduction="sum")
-        return total / picked.sum().clamp(min=1)  # 0, not NaN, for a batch with no real tokens
+        masking, batch = {"input_ids": input_ids, "labels": labels}, {"attention_mask": attention_mask}
+        return self.reconstruction_loss(self.predict(batch, masking), batch, masking)
 
-    def mae_loss(self, batch: dict, mask_ratio: float) -> torch.Tensor:
+    def draw_masking(self, batch: dict, mask_ratio: float) -> dict:
         corrupted, labels = self.mask_tokens(batch["input_ids"], batch["attention_mask"], mask_ratio)
-        return self.mlm_loss(corrupted, batch["attention_mask"], labels)
+        return {"input_ids": corrupted, "labels": labels}
+
+    def predict(self, batch: dict, masking: dict) -> torch.Tensor:
+        """LM logits at the masked positions of the corrupted text, [M, V]."""
+        hidden = self.encode(masking["input_ids"], batch["attention_mask"])  # [B, L, D]
+        return self.decoder(hidden[masking["labels"] != IGNORE])  # the head only where it is scored
+
+    def reconstruction_loss(self, pred: torch.Tensor, batch: dict, masking: dict) -> torch.Tensor:
+        labels = masking["labels"]
+        total = F.cross_entropy(pred.float(), labels[labels != IGNORE], reduction="sum")
+        return total / (labels != IGNORE).sum().clamp(min=1)  # 0, not NaN, for a batch with no real tokens
+
+    def prediction_distance(self, student: torch.Tensor, teacher: torch.Tensor, masking: dict) -> torch.Tensor:
+        """KL(p_teacher(x_t | x^) || p_student(x_t | x^)), averaged over the masked tokens."""
+        return token_kl(teacher, student)
 
     def load_hf(self, name_or_path: str, revision: str | None = None) -> None:
         """Encoder, LM head and tokenizer from a transformers RobertaForMaskedLM (hub id or dir)."""

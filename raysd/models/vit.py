@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
+from typing import Callable
 
 import torch
 from torch import nn
 
-from raysd.losses import mae_loss, patchify, shuffle_mask
+from raysd.losses import mae_loss, masked_mse, patchify, shuffle_mask
 from raysd.models.base import Backbone
 
 
@@ -110,24 +111,44 @@ class MaeViT(Backbone):
     def hidden_size(self) -> int:
         return self.spec.embed_dim
 
-    def encode(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Post-norm tokens [B, 1+V, D]; all patches when ids_keep is None."""
+    def encode(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None,
+               perturb: Callable | None = None) -> torch.Tensor:
+        """Post-norm tokens [B', 1+V, D]; all patches when ids_keep is None. `perturb` maps the
+        patch embeddings [B, K, D] to [B', K, D] before position embeddings are added (R3F)."""
         enc = self.encoder
-        x = enc.patch_embed(images) + enc.pos_embed[:, 1:]  # [B, K, D]
+        x = enc.patch_embed(images)  # [B, K, D]
+        if perturb is not None:
+            x = perturb(x)
+        x = x + enc.pos_embed[:, 1:]
         if ids_keep is not None:
             x = x.gather(1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))  # [B, V, D]
         cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = enc.norm_pre(torch.cat([cls, x], dim=1))
+        # pos_drop: the embeddings' dropout (the reference's hidden dropout; 0 unless fine-tuning)
+        x = enc.norm_pre(enc.pos_drop(torch.cat([cls, x], dim=1)))
         return enc.norm(enc.blocks(x))
 
-    def represent(self, batch: dict) -> torch.Tensor:
-        """f(x): post-norm CLS vector of the full, unmasked image, [B, D]."""
-        return self.encode(batch["x"])[:, 0]
+    def represent(self, batch: dict, perturb: Callable | None = None) -> torch.Tensor:
+        """f(x): post-norm CLS vector of the full, unmasked image, [B, D] ([B', D] perturbed)."""
+        return self.encode(batch["x"], perturb=perturb)[:, 0]
 
-    def mae_loss(self, batch: dict, mask_ratio: float, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def draw_masking(self, batch: dict, mask_ratio: float, noise: torch.Tensor | None = None) -> dict:
         images = batch["x"]
         ids_keep, ids_restore, mask = shuffle_mask(
             images.shape[0], self.spec.num_patches, mask_ratio, noise=noise, device=images.device
         )
-        pred = self.decoder(self.encode(images, ids_keep), ids_restore)
-        return mae_loss(pred, patchify(images, self.spec.patch_size), mask)
+        return {"ids_keep": ids_keep, "ids_restore": ids_restore, "mask": mask}
+
+    def predict(self, batch: dict, masking: dict) -> torch.Tensor:
+        """g(f(x^)): pixels of every patch from the visible ones, [B, K, p*p*C]."""
+        return self.decoder(self.encode(batch["x"], masking["ids_keep"]), masking["ids_restore"])
+
+    def reconstruction_loss(self, pred: torch.Tensor, batch: dict, masking: dict) -> torch.Tensor:
+        return mae_loss(pred, patchify(batch["x"], self.spec.patch_size), masking["mask"])
+
+    def prediction_distance(self, student: torch.Tensor, teacher: torch.Tensor, masking: dict) -> torch.Tensor:
+        """||g(f(x^)) - g0(f0(x^))||^2 per pixel value, averaged over the masked patches."""
+        return masked_mse(student, teacher, masking["mask"])
+
+    def mae_loss(self, batch: dict, mask_ratio: float, noise: torch.Tensor | None = None) -> torch.Tensor:
+        masking = self.draw_masking(batch, mask_ratio, noise)
+        return self.reconstruction_loss(self.predict(batch, masking), batch, masking)
