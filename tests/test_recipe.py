@@ -143,33 +143,61 @@ def test_metrics_from_confusion_match_sklearn():
     assert out["loss"] == 0.5
 
 
-def test_finetuning_exempts_biases_norms_position_embeddings_and_cls_from_weight_decay():
+def test_weight_decay_exemptions_follow_the_reference():
+    """Fine-tuning exempts names holding bias, position embeddings or the CLS token (norm
+    weights decay); pre-training stages exempt 1-D tensors and biases (timm's add_weight_decay)."""
     from raysd.models import Classifier
     from raysd.stages import _param_groups
 
     model = Classifier(_init(), 10)
+    model.requires_grad_(True)  # position embeddings train while fine-tuning
     names = {id(p): n for n, p in model.named_parameters()}
-    decay, free = (sorted(names[id(p)] for p in group["params"]) for group in _param_groups(model, 0.05, True))
-    assert {"backbone.encoder.cls_token", "head.bias",  # (pos_embed is fixed sin-cos: not trained)
-            "backbone.encoder.blocks.0.norm1.weight", "backbone.encoder.blocks.0.attn.qkv.bias"} <= set(free)
-    assert {"backbone.encoder.blocks.0.attn.qkv.weight", "head.weight"} <= set(decay)
-    assert not any("norm" in n or n.endswith("bias") for n in decay)
-    groups = _param_groups(model, 0.05, False)  # pre-training stages decay every tensor
-    assert len(groups[1]["params"]) == 0
+
+    def groups(stage):
+        return (set(names[id(p)] for p in g["params"]) for g in _param_groups(model, 0.05, stage))
+
+    decay, free = groups("finetune")
+    assert {"backbone.encoder.cls_token", "backbone.encoder.pos_embed", "head.bias",
+            "backbone.encoder.blocks.0.attn.qkv.bias"} <= free
+    assert {"backbone.encoder.blocks.0.attn.qkv.weight", "head.weight",
+            "backbone.encoder.blocks.0.norm1.weight", "backbone.encoder.norm.weight"} <= decay
+    assert not any("bias" in n for n in decay)
+    decay, free = groups("further_pretrain")
+    assert {"backbone.encoder.blocks.0.norm1.weight", "head.bias"} <= free
+    assert {"backbone.encoder.cls_token", "backbone.encoder.pos_embed", "head.weight"} <= decay
+    assert all(model.get_parameter(n).ndim <= 1 for n in free)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_finetuning_uses_the_configured_hidden_dropout(digits, dropout):
-    seen = []
+def test_finetuning_trains_position_embeddings_with_hidden_dropout_where_the_reference_has_it(digits, dropout):
+    """Dropout at the embeddings (pos_drop), the attention output (proj_drop) and the MLP output
+    (drop2), as the reference's hidden_dropout_prob; none after the GELU (drop1) or on the
+    attention probabilities. Position embeddings, fixed in pre-training, train."""
+    seen, models_seen = [], []
 
     def wrap(model):
         seen.append({name: m.p for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout)})
+        models_seen.append(model)
         return model
 
-    run_trial(tiny_config({"finetune.dropout": dropout}, method="finetune"), digits, _init(), Hooks(wrap=wrap))
-    hidden = {n: p for n, p in seen[-1].items() if not n.endswith("attn_drop")}
-    assert hidden and set(hidden.values()) == {dropout}
-    assert {p for n, p in seen[-1].items() if n.endswith("attn_drop")} == {0.0}
+    init = _init()
+    run_trial(tiny_config({"finetune.dropout": dropout}, method="finetune"), digits, init, Hooks(wrap=wrap))
+    hidden = {n: p for n, p in seen[-1].items() if n.endswith(("pos_drop", "proj_drop", "drop2"))}
+    assert len(hidden) == 1 + 2 * len(init.encoder.blocks) and set(hidden.values()) == {dropout}
+    assert {p for n, p in seen[-1].items() if n not in hidden} == {0.0}
+    tuned = models_seen[-1].backbone.encoder.pos_embed
+    assert tuned.requires_grad and not torch.equal(tuned.detach(), init.encoder.pos_embed)
+
+
+def test_the_embedding_dropout_is_applied():
+    backbone = _init()
+    for module in backbone.encoder.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    backbone.encoder.pos_drop.p = 0.5
+    batch = {"x": torch.randn(2, 3, 32, 32)}
+    assert not torch.equal(backbone.train().represent(batch), backbone.represent(batch))
+    assert torch.equal(backbone.eval().represent(batch), backbone.represent(batch))
 
 
 def test_flip_augments_only_the_finetuning_view():
@@ -204,6 +232,7 @@ def test_lambda_weights_the_mae_term_not_the_distillation_term(digits):
 @pytest.mark.parametrize("cache", ["on", "off"])
 def test_the_teacher_runs_in_eval_mode_so_its_dropout_is_off(digits, monkeypatch, cache):
     """With dropout in the model, a teacher left in train mode gives other targets than f(x)."""
+    import raysd.objectives as objectives
     import raysd.stages as stages
 
     init = _init()
@@ -212,8 +241,8 @@ def test_the_teacher_runs_in_eval_mode_so_its_dropout_is_off(digits, monkeypatch
     for module in dropouts:
         module.p = 0.5
     theta_0 = _theta_0(init, digits)
-    targets, real = [], stages.teacher_targets
-    monkeypatch.setattr(stages, "teacher_targets", lambda *a, **k: targets.append(real(*a, **k)) or targets[-1])
+    targets, real = [], objectives.teacher_targets
+    monkeypatch.setattr(objectives, "teacher_targets", lambda *a, **k: targets.append(real(*a, **k)) or targets[-1])
     run = stages.StageRun(tiny_config({"self_distill.teacher_cache": cache}), Hooks(), "self_distill", 1)
     stages.self_distill_round(init, theta_0, digits.unlabelled, run)
     teacher = copy.deepcopy(init)
