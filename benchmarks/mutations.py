@@ -147,7 +147,26 @@ MUTATIONS = [
     # --- results and the comparison ---
     Mutation("z_interval", "raysd/compare.py",
              "stats.t.ppf(0.975, len(diff) - 1)", "stats.norm.ppf(0.975)",
-             ("tests/test_compare.py::test_summary_table_means_stds_and_paired_interval",)),
+             ("tests/test_compare.py::test_summary_table_means_stds_and_paired_interval",
+              "tests/test_compare.py::test_paired_interval_is_scipys_paired_t_interval_over_the_seeds_both_ran")),
+    Mutation("pairs_by_position", "raysd/compare.py",
+             'b = done[done["variant"] == baseline].set_index(pair_on)[column]',
+             'b = done[done["variant"] == baseline].reset_index(drop=True)[column]',
+             ("tests/test_compare.py::test_paired_interval_is_scipys_paired_t_interval_over_the_seeds_both_ran",)),
+    Mutation("contrast_against_finetune", "raysd/compare.py",
+             'against[f"{test} - {reference}"] = (reference, contrasted)',
+             'against[f"{test} - {reference}"] = (baseline, contrasted)',
+             ("tests/test_compare.py::test_self_distill_is_also_paired_against_further_pretrain_by_fine_tuning_seed",)),
+    # Under --protocol reference every trial of a variant has one seed; only finetune.seed varies.
+    Mutation("reference_pairs_on_seed", "raysd/compare.py",
+             'return "cfg.finetune.seed" if protocol == "reference" else "seed"', 'return "seed"',
+             ("tests/test_compare.py::test_self_distill_is_also_paired_against_further_pretrain_by_fine_tuning_seed",)),
+    Mutation("finetune_seed_ignored", "raysd/recipe.py",
+             'if stage == "finetune" and cfg.finetune.seed is not None:', "if False:",
+             ("tests/test_compare.py::test_a_fine_tuning_seed_repeats_fine_tuning_over_one_pre_training",)),
+    Mutation("figure4_curve_per_round", "raysd/compare_plots.py",
+             '"param.finetune.seed", "param.self_distill.rounds")', '"param.finetune.seed")',
+             ("tests/test_compare.py::test_figure_4_plots_the_test_metric_against_the_rounds_that_varied",)),
     # Running trials' rows reach history_parts/ only at Ctrl-C: a killed driver loses them.
     # Its fast test is being written with the Ray-free study-folder work (issue 23).
     Mutation("history_parts_never_written", "raysd/writers.py",

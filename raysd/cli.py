@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 
+from raysd.config import METHODS
 from raysd.credentials import redact, redact_logs
 from raysd.data.base import SOURCES
 from raysd.errors import ConfigError
@@ -85,9 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="methods (or a study's top trials) over seeds: "
                                              "mean ± std and paired differences")
     _study_args(compare)
-    compare.add_argument("--methods", help="comma-separated methods (default: all three)")
+    compare.add_argument("--methods", help=f"comma-separated, of {', '.join(METHODS)} "
+                                           "(default: finetune,further_pretrain,self_distill)")
     compare.add_argument("--rounds", help="comma-separated T' for self_distill (default: the space's)")
     compare.add_argument("--seeds", type=int, help=f"seeds per method or trial (default {SEEDS})")
+    compare.add_argument("--first-seed", type=int, metavar="N", help="seeds N, N+1, ... (default 0)")
+    compare.add_argument("--protocol", metavar="full|reference",
+                         help="every stage per seed (full, default), or pre-train once and repeat "
+                              "only fine-tuning over seeds, as the reference code did")
     compare.add_argument("--from", dest="from_study", metavar="STUDY",
                          help="compare this study's top trials instead of methods")
     compare.add_argument("--top", type=int, help=f"with --from: how many trials (default {TOP})")
@@ -139,7 +145,8 @@ RESUME_CONFLICTS = ("space", "data", "set", "name", "workers", "gpu", "num_sampl
 
 # Flags of compare that choose its trials (dest: flag): a resumed comparison keeps its own.
 COMPARE_ONLY = {"methods": "--methods", "rounds": "--rounds", "seeds": "--seeds",
-                "from_study": "--from", "top": "--top"}
+                "from_study": "--from", "top": "--top", "first_seed": "--first-seed",
+                "protocol": "--protocol"}
 SEEDS, TOP = 3, 3
 
 
@@ -304,17 +311,21 @@ def cmd_compare(args) -> int:
     text = write_table(study_uri, space.study.metric, labels)
     if text is None:
         return 1
-    print(text + f"raysd: table and plot in {study_uri}/results (compare.txt, compare.png)")
+    print(text + f"raysd: table and plot in {study_uri}/results (compare.txt, compare.png); "
+          f"the paper's Figures 4 and 5: raysd report {study_uri}")
     return 0 if outcome.counts.get("completed") else 1
 
 
 def _compare_trials(args):
     """(space, study URI, variants) of a new comparison, validated before Ray starts."""
-    from raysd.compare import method_variants, trial_variants
+    from raysd.compare import DEFAULT_METHODS, method_variants, trial_variants
 
     seeds = SEEDS if args.seeds is None else args.seeds
+    chosen = dict(seeds=seeds, protocol=args.protocol or "full", first_seed=args.first_seed or 0)
     if args.top is not None and args.top < 1:
         raise ConfigError(f"--top {args.top}: must be at least 1")
+    if "finetune.seed" in _overrides(args):
+        raise ConfigError("--set finetune.seed: compare sets the seeds (--seeds, --first-seed, --protocol)")
     if args.from_study:
         from raysd.storage import SPACE_FILE
         from raysd.study_folder import StudyFolder
@@ -325,7 +336,7 @@ def _compare_trials(args):
         if trials.empty:
             raise ConfigError(f"--from {source}: no trials recorded")
         variants = trial_variants(trials, studied.study.metric, studied.study.mode,
-                                  TOP if args.top is None else args.top, seeds)
+                                  TOP if args.top is None else args.top, **chosen)
         text, where, name = folder.store.read_text(SPACE_FILE), f"{source}/{SPACE_FILE}", studied.name
     elif not args.space:
         raise ConfigError("--space (or --from STUDY, or --resume STUDY_DIR) is required")
@@ -334,8 +345,8 @@ def _compare_trials(args):
 
         path = resolve_path(args.space)
         text, where, name = read_space_file(path), str(path), path.stem
-        methods = (args.methods or "finetune,further_pretrain,self_distill").split(",")
-        variants = method_variants([m.strip() for m in methods], _rounds(args.rounds), seeds)
+        methods = args.methods.split(",") if args.methods else DEFAULT_METHODS
+        variants = method_variants([m.strip() for m in methods], _rounds(args.rounds), **chosen)
 
     def load(overrides: dict):  # the fixed points are the variants': no search, no ASHA
         from raysd.spaces import load_space_text

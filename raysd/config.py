@@ -102,6 +102,11 @@ class FinetuneConfig(StageConfig):
     dropout: float = setting(0.1, number(0, 1), changes=("finetune",),
                              doc="hidden dropout while fine-tuning (the reference's 0.1)")
     augment: str = setting("flip", one_of(*AUGMENTS), changes=("finetune",))
+    seed: int | None = setting(None, Rule(lambda v: v is None or integer(0).ok(v),
+                                          "an integer >= 0, or null (the trial's seed)"),
+                               changes=("finetune",), searchable=False,
+                               doc="fine-tuning's own seed (head init, batch order, dropout) over "
+                                   "pre-training made with the trial's seed; null: the trial's seed")
     regulariser: str = setting("none", one_of(*REGULARISERS), changes=("finetune",),
                                doc="towards the starting weights; set by the recadam, mars and r3f methods")
 

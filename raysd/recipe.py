@@ -80,7 +80,8 @@ def run_trial(cfg: TrialConfig, task: Task, init: nn.Module, hooks: Hooks) -> di
     for index in range(state.stage_index, len(plan)):
         stage, round_ = plan[index]
         state.stage_index = index
-        run = StageRun(cfg, hooks, stage, round_, offset=sum(getattr(cfg, s).steps for s, _ in plan[:index]),
+        run = StageRun(seeded_for(cfg, stage), hooks, stage, round_,
+                       offset=sum(getattr(cfg, s).steps for s, _ in plan[:index]),
                        resume=state.mid_stage,
                        checkpoint=lambda m: dataclasses.replace(state, mid_stage=m).to_dict())
         state.mid_stage = None
@@ -113,6 +114,14 @@ def run_trial(cfg: TrialConfig, task: Task, init: nn.Module, hooks: Hooks) -> di
         hooks.report({**last, **state.summary}, state.to_dict())
     hooks.report({**last, **state.summary, "trial_done": True}, None)
     return state.summary
+
+
+def seeded_for(cfg: TrialConfig, stage: str) -> TrialConfig:
+    """The config a stage runs with: fine-tuning draws its head, batches and dropout from
+    finetune.seed when that is set, over pre-training made with the trial's seed."""
+    if stage == "finetune" and cfg.finetune.seed is not None:
+        return dataclasses.replace(cfg, seed=cfg.finetune.seed)
+    return cfg
 
 
 def _fresh(cfg: TrialConfig, task: Task, init: nn.Module, hooks: Hooks) -> TrialState:

@@ -13,6 +13,7 @@ matplotlib.use("Agg")  # no display on cluster heads and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from raysd.compare_plots import paper_figures  # noqa: E402
 from raysd.errors import ConfigError  # noqa: E402
 from raysd.spaces import Param, Space  # noqa: E402
 from raysd.storage import Store  # noqa: E402
@@ -233,6 +234,9 @@ def write_report(study_uri: str, top: int = 5) -> str:
             plots.append(plot_signal(done, signal, metric, store, study_uri))
         curves = plot_finetune(history, metric, store, study_uri)
         plots += [curves] if curves else []
+        if folder.compare_variants() is not None:  # raysd compare: the paper's Figures 4 and 5
+            plots += [_save(fig, store, name, study_uri)
+                      for name, fig in paper_figures(trials, metric).items()]
     if plots:
         lines += ["\nplots:", *(f"  {p}" for p in plots)]
     return "\n".join(lines)

@@ -45,10 +45,11 @@ def searched_id(number: int) -> str:
 
 def fixed_configs(total: int, variants: list[dict] | None) -> list[dict]:
     """The configs of a study without a search: a comparison's variants, else `total` trials of
-    the space as it is (raysd run). Ids: `<variant>-s<seed>` (unique in a comparison), or the
-    trial's place."""
+    the space as it is (raysd run). Ids: `<variant>-s<seed>`, `-f<finetune.seed>` added where a
+    variant sets it (unique in a comparison), or the trial's place."""
     if variants:  # a label may hold spaces and quotes (`self_distill T'=1`): not in a folder name
-        return [{TRIAL_ID: f"{re.sub(r'[^A-Za-z0-9._]+', '_', v['variant'])}-s{v['values']['seed']}",
+        return [{TRIAL_ID: f"{re.sub(r'[^A-Za-z0-9._]+', '_', v['variant'])}-s{v['values']['seed']}"
+                           + (f"-f{v['values']['finetune.seed']}" if "finetune.seed" in v["values"] else ""),
                  "variant": v} for v in variants]
     return [{TRIAL_ID: searched_id(i)} for i in range(total)]
 
