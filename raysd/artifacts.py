@@ -39,7 +39,8 @@ from raysd.storage import Store
 
 # The code that computes a stage's output: its hash (comments and docstrings aside) is part of
 # every key, so a change to the method never reuses what was built before it.
-METHOD_CODE = ("stages", "losses", "teacher", "features", "recipe", "bootstrap", "models", "data")
+METHOD_CODE = ("stages", "objectives", "regularisers", "losses", "teacher", "features", "recipe",
+               "bootstrap", "models", "data")
 LIBRARIES = ("torch", "timm", "transformers", "tokenizers")
 LEASE_SECONDS = float(os.environ.get("RAYSD_LEASE_SECONDS", "120"))
 META, WEIGHTS = "meta.json", "weights.pt"

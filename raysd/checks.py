@@ -32,7 +32,8 @@ def check_inputs(space: Space) -> None:
         check_weights(cfg.model, cfg.weights)
         check_model_fit(cfg, where)
         batches = [getattr(cfg, stage).batch_size for stage, _ in cfg.stages()]
-        check_source(cfg.data, min_train=max(batches), val_fraction=cfg.evaluation.val_fraction)
+        check_source(cfg.data, min_train=max(batches), val_fraction=cfg.evaluation.val_fraction,
+                     selects=bool(space.params))
 
 
 # What each model family reads, in data.base.MODALITIES' words.

@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "the variable NAME, for the Optuna study (default: <study>/optuna.journal)")
     run = sub.add_parser("run", help="run one trial with the space's default values (no search)")
     _study_args(run)
-    run.add_argument("--method", choices=("finetune", "further_pretrain", "self_distill"))
+    run.add_argument("--method", choices=METHODS)
     compare = sub.add_parser("compare", help="methods (or a study's top trials) over seeds: "
                                              "mean ± std and paired differences")
     _study_args(compare)

@@ -57,8 +57,9 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 def masked_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Match predictions (ViT): squared error per value, averaged over the masked patches;
     student, teacher [B, K, P], the teacher's held fixed; mask [B, K] with 1 on masked patches."""
-    per_patch = (student - teacher.detach()).pow(2).mean(dim=-1)  # [B, K]
-    return (per_patch * mask).sum() / mask.sum()
+    diff = student - teacher.detach()
+    per_patch = diff.pow(2).mean(dim=-1)  # [B, K]
+    return per_patch.mul(mask).sum() / mask.sum()
 
 
 def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:

@@ -91,7 +91,8 @@ def finetune_step(model: nn.Module, start: dict[str, torch.Tensor], run
     if kind == "recadam":
         return cross_entropy, _recadam_factory(classifier, start, cfg), None
     if kind == "mars":
-        layers = [(w, start[name]) for name, w in layer_weights(classifier.backbone.encoder, "encoder.")]
+        layers = [(w, start[name].to(w.device, w.dtype))  # once, not a copy per step
+                  for name, w in layer_weights(classifier.backbone.encoder, "encoder.")]
 
         def project() -> None:
             for weight, origin in layers:

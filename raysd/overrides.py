@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from raysd import schema
-from raysd.config import TrialConfig
+from raysd.config import PLANS, TrialConfig
 from raysd.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -129,10 +129,10 @@ def smoke_overrides(space: Space, use_gpu: bool) -> dict[str, Any]:
     rounds = next((p for p in space.params if p.key == "self_distill.rounds"), None)
     if rounds is not None and rounds.high >= 1:
         out["search.self_distill.rounds"] = {"type": "choice", "choices": [max(1, int(rounds.low))]}
-    elif rounds is None and cfg.method == "self_distill":
+    elif rounds is None and PLANS[cfg.method] == "self_distill":
         out["self_distill.rounds"] = max(cfg.self_distill.rounds, 1)
     if space.study.scheduler:  # ASHA stays wired; its first rung is the smoke trial's last signal
-        stages = {"self_distill": 2, "further_pretrain": 1}.get(cfg.method)
+        stages = {"self_distill": 2, "further_pretrain": 1}.get(PLANS[cfg.method])
         out["study.scheduler" + (".grace_period" if stages else "")] = stages
     out["evaluation.signal_examples"] = 8
     return out

@@ -273,7 +273,8 @@ def stage_key(parent: str, cfg: TrialConfig, stage: str, round_: int, hooks: Hoo
     trial's cfg.effective(): a method is keyed as the settings it runs under)."""
     on_gpu = hooks.device.type == "cuda"
     resolved: dict = {"precision": cfg.precision if on_gpu else "fp32",
-                      "max_length": cfg.max_length if task.modality == "text" else None}
+                      "max_length": cfg.max_length if task.modality == "text" else None,
+                      "image_resize": cfg.image_resize if task.source.startswith("imagefolder:") else None}
     if stage == "self_distill":
         distill = cfg.self_distill
         cached = uses_cache(distill.teacher_cache, distill.steps * distill.batch_size, len(task.unlabelled))

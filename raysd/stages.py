@@ -317,6 +317,8 @@ def evaluate(model: nn.Module, dataset: Dataset, task: Task, cfg: TrialConfig, h
 def metrics_from_confusion(confusion: torch.Tensor, loss_sum: float, names: tuple[str, ...]) -> dict:
     """confusion[true, predicted] -> loss, accuracy, macro-F1 and micro-F1 as asked."""
     total = float(confusion.sum())
+    if total == 0:  # an empty split (evaluation.val_fraction 0 without val/): nothing to measure
+        return {k: math.nan for k in ("loss", *names)}
     tp = confusion.diag()
     out = {"loss": loss_sum / total, "accuracy": float(tp.sum()) / total}
     if "macro_f1" in names or "micro_f1" in names:

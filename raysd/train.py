@@ -100,7 +100,8 @@ def _run(cfg: TrialConfig, artifacts: str | None, model_uri: str | None, run_uri
     spec = getattr(init, "spec", None)
     task = load_task(cfg.data, image_size=spec.img_size if spec else None,
                      tokenizer=getattr(init, "tokenizer", None), max_length=cfg.max_length,
-                     augment=cfg.finetune.augment, val_fraction=cfg.evaluation.val_fraction)
+                     augment=cfg.finetune.augment, val_fraction=cfg.evaluation.val_fraction,
+                     image_resize=cfg.image_resize)
     nodes = _node_ids(world)
     # Worker-group restarts so far; recipe.run_trial counts the same in its summary.
     attempt = resume["summary"].get("restarts", 0) + 1 if resume else 0

@@ -197,3 +197,33 @@ def test_an_image_over_pillows_pixel_limit_is_a_data_error_naming_it(tmp_path, c
     assert re.search(rf"{re.escape(str(root))}/train/\w+/3\.png: .*682 pixels", str(err.value)), err.value
     assert "\n" not in str(err.value)
     assert not [p for p in cache.iterdir() if p.is_dir()]
+
+
+def test_squash_resizes_both_sides_as_the_reference_does(tmp_path):
+    from torchvision import datasets, transforms
+
+    root = _folder(tmp_path / "data")
+    task = load_task(f"imagefolder:{root}", image_size=SIZE, image_resize="squash")
+    squash = transforms.Compose([transforms.Resize((SIZE, SIZE)), transforms.ToTensor(),
+                                 transforms.Normalize(MEAN.flatten().tolist(), STD.flatten().tolist())])
+    old = datasets.ImageFolder(str(root / "test"), transform=squash)
+    for i in range(len(old)):
+        torch.testing.assert_close(task.test[i]["x"], old[i][0], atol=1.5 / 255 / 0.224, rtol=0)
+    cropped = load_task(f"imagefolder:{root}", image_size=SIZE)
+    assert not torch.equal(cropped.test[0]["x"], task.test[0]["x"])  # its own cache
+
+
+def test_val_fraction_0_uses_all_of_train_and_a_search_needs_val(tmp_path):
+    from raysd.data import check_source
+    from raysd.errors import ConfigError
+
+    root = _folder(tmp_path / "data", splits=(("train", 5), ("test", 2)))
+    task = load_task(f"imagefolder:{root}", image_size=SIZE, val_fraction=0)
+    assert len(task.unlabelled) == len(task.train) == 15 and len(task.val) == 0
+    check_source(f"imagefolder:{root}", min_train=4, val_fraction=0)  # a single run may
+    with pytest.raises(ConfigError, match="val_fraction is 0 and .*val does not exist"):
+        check_source(f"imagefolder:{root}", min_train=4, val_fraction=0, selects=True)
+    check_source(f"imagefolder:{_folder(tmp_path / 'with_val')}", min_train=4, val_fraction=0, selects=True)
+    from raysd.stages import metrics_from_confusion  # an empty split measures nothing, not a crash
+
+    assert all(v != v for v in metrics_from_confusion(torch.zeros(3, 3), 0.0, ("accuracy",)).values())

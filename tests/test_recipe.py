@@ -189,6 +189,16 @@ def test_finetuning_trains_position_embeddings_with_hidden_dropout_where_the_ref
     assert tuned.requires_grad and not torch.equal(tuned.detach(), init.encoder.pos_embed)
 
 
+def test_the_head_is_initialised_as_the_reference():
+    """ViTForImageClassification's Linear init: truncated normal of std 0.02, zero bias."""
+    from raysd.models import Classifier
+
+    classifier = Classifier(_init(), 500)
+    classifier.init_head()
+    assert classifier.head.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert not classifier.head.bias.any()
+
+
 def test_the_embedding_dropout_is_applied():
     backbone = _init()
     for module in backbone.encoder.modules():

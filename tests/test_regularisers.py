@@ -246,3 +246,11 @@ def test_a_weight_target_is_keyed_without_the_teacher_cache(digits):
     keys = {_keys(tiny_config({"self_distill.teacher_cache": c}, method="match_weights_l2"), digits)[1]
             for c in ("on", "off")}
     assert len(keys) == 1
+
+
+def test_the_objectives_code_is_part_of_every_key():
+    """A round's objective lives in objectives.py and regularisers.py: editing either must not
+    reuse artifacts built by the old code."""
+    from raysd.artifacts import METHOD_CODE
+
+    assert {"objectives", "regularisers"} <= set(METHOD_CODE)

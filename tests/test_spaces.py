@@ -157,7 +157,7 @@ def test_asha_rungs_are_stage_boundaries_and_no_t_prime_is_cut_short():
     (["--set", "precision=fp16"], "precision: must be fp32 | tf32 | bf16"),
     (["--set", "finetune.augment=mixup"], "finetune.augment: must be flip | rrc | none"),
     (["--set", "finetune.dropout=1.5"], "finetune.dropout: must be a number in [0, 1)"),
-    (["--set", "evaluation.val_fraction=0"], "evaluation.val_fraction: must be a number in (0, 1)"),
+    (["--set", "evaluation.val_fraction=1"], "evaluation.val_fraction: must be a number in [0, 1)"),
 ])
 def test_dependent_settings_and_nested_set_errors(tmp_path, capsys, argv, message):
     code = cli.main(["tune", "--space", "demo", *argv, "--storage", str(tmp_path / "out"),

@@ -14,11 +14,13 @@ __all__ = ["SOURCES", "DataError", "Task", "check_source", "load_task"]
 
 
 def load_task(source: str, *, image_size: int | None = None, tokenizer: Any = None,
-              max_length: int = 128, augment: str = "none", val_fraction: float = 0.1) -> Task:
+              max_length: int = 128, augment: str = "none", val_fraction: float = 0.1,
+              image_resize: str = "crop") -> Task:
     """Resolve a data source string; ConfigError names the source when it cannot be used.
 
     `augment` is the fine-tuning view's augmentation of images (config.AUGMENTS);
-    `val_fraction` of train is held out for validation where the source has no val split."""
+    `val_fraction` of train is held out for validation where the source has no val split
+    (0: none, and val is empty); `image_resize` (config.RESIZES) fits image folders to size."""
     if source == "builtin:digits":
         from raysd.data.images import digits_task
 
@@ -31,7 +33,7 @@ def load_task(source: str, *, image_size: int | None = None, tokenizer: Any = No
     if kind == "imagefolder":
         from raysd.data.images import imagefolder_task
 
-        return imagefolder_task(path, image_size or 224, source, augment, val_fraction)
+        return imagefolder_task(path, image_size or 224, source, augment, val_fraction, image_resize)
     from raysd.data.text import hfdisk_task, jsonl_task
 
     loader = jsonl_task if kind == "jsonl" else hfdisk_task
@@ -51,10 +53,11 @@ def _folder(source: str) -> tuple[str, Path]:
     return kind, path
 
 
-def check_source(source: str, min_train: int, val_fraction: float = 0.1) -> None:
+def check_source(source: str, min_train: int, val_fraction: float = 0.1, selects: bool = False) -> None:
     """What can be known of a data source without decoding it, before Ray starts: it exists,
-    every split has the same classes (at least 2), and train holds at least `min_train`
-    examples (the largest global batch). ConfigError names the file, line or folder."""
+    every split has the same classes (at least 2), train holds at least `min_train` examples
+    (the largest global batch), and a study that `selects` has a validation split to select
+    on. ConfigError names the file, line or folder."""
     if source in BUILTINS:
         return
     kind, path = _folder(source)
@@ -63,6 +66,10 @@ def check_source(source: str, min_train: int, val_fraction: float = 0.1) -> None
     if kind == "imagefolder":
         from raysd.data.images import scan_imagefolder
 
+        if selects and val_fraction == 0 and not (path / "val").is_dir():
+            raise ConfigError(f"data {source!r}: evaluation.val_fraction is 0 and {path / 'val'} does "
+                              "not exist: a search selects on validation; add val/ or set "
+                              "evaluation.val_fraction > 0")
         train_size, num_classes = scan_imagefolder(path, source, val_fraction)
     else:
         from raysd.data.text import scan_jsonl

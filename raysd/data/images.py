@@ -102,17 +102,20 @@ def natural_crops(n: int, size: int, seed: int = 0) -> torch.Tensor:
 
 
 def imagefolder_task(root: Path, image_size: int, source: str, augment: str = "flip",
-                     val_fraction: float = 0.1) -> Task:
-    """DIR/train, DIR/val (split off train with a fixed seed when absent), DIR/test, each read
-    from the node's uint8 cache (decoded once, by the first trial that needs it)."""
+                     val_fraction: float = 0.1, resize: str = "crop") -> Task:
+    """DIR/train, DIR/val (split off train with a fixed seed when absent; empty when
+    val_fraction is 0), DIR/test, each read from the node's uint8 cache (decoded once, by the
+    first trial that needs it, squashed or cropped to size as `resize` says)."""
     root = root.resolve()
     classes = _class_folders(root, source)["train"]
-    cache = image_cache(root, image_size, classes)
+    cache = image_cache(root, image_size, classes, resize)
     train_plain = CachedImages(cache, "train")
     train_aug = CachedImages(cache, "train", train_augment(augment, image_size))
     test = CachedImages(cache, "test")
     if (root / "val").is_dir():
         val = CachedImages(cache, "val")
+    elif val_fraction == 0:  # the reference: all of train in every stage, no validation split
+        val = Subset(train_plain, [])
     else:
         train_idx, val_idx = split_indices(len(train_plain), (1 - val_fraction,))
         val = Subset(train_plain, val_idx.tolist())
@@ -150,7 +153,7 @@ class CachedImages(Dataset):
         return {"x": (x.float() / 255 - MEAN) / STD, "y": int(self.labels[i])}
 
 
-def image_cache(root: Path, image_size: int, classes: list[str]) -> Path:
+def image_cache(root: Path, image_size: int, classes: list[str], resize: str = "crop") -> Path:
     """The cache folder of `root` at `image_size`, built under a lock if no trial has yet.
 
     Its name hashes everything that decides its content (the root, every image's path, size and
@@ -171,8 +174,10 @@ def image_cache(root: Path, image_size: int, classes: list[str]) -> Path:
                for split in ("train", "val", "test") if (root / split).is_dir()}
     listing = {split: sorted(_stat(path, root) for path, _ in files)
                for split, files in samples.items()}
+    # A cropped cache keeps the name it had before `resize` existed.
     fingerprint = json.dumps([CACHE_VERSION, str(root), classes, image_size, listing,
-                              PIL.__version__, torchvision.__version__])
+                              PIL.__version__, torchvision.__version__]
+                             + ([] if resize == "crop" else [resize]))
     key = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
     target = cache_root() / "images" / f"{root.name}-{image_size}-{key}"
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -183,7 +188,7 @@ def image_cache(root: Path, image_size: int, classes: list[str]) -> Path:
             tmp.mkdir()
             try:
                 for split, files in samples.items():
-                    _decode_split(tmp, split, files, image_size)
+                    _decode_split(tmp, split, files, image_size, resize)
                 (tmp / "source.json").write_text(
                     json.dumps({"root": str(root), "image_size": image_size}))
                 tmp.rename(target)  # atomic: a half-built cache is never read
@@ -197,12 +202,17 @@ def _stat(path: str, root: Path) -> tuple[str, int, int]:
     return os.path.relpath(path, root), st.st_size, st.st_mtime_ns
 
 
-def _decode_split(folder: Path, split: str, files: list[tuple[str, int]], size: int) -> None:
+def _decode_split(folder: Path, split: str, files: list[tuple[str, int]], size: int,
+                  resize: str = "crop") -> None:
     """{split}.npy (uint8 [N, 3, size, size]) and {split}-labels.npy, decoded on a few threads
-    (PIL releases the GIL while decoding and resizing)."""
+    (PIL releases the GIL while decoding and resizing). squash: both sides to `size` (the
+    reference's feature extractor); crop: the short side to `size`, then a centre crop."""
     from torchvision import transforms
 
-    plain = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size)])
+    if resize == "squash":
+        plain = transforms.Resize((size, size))
+    else:
+        plain = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size)])
     images = np.lib.format.open_memmap(folder / f"{split}.npy", mode="w+", dtype=np.uint8,
                                        shape=(len(files), 3, size, size))
     paths = [path for path, _ in files]
