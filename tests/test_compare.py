@@ -147,7 +147,7 @@ def test_self_distill_is_also_paired_against_further_pretrain_by_fine_tuning_see
     labels = list(scores)
     text = table_text(rows, "val_accuracy", labels, "reference")
     assert "against finetune, and self_distill against further_pretrain" in text
-    assert "protocol reference: each variant pre-trained once" in text and "protocol full" not in text
+    assert "protocol reference: one pre-training seed" in text and "protocol full" not in text
     assert "fine-tuning's randomness alone" in text
     full = table_text(_rows(scores, method, "seed"), "val_accuracy", labels, "full")
     assert "protocol full: every stage ran once per seed" in full and "protocol reference" not in full
