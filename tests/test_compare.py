@@ -323,6 +323,7 @@ def test_a_comparison_of_every_method_is_interrupted_resumed_and_reported(tmp_pa
     assert not marker.exists()  # --resume unpickled nothing from the study folder
     text = table.read_text()
     assert text in resumed.stdout and "protocol reference" in text  # kept through --resume
+    assert "started: variant=self_distill T'=2, seed=1, finetune.seed=1" in resumed.stdout
     assert "test_accuracy - finetune" in text and "test_accuracy - further_pretrain" in text
     assert all(f"\n{variant} " in text or f" {variant} " in text for variant in variants)
     assert "(baseline)" in text and "(n=1)" in text
