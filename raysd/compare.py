@@ -158,8 +158,9 @@ def table_text(rows: pd.DataFrame, metric: str, labels: list[str], protocol: str
     table = summary_table(rows, metric, baseline, pair_column(protocol))
     distilled, pretrained = CONTRAST
     contrasted = pretrained != baseline and any(c.endswith(f" - {pretrained}") for c in table.columns)
-    head = (f"{metric} over seeds (mean ± std); paired differences (same seed) with a 95 % "
-            f"t-interval against {baseline}" + (f", and {distilled} against {pretrained}" if contrasted else ""))
+    head = (f"{metric} over seeds (mean ± std); paired differences against {baseline}"
+            + (f", and {distilled} against {pretrained}" if contrasted else "")
+            + " (same seed, with a 95 % t-interval)")
     return f"{head}\n{PROTOCOL_LINES[protocol]}\n{table.to_string(index=False)}\n"
 
 
