@@ -222,8 +222,8 @@ MUTATIONS = [
              'b = done[done["variant"] == baseline].reset_index(drop=True)[column]',
              ("tests/test_compare.py::test_paired_interval_is_scipys_paired_t_interval_over_the_seeds_both_ran",)),
     Mutation("contrast_against_finetune", "raysd/compare.py",
-             'against[f"{test} - {reference}"] = (reference, contrasted)',
-             'against[f"{test} - {reference}"] = (baseline, contrasted)',
+             'against[f"{test} - {pretrained}"] = (pretrained, contrasted)',
+             'against[f"{test} - {pretrained}"] = (baseline, contrasted)',
              ("tests/test_compare.py::test_self_distill_is_also_paired_against_further_pretrain_by_fine_tuning_seed",)),
     # Under --protocol reference every trial of a variant has one seed; only finetune.seed varies.
     Mutation("reference_pairs_on_seed", "raysd/compare.py",

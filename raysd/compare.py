@@ -9,9 +9,10 @@ baseline, and self_distill against further_pretrain when both ran.
 
 Two protocols, which make ± mean different things:
 - full: every stage runs once per seed (`seed`), so the spread includes pre-training's;
-- reference: what the reference code did - each variant pre-trains once (seed = the first
-  seed) and only fine-tuning repeats over seeds (`finetune.seed`), so the spread is
-  fine-tuning's alone. A comparison's protocol is what its variants set (study.yaml).
+- reference: what the reference code did - pre-training has one seed (the first seed), so
+  its stages are built once and shared through the artifact store, and only fine-tuning
+  repeats over seeds (`finetune.seed`): the spread is fine-tuning's alone. A comparison's
+  protocol is what its variants set (study.yaml).
 """
 from __future__ import annotations
 
@@ -35,9 +36,9 @@ CONTRAST = ("self_distill", "further_pretrain")
 PROTOCOL_LINES = {
     "full": "protocol full: every stage ran once per seed; ± and intervals include "
             "pre-training's randomness",
-    "reference": "protocol reference: each variant pre-trained once, fine-tuning repeated over "
-                 "seeds (finetune.seed), as the reference code did; ± and intervals are "
-                 "fine-tuning's randomness alone",
+    "reference": "protocol reference: one pre-training seed, fine-tuning repeated over seeds "
+                 "(finetune.seed), as the reference code did; ± and intervals are fine-tuning's "
+                 "randomness alone",
 }
 
 
@@ -122,11 +123,11 @@ def summary_table(rows: pd.DataFrame, metric: str, baseline: str | None,
     labels = list(dict.fromkeys(done["variant"]))
     if baseline is not None:
         against[f"{test} - {baseline}"] = (baseline, set(labels))
-    method, reference = CONTRAST
-    if reference in labels and "method" in done.columns:
-        contrasted = set(done.loc[done["method"] == method, "variant"])
-        if contrasted and reference != baseline:
-            against[f"{test} - {reference}"] = (reference, contrasted)
+    distilled, pretrained = CONTRAST
+    if pretrained in labels and "method" in done.columns:
+        contrasted = set(done.loc[done["method"] == distilled, "variant"])
+        if contrasted and pretrained != baseline:
+            against[f"{test} - {pretrained}"] = (pretrained, contrasted)
     out = []
     for variant, group in done.groupby("variant", sort=False):
         line = {"variant": variant, "n": len(group)}
@@ -155,10 +156,11 @@ def table_text(rows: pd.DataFrame, metric: str, labels: list[str], protocol: str
     """compare.txt: what the numbers are, the protocol that made them, and the table."""
     baseline = baseline_of(labels)
     table = summary_table(rows, metric, baseline, pair_column(protocol))
-    method, reference = CONTRAST
-    contrasted = reference != baseline and any(c.endswith(f" - {reference}") for c in table.columns)
-    head = (f"{metric} over seeds (mean ± std); paired differences (same seed) with a 95 % "
-            f"t-interval against {baseline}" + (f", and {method} against {reference}" if contrasted else ""))
+    distilled, pretrained = CONTRAST
+    contrasted = pretrained != baseline and any(c.endswith(f" - {pretrained}") for c in table.columns)
+    head = (f"{metric} over seeds (mean ± std); paired differences against {baseline}"
+            + (f", and {distilled} against {pretrained}" if contrasted else "")
+            + " (same seed, with a 95 % t-interval)")
     return f"{head}\n{PROTOCOL_LINES[protocol]}\n{table.to_string(index=False)}\n"
 
 

@@ -99,7 +99,7 @@ def figure5(rows: pd.DataFrame) -> plt.Figure | None:
     for ax, column in zip(axes, ("gen_gap", "init_distance")):
         _per_variant(ax, done, column)
     axes[0].set_title("generalisation gap (test loss - train loss)")
-    axes[1].set_title("||theta_init - theta_final||_2 (init_distance)")
+    axes[1].set_title(r"$\Vert\theta_{init} - \theta_{final}\Vert_2$ (init_distance)")
     return fig
 
 

@@ -49,7 +49,8 @@ class StudyConsole(Callback):
         tid = config.pop(TRIAL_ID)
         variant = config.pop("variant", None)  # raysd compare: a label and its fixed values
         if variant:
-            config = {"variant": variant["variant"], "seed": variant["values"].get("seed")}
+            config = {"variant": variant["variant"], **{k: v for k, v in variant["values"].items()
+                                                        if k in ("seed", "finetune.seed")}}
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in config.items())
         self._print(f"trial {tid} started: {params}")
 
