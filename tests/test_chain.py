@@ -23,8 +23,8 @@ class Rows:
             self.states.append(state)
 
 
-# No k-NN signal: it takes no part in a point's metrics, and costs a pass per stage.
-CHAIN = {"evaluation.signal": "none", "logging.checkpoint_every": 2}
+# No k-NN signal (it takes no part in a point's metrics) and small evaluations: cheap stages.
+CHAIN = {"evaluation.signal": "none", "logging.checkpoint_every": 2, "evaluation.max_examples": 64}
 
 
 def test_a_chain_reports_every_point_bit_identical_to_an_independent_run(digits):
