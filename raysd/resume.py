@@ -36,14 +36,23 @@ TRIAL_ID = "trial_id"  # a trial's config key: its raysd id
 # study.yaml's `state_format`: 2 = resumed from raysd's own files (this module). Studies
 # without it were resumed through Tune's pickled state, which raysd no longer loads.
 STATE_FORMAT = 2
-FINISHED = ("completed", "stopped")
+FINISHED = ("completed", "stopped")  # never run again (ASHA never resumes a stopped trial)
 # A chain's point in the Optuna study: its chain's raysd id and its T' (user attributes).
-CHAIN_ATTR, POINT_ATTR = "raysd_chain", "raysd_point"  # never run again (ASHA never resumes a stopped trial)
+CHAIN_ATTR, POINT_ATTR = "raysd_chain", "raysd_point"
 
 
 def searched_id(number: int) -> str:
-    """The raysd id of a searched trial: its Optuna trial's number."""
+    """The raysd id of a searched trial: its place among the Optuna trials the sampler drew
+    (its Optuna trial's number, less the chains' points told before it)."""
     return f"trial_{number:04d}"
+
+
+def drawn_number(study: optuna.Study, number: int) -> int:
+    """An Optuna trial's place among the trials the sampler drew (a chain study's points, told
+    as trials of their own, do not count): what its raysd id and its sampler seed follow, so a
+    study proposes the same, under the same ids, however its points interleave."""
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if t.number < number and POINT_ATTR not in t.user_attrs)
 
 
 def fixed_configs(total: int, variants: list[dict] | None) -> list[dict]:
@@ -93,8 +102,8 @@ class FixedTrials(Searcher):
 
 
 class SeededTPESampler(optuna.samplers.TPESampler):
-    """TPE whose random draws for trial n are seeded from (seed, n): a proposal depends on the
-    seed, the trial's number and the study's history only, not on how many proposals this
+    """TPE whose random draws for trial n (drawn_number) are seeded from (seed, n): a proposal
+    depends on the seed, the trial's number and the study's history only, not on how many proposals this
     sampler object made before - so a resumed study proposes what an uninterrupted one would."""
 
     def __init__(self, seed: int | None, **options):
@@ -104,8 +113,9 @@ class SeededTPESampler(optuna.samplers.TPESampler):
     def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         super().before_trial(study, trial)
         if self.seed is not None:
-            self._rng.rng.seed([self.seed, trial.number])  # TPE's own draws
-            self._random_sampler._rng.rng.seed([self.seed, trial.number, 1])  # its startup trials
+            number = drawn_number(study, trial.number)
+            self._rng.rng.seed([self.seed, number])  # TPE's own draws
+            self._random_sampler._rng.rng.seed([self.seed, number, 1])  # its startup trials
 
 
 class StudySearch(OptunaSearch):
@@ -115,12 +125,14 @@ class StudySearch(OptunaSearch):
     def __init__(self, *, finished: dict[str, dict], points=None, **options):
         super().__init__(**options)
         self._reruns = []
-        self._space = points  # a chain study's Space: each point becomes an Optuna trial
+        self._point_space = points  # a chain study's Space: each point becomes an Optuna trial
         self._chains: dict[str, tuple[str, dict, dict]] = {}  # Tune id -> raysd id, params, distributions
+        drawn, self._ids = 0, {}  # Optuna trial number -> raysd id
         for trial in self._ot_study.get_trials(deepcopy=False):
             if POINT_ATTR in trial.user_attrs:  # a chain's point, told when it was reported
                 continue
-            row = finished.get(searched_id(trial.number))
+            self._ids[trial.number], drawn = searched_id(drawn), drawn + 1
+            row = finished.get(self._ids[trial.number])
             if row is None:
                 self._reruns.append(trial)
             elif trial.state == optuna.trial.TrialState.RUNNING:  # ended, but never told
@@ -137,12 +149,14 @@ class StudySearch(OptunaSearch):
             trial = self._reruns.pop(0)
             if trial.state == optuna.trial.TrialState.RUNNING:  # told when this run ends
                 self._ot_trials[trial_id] = optuna.Trial(self._ot_study, trial._trial_id)
-            self._chains[trial_id] = (searched_id(trial.number), trial.params, trial.distributions)
-            return {**trial.params, TRIAL_ID: searched_id(trial.number)}
+            raysd_id = self._ids[trial.number]
+            self._chains[trial_id] = (raysd_id, trial.params, trial.distributions)
+            return {**trial.params, TRIAL_ID: raysd_id}
         config = super().suggest(trial_id)
         ot_trial = self._ot_trials[trial_id]
-        self._chains[trial_id] = (searched_id(ot_trial.number), ot_trial.params, ot_trial.distributions)
-        return {**config, TRIAL_ID: searched_id(ot_trial.number)}
+        raysd_id = searched_id(drawn_number(self._ot_study, ot_trial.number))
+        self._chains[trial_id] = (raysd_id, ot_trial.params, ot_trial.distributions)
+        return {**config, TRIAL_ID: raysd_id}
 
     def _tell_point(self, trial_id: str, result: dict) -> None:
         """A chain's point as a completed Optuna trial of its own, with T' among its params (so
@@ -153,8 +167,8 @@ class StudySearch(OptunaSearch):
                 for tr in self._ot_study.get_trials(deepcopy=False)}
         if (raysd_id, t) in told or self.metric not in result:
             return
-        rounds = next(p for p in self._space.params if p.key == ROUNDS)
-        values = self._space.active({**params, ROUNDS: t})
+        rounds = next(p for p in self._point_space.params if p.key == ROUNDS)
+        values = self._point_space.active({**params, ROUNDS: t})
         dists = {**distributions, ROUNDS: optuna.distributions.IntDistribution(
             int(rounds.low), int(rounds.high), step=int(rounds.step or 1))}
         self._ot_study.add_trial(optuna.trial.create_trial(
@@ -162,7 +176,7 @@ class StudySearch(OptunaSearch):
             user_attrs={CHAIN_ATTR: raysd_id, POINT_ATTR: t}))
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if self._space is not None and "points_done" in result and trial_id in self._chains:
+        if self._point_space is not None and "points_done" in result and trial_id in self._chains:
             self._tell_point(trial_id, result)
         # Stage rows carry losses only; a rerun whose Optuna trial had ended has none to tell.
         if self.metric in result and trial_id in self._ot_trials:
