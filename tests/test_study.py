@@ -383,7 +383,8 @@ def test_the_best_trials_model_is_kept_and_exports_to_transformers(demo_study, t
 
     _, study, _ = demo_study
     trials = pq.read_table(study / "results" / "trials.parquet").to_pandas()
-    best = ranked(trials, "val_accuracy", "max").iloc[0].trial_id
+    top = ranked(trials, "val_accuracy", "max").iloc[0]
+    best = top.trial_id
     assert [p.name for p in (study / "models").iterdir()] == [best]
     out = tmp_path / "exported"
     assert cli.main(["export", str(study), str(out)]) == 0
@@ -397,3 +398,8 @@ def test_the_best_trials_model_is_kept_and_exports_to_transformers(demo_study, t
     card = (out / "README.md").read_text()
     assert best in card and "mask_ratio" in card and "val_accuracy" in card
     assert cli.main(["export", str(study), str(tmp_path / "x"), "--trial", "nope"]) == 2
+    # a chain keeps the model of its best point: that point is named ID@T', another is refused
+    t = int(top["param.self_distill.rounds"])
+    assert meta["metrics"]["rounds"] == t and "self_distill.rounds" in card
+    other = next(r for r in (0, 1, 2) if r != t)
+    assert cli.main(["export", str(study), str(tmp_path / "y"), "--trial", f"{best}@{other}"]) == 2
