@@ -33,7 +33,9 @@ def _clean(value: Any) -> Any:
 def trial_row(space: Space, trial_id: str, config: dict, last: dict, status: str,
               error: str | None, wall_seconds: float) -> dict:
     """One row of trials.parquet: params, resolved settings, final metrics, cost, provenance."""
-    values = space.active({p.key: config.get(p.key) for p in space.params})
+    values = {p.key: config.get(p.key) for p in space.params}
+    active = space.active({k: v for k, v in values.items() if v is not None})  # at this row's T'
+    values = {k: active.get(k) for k in values}
     variant = config.get("variant")  # raysd compare: a fixed variant, not a searched point
     if variant:
         values.update(variant["values"])

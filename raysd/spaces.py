@@ -114,7 +114,7 @@ class Space:
         return tuple(p for p in self.params if p.key != ROUNDS) if self.chain else self.params
 
     def active(self, values: dict) -> dict:
-        """`values` without the parameters whose `when` does not hold for them."""
+        """`values` (no None among them) without the parameters whose `when` does not hold."""
         out: dict = {}
         for param in self.params:
             if param.key in values and param.active({**values, **out}):

@@ -27,8 +27,11 @@ class Rows:
 CHAIN = {"evaluation.signal": "none", "logging.checkpoint_every": 2, "evaluation.max_examples": 64}
 
 
-def test_a_chain_reports_every_point_bit_identical_to_an_independent_run(digits):
+def test_a_chain_reports_every_point_bit_identical_to_an_independent_run(digits, tmp_path):
+    from raysd.artifacts import ArtifactStore
+
     chain = Rows()
+    chain.hooks.artifacts = ArtifactStore(str(tmp_path), owner="chain")
     out = run_trial(tiny_config({**CHAIN, "self_distill.rounds": 1}), digits, _init(), chain.hooks,
                     chain=Chain((0, 1, 2)))
     got = points(out)
@@ -39,6 +42,11 @@ def test_a_chain_reports_every_point_bit_identical_to_an_independent_run(digits)
     for key, value in got[1].items():
         assert alone[key] == value, key
     assert {"val_accuracy", "test_accuracy", "gen_gap", "init_distance"} <= set(got[1])
+    # The chain's stages are artifacts as a trial's are: a trial of T' = 2 loads them all.
+    shared = run_trial(tiny_config({**CHAIN, "self_distill.rounds": 2}), digits, _init(),
+                       Hooks(artifacts=ArtifactStore(str(tmp_path), owner="param")))
+    assert shared["reused_further_pretrain"] and shared["reused_self_distill_1"] and shared["reused_self_distill_2"]
+    assert all(shared[key] == value for key, value in got[2].items())
     # Each point is reported at its boundary, with its T' and the chain's clock.
     reported = [r for r in chain.rows if "points_done" in r]
     assert [(r["rounds"], r["points_done"]) for r in reported] == [(0, 1), (1, 2), (2, 3)]
