@@ -126,7 +126,10 @@ class StudyRecorder(Callback):
     @_guarded
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         tid = trial.config[TRIAL_ID]
-        self.results.add(tid, history_row(tid, result))
+        # A chain's last report repeats its last point's row (the same stage, round and step)
+        # with the best point's metrics: the point's own row stays in the history.
+        if not (self.space.chain is not None and result.get("trial_done")):
+            self.results.add(tid, history_row(tid, result))
         self.tensorboard.scalars(tid, result)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
