@@ -5,6 +5,9 @@
   metrics = finetune_and_evaluate(theta_T', D_tr)  -> val and test metrics (and the model,
                                                       kept when the caller's hooks save it)
 
+A chain (chain.py) runs the rounds up to T_max and fine-tunes after theta_0 and after every
+round: one (gamma, lambda) yields every T' point, each equal to a trial of that T' alone.
+
 Every pre-training stage's output is an artifact keyed by everything that determines it
 (artifacts.py): a trial whose key exists loads it instead of training, and two trials never
 train the same key at once. After each pre-training stage an early signal (k-NN accuracy of the
