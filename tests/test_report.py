@@ -156,6 +156,16 @@ def test_a_chain_study_reports_figure_4_and_each_chains_argmax_t_prime(tmp_path)
     assert (width, height) == (1000, 400)  # validation and test panels
 
 
+def test_a_study_saved_before_chains_reads_as_sampling_t_prime(tmp_path):
+    study = make_study(tmp_path)
+    text = (study / "space.yaml").read_text()
+    (study / "space.yaml").write_text(text.replace("  rounds: param", ""))
+    import yaml
+
+    assert "rounds" not in yaml.safe_load((study / "space.yaml").read_text())["study"]
+    assert StudyFolder(str(study)).space().chain is None
+
+
 def test_no_completed_trials_still_reports(tmp_path):
     study = make_study(tmp_path, [t for t in TRIALS if t[1] != "completed"])
     text = write_report(str(study))
