@@ -212,6 +212,25 @@ MUTATIONS = [
     Mutation("load_trusts_the_weights", "raysd/artifacts.py",
              "if state_hash(weights) != meta[\"weights_hash\"]:", "if False:",
              ("tests/test_leases.py::test_a_load_checks_the_weights_against_the_hash_in_meta",)),
+    # --- chains (chain.py, recipe.py) ---
+    # A chain's fine-tune seeded by the round it follows: its points no longer equal
+    # independent runs of their T'.
+    Mutation("chain_finetune_seeded_by_round", "raysd/recipe.py",
+             "PointRun(cfg, hooks, stage, 0, point=round_, **where)",
+             "PointRun(cfg, hooks, stage, round_, point=round_, **where)",
+             ("tests/test_chain.py::test_a_chain_reports_every_point_bit_identical_to_an_independent_run",)),
+    # The best point by the last one: a chain's Tune metric is its last T', not its best.
+    Mutation("chain_best_is_last", "raysd/chain.py",
+             "value > best if self.mode == \"max\" else value < best", "True",
+             ("tests/test_chain.py::test_a_chain_reports_every_point_bit_identical_to_an_independent_run",)),
+    # A chain run again (--resume, a restart) tells its points to Optuna a second time.
+    Mutation("chain_point_told_twice", "raysd/resume.py",
+             "if (raysd_id, t) in told or self.metric not in result:", "if self.metric not in result:",
+             ("tests/test_resume.py::test_a_chains_points_are_optuna_trials_of_their_own_that_move_no_id_or_proposal",)),
+    # Sampler seeds by Optuna number: the points told between chains change later proposals.
+    Mutation("chain_seed_counts_points", "raysd/resume.py",
+             "number = drawn_number(study, trial.number)", "number = trial.number",
+             ("tests/test_resume.py::test_a_chains_points_are_optuna_trials_of_their_own_that_move_no_id_or_proposal",)),
     # --- results and the comparison ---
     Mutation("z_interval", "raysd/compare.py",
              "stats.t.ppf(0.975, len(diff) - 1)", "stats.norm.ppf(0.975)",

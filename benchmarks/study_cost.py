@@ -4,6 +4,14 @@ the results compared trial by trial (reuse must not change them at a fixed seed)
 
   python benchmarks/study_cost.py                # the demo's budgets (about 15 min on 2 cores)
   python benchmarks/study_cost.py --scale 0.25   # a quarter of every stage's steps
+  python benchmarks/study_cost.py --chain --scale 0.25   # param mode vs chain mode (below)
+
+--chain compares how a searched T' is run, on the same (gamma, lambda) set, both with shared
+artifacts: param mode, one trial per (gamma, lambda) with T' in 0..3 chosen by a seeded Optuna
+TPE; chain mode (chain.py), one chain per (gamma, lambda) fine-tuned at T' = 0..3. It prints the
+training seconds per (gamma, lambda, T') point evaluated in each, checks that the points both
+evaluated have identical metrics, and ends with one line:
+`chain: seconds_per_point_ratio=R shared_points_identical=yes|no` (R = chain / param).
 
 It runs the Ray-free recipe one trial after another: it measures compute, which is what reuse
 saves. A study on Ray adds the same per-trial overhead (starting a worker group) to both runs.
@@ -20,6 +28,7 @@ import time
 
 from raysd import schema
 from raysd.artifacts import ArtifactStore
+from raysd.chain import Chain, points
 from raysd.bootstrap import theta_init
 from raysd.data import load_task
 from raysd.recipe import Hooks, run_trial
@@ -94,11 +103,69 @@ def tree_cost(cfgs: list, unit: dict[str, float], shared: bool) -> float:
     return cost
 
 
+CHAIN_POINTS = (0, 1, 2, 3)
+
+
+def chain_case(cfgs: list, task) -> bool:
+    """Param mode (TPE picks T' per (gamma, lambda)) vs chain mode on the same pairs; True when
+    the shared points are identical."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    pairs = list(dict.fromkeys((c.mask_ratio, c.self_distill.mae_weight) for c in cfgs))
+    base = {(c.mask_ratio, c.self_distill.mae_weight): c for c in cfgs}
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
+    param: dict = {}
+    with tempfile.TemporaryDirectory() as store:
+        print("param mode (TPE chooses T'):")
+        for i, pair in enumerate(pairs):
+            trial = study.ask()
+            t = trial.suggest_int("self_distill.rounds", min(CHAIN_POINTS), max(CHAIN_POINTS))
+            cfg = schema.with_values(base[pair], {"self_distill.rounds": t})
+            summary = run_trial(cfg, task, theta_init(cfg.model, cfg.weights, cfg.seed),
+                                Hooks(artifacts=ArtifactStore(store, owner=f"param-{i}")))
+            study.tell(trial, summary["val_accuracy"])
+            param[(*pair, t)] = summary
+            print(f"  gamma {pair[0]:.2f} lambda {pair[1]:.1f} T' {t}  val_accuracy "
+                  f"{summary['val_accuracy']:.4f}  trained {summary['trained_seconds']:6.1f} s", flush=True)
+    chain: dict = {}
+    chain_seconds = 0.0
+    with tempfile.TemporaryDirectory() as store:
+        print(f"chain mode (T' = {', '.join(map(str, CHAIN_POINTS))} from one chain each):")
+        for i, pair in enumerate(pairs):
+            cfg = base[pair]
+            summary = run_trial(cfg, task, theta_init(cfg.model, cfg.weights, cfg.seed),
+                                Hooks(artifacts=ArtifactStore(store, owner=f"chain-{i}")),
+                                chain=Chain(CHAIN_POINTS))
+            chain_seconds += summary["trained_seconds"]
+            for t, metrics in points(summary).items():
+                chain[(*pair, t)] = metrics
+            print(f"  gamma {pair[0]:.2f} lambda {pair[1]:.1f}  val_accuracy by T' "
+                  + " ".join(f"{points(summary)[t]['val_accuracy']:.4f}" for t in CHAIN_POINTS)
+                  + f"  trained {summary['trained_seconds']:6.1f} s", flush=True)
+    param_seconds = sum(s["trained_seconds"] for s in param.values())
+    per_point = (param_seconds / len(param), chain_seconds / len(chain))
+    shared = [k for k in param if k in chain]
+    keys = [k for k in chain[shared[0]] if k.startswith(("val_", "test_"))] if shared else []
+    same = bool(shared) and all(param[k][m] == chain[k][m] for k in shared for m in keys)
+    print(f"training seconds per point  param {per_point[0]:7.1f} ({len(param)} points)  "
+          f"chain {per_point[1]:7.1f} ({len(chain)} points)")
+    print(f"shared points: {len(shared)}, {len(keys)} metrics each")
+    print(f"chain: seconds_per_point_ratio={per_point[1] / per_point[0]:.3f} "
+          f"shared_points_identical={'yes' if same else 'no'}")
+    return same
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps")
+    parser.add_argument("--chain", action="store_true", help="param mode vs chain mode instead")
     args = parser.parse_args()
     cfgs = configs(args.scale)
+    if args.chain:
+        task = load_task(cfgs[0].data, image_size=32)
+        theta_init(cfgs[0].model, cfgs[0].weights, cfgs[0].seed)
+        return 0 if chain_case(cfgs, task) else 1
     task = load_task(cfgs[0].data, image_size=32)
     theta_init(cfgs[0].model, cfgs[0].weights, cfgs[0].seed)  # build the demo's weights first
     print(f"{len(cfgs)} trials: gamma x lambda x T' = (0.6, 0.75) x (0.3, 1.0) x (1, 2, 3); "

@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="a trial's fine-tuned model as a transformers (and timm) folder")
     export.add_argument("study", help="<storage>/<study> folder or URI")
     export.add_argument("out", help="the folder to write")
-    export.add_argument("--trial", default="best", help="best (by the validation metric) or a trial id")
+    export.add_argument("--trial", default="best", help="best (by the validation metric), a trial id (a chain: its best point) or "
+                             "ID@T' (one point of a chain: the one whose model it kept)")
     ls = sub.add_parser("ls", help="the studies in a storage: space, trials by status, best value")
     ls.add_argument("storage", nargs="?", default=DEFAULT_STORAGE,
                     help="local folder or URI (default: ./raysd_results)")

@@ -88,7 +88,10 @@ def trial_variants(trials: pd.DataFrame, metric: str, mode: str, top: int, seeds
                   if k.startswith("param.") and not _missing(v)}
         params = {k: int(v) if float(v).is_integer() and k.endswith(("rounds", "steps", "seed")) else v
                   for k, v in params.items()}
-        variants += [{"variant": row["trial_id"], "values": {**params, **s}} for s in per_seed]
+        # A chain study's row is one point of a chain: ID@T' names it.
+        label = row["trial_id"] if _missing(row.get("best_point")) else \
+            f"{row['trial_id']}@{int(row['cfg.self_distill.rounds'])}"
+        variants += [{"variant": label, "values": {**params, **s}} for s in per_seed]
     return variants
 
 

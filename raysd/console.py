@@ -73,13 +73,16 @@ class StudyConsole(Callback):
         if config.get("variant"):
             values.update(config["variant"]["values"])
         cfg = self.space.trial_config(values)
+        chain = self.space.chain if not config.get("variant") else None
+        plan = chain.plan(chain.config(cfg)) if chain else cfg.stages()
+        cfg = chain.config(cfg) if chain else cfg  # a chain trains rounds up to its deepest point
         stage, round_ = row["stage"], row.get("round", 0)
         stage_cfg = getattr(cfg, stage)
         text = stage + (f" round {round_}/{cfg.self_distill.rounds}" if stage == "self_distill" else "")
         text += f" step {row.get('step', 0)}/{stage_cfg.steps}"
         rate = row.get("samples_per_s")
         if rate:
-            total = sum(getattr(cfg, s).steps for s, _ in cfg.stages())
+            total = sum(getattr(cfg, s).steps for s, _ in plan)
             left = max(0, total - row.get("progress", 0))
             text += f", {rate:.0f} samples/s, ETA {_duration(left * stage_cfg.batch_size / rate)}"
         return text

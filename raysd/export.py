@@ -229,11 +229,16 @@ def export_trial(study_uri: str, trial: str, out_dir: str) -> tuple[str, Path | 
     _destination(out_dir)  # a destination that cannot be written is refused before anything is read
     folder = StudyFolder(study_uri)
     space = folder.space()
-    row = folder.best() if trial == "best" else folder.trial(trial)
+    row = folder.best() if trial == "best" else _trial_row(folder, trial)
     if row is None and trial == "best":
         raise ConfigError(f"{study_uri}: no completed trial with {space.study.metric} to export")
     if row is None:
         raise ConfigError(f"--trial {trial}: no such trial in {study_uri}")
+    if "best_point" in row and folder.store.exists(MODELS, row["trial_id"]):
+        kept = read_meta(f"{study_uri}/{MODELS}/{row['trial_id']}")["metrics"].get("rounds")
+        if kept != row.get("cfg.self_distill.rounds"):  # a chain keeps its best point's model
+            raise ConfigError(f"--trial {trial}: chain {row['trial_id']} kept the model of its "
+                              f"best point, {row['trial_id']}@{kept}, not this one")
     card = {"trial_id": row["trial_id"], "study": study_uri, "method": row.get("cfg.method"),
             "params": {k[len("param."):]: v for k, v in row.items() if k.startswith("param.")},
             "metrics": {k: v for k, v in row.items()
@@ -243,6 +248,22 @@ def export_trial(study_uri: str, trial: str, out_dir: str) -> tuple[str, Path | 
         raise ConfigError(f"trial {row['trial_id']}: no saved model in {study_uri}/{MODELS} "
                           f"(the study kept {kept!r} models; --keep-models all keeps every one)")
     return row["trial_id"], export_model(f"{study_uri}/{MODELS}/{row['trial_id']}", out_dir, card)
+
+
+def _trial_row(folder, trial: str) -> dict | None:
+    """The row `--trial` names: a trial id, whose best point in a chain study, or ID@T' for
+    one point of a chain."""
+    tid, _, point = trial.partition("@")
+    trials = folder.trials()
+    rows = trials[trials["trial_id"] == tid] if not trials.empty else trials
+    if point:
+        column = "cfg.self_distill.rounds"
+        rows = rows[rows[column].astype(str) == point] if column in rows else rows.iloc[:0]
+    elif "best_point" in rows and rows["best_point"].fillna(False).astype(bool).any():
+        rows = rows[rows["best_point"].fillna(False).astype(bool)]
+    if rows.empty:
+        return None
+    return {k: v for k, v in rows.iloc[0].items() if not (isinstance(v, float) and v != v)}
 
 
 # ---- ViT: raysd (timm encoder) -> transformers ViTForImageClassification ---------------------

@@ -108,7 +108,7 @@ SMOKE_STEPS = {"further_pretrain": 2, "self_distill": 2, "finetune": 4}
 
 def smoke_overrides(space: Space, use_gpu: bool) -> dict[str, Any]:
     """What `--smoke` changes of a space: only what costs time. The model, weights, data and
-    search stay; every stage runs (a searched T' becomes 1); 2 trials on one worker each."""
+    search stay; every stage runs (a searched T' becomes 1, a chain's points 0 and 1); 2 trials on one worker each."""
     from raysd import models
 
     cfg = space.trial_config()
@@ -127,7 +127,10 @@ def smoke_overrides(space: Space, use_gpu: bool) -> dict[str, Any]:
                 "resources.custom": {}, "resources.accelerator_type": None,
                 "study.num_samples": 2, "study.smoke": True})
     rounds = next((p for p in space.params if p.key == "self_distill.rounds"), None)
-    if rounds is not None and rounds.high >= 1:
+    if space.chain is not None:  # a chain of one round: both points, every stage once
+        low = min(int(rounds.low), 1)
+        out["search.self_distill.rounds"] = {"type": "int", "low": low, "high": low + 1}
+    elif rounds is not None and rounds.high >= 1:
         out["search.self_distill.rounds"] = {"type": "choice", "choices": [max(1, int(rounds.low))]}
     elif rounds is None and PLANS[cfg.method] == "self_distill":
         out["self_distill.rounds"] = max(cfg.self_distill.rounds, 1)

@@ -5,6 +5,9 @@
   metrics = finetune_and_evaluate(theta_T', D_tr)  -> val and test metrics (and the model,
                                                       kept when the caller's hooks save it)
 
+A chain (chain.py) runs the rounds up to T_max and fine-tunes after theta_0 and after every
+round: one (gamma, lambda) yields every T' point, each equal to a trial of that T' alone.
+
 Every pre-training stage's output is an artifact keyed by everything that determines it
 (artifacts.py): a trial whose key exists loads it instead of training, and two trials never
 train the same key at once. After each pre-training stage an early signal (k-NN accuracy of the
@@ -27,6 +30,7 @@ import torch
 from torch import nn
 
 from raysd import __version__
+from raysd.chain import Chain
 from raysd.artifacts import LAYOUT, code_version, digest, library_versions, state_hash
 from raysd.config import TrialConfig
 from raysd.schema import key_inputs
@@ -69,23 +73,32 @@ def stage_name(stage: str, round_: int) -> str:
     return f"self_distill_{round_}" if stage == "self_distill" else stage
 
 
-def run_trial(cfg: TrialConfig, task: Task, init: nn.Module, hooks: Hooks) -> dict:
+def run_trial(cfg: TrialConfig, task: Task, init: nn.Module, hooks: Hooks,
+              chain: Chain | None = None) -> dict:
     """Run every stage of cfg.method from theta_init (`init`, never modified); return the
-    trial's summary: final metrics, per-stage seconds, artifact keys, reuse and signals."""
+    trial's summary: final metrics, per-stage seconds, artifact keys, reuse and signals.
+
+    With `chain` (chain.py), rounds run up to the chain's deepest point and every point's
+    fine-tune follows its round; each point is reported at its boundary with its T' as
+    `rounds` and `points_done` (ASHA's clock in a chain study)."""
     cfg = cfg.effective()  # a baseline or ablation: its plan's stages under its settings
-    plan = cfg.stages()
+    if chain is not None:
+        cfg = chain.config(cfg)
+    plan = chain.plan(cfg) if chain is not None else cfg.stages()
     state = _resumed(hooks.resume, plan) if hooks.resume is not None else _fresh(cfg, task, init, hooks)
     ledger = Ledger(state.summary)
     last: dict = {}
     for index in range(state.stage_index, len(plan)):
         stage, round_ = plan[index]
         state.stage_index = index
-        run = StageRun(seeded_for(cfg, stage), hooks, stage, round_,
-                       offset=sum(getattr(cfg, s).steps for s, _ in plan[:index]),
-                       resume=state.mid_stage,
-                       checkpoint=lambda m: dataclasses.replace(state, mid_stage=m).to_dict())
+        where = dict(offset=sum(getattr(cfg, s).steps for s, _ in plan[:index]), resume=state.mid_stage,
+                     checkpoint=lambda m: dataclasses.replace(state, mid_stage=m).to_dict())
+        run = (PointRun(seeded_for(cfg, stage), hooks, stage, 0, point=round_, **where)
+               if stage == "finetune" else StageRun(cfg, hooks, stage, round_, **where))
         state.mid_stage = None
-        with ledger.stage(stage_name(stage, round_), getattr(cfg, stage).steps) as entry:
+        point: dict = {}  # a chain's fine-tune: the point's own metrics, reported at its boundary
+        name = f"finetune_{round_}" if chain is not None and stage == "finetune" else stage_name(stage, round_)
+        with ledger.stage(name, getattr(cfg, stage).steps) as entry:
             if stage == "further_pretrain":
                 key, inputs = agreed_stage_key(state.theta_key, cfg, stage, round_, hooks, task)
                 theta, last, entry.trained = reuse_or_train(
@@ -99,19 +112,27 @@ def run_trial(cfg: TrialConfig, task: Task, init: nn.Module, hooks: Hooks) -> di
             else:
                 last, final, classifier = finetune_and_evaluate(init, state.theta or init.state_dict(),
                                                                 task, run)
-                ledger.finish(final)
-                if hooks.save_model is not None and hooks.rank == 0:
+                if chain is None:
+                    ledger.finish(final)
+                else:
+                    point = {**final, "rounds": round_,
+                             "points_done": sum(1 for s, _ in plan[:index + 1] if s == "finetune")}
+                if (chain is None or chain.record(state.summary, round_, final)) and \
+                        hooks.save_model is not None and hooks.rank == 0:
                     # Before the last report, so a finished trial always has its model; a worker
                     # group that restarts before that report fine-tunes again and saves again.
-                    hooks.save_model(classifier, final)
-                continue
-            state.theta, state.theta_key = theta, key
-            entry.artifact(key, last)
+                    # A chain keeps the model of its best point so far.
+                    hooks.save_model(classifier, {**final, "rounds": round_} if chain else final)
+                if chain is None:
+                    continue
+            if stage != "finetune":
+                state.theta, state.theta_key = theta, key
+                entry.artifact(key, last)
             last["stages_done"] = index + 1
-        # Stage boundary: checkpoint so a restart never repeats a finished stage; a trial
-        # stopped here (ASHA) keeps the summary so far.
+        # Stage boundary: checkpoint so a restart never repeats a finished stage (nor a chain's
+        # fine-tuned point); a trial stopped here (ASHA) keeps the summary so far.
         state.stage_index = index + 1
-        hooks.report({**last, **state.summary}, state.to_dict())
+        hooks.report({**last, **state.summary, **point}, state.to_dict())
     hooks.report({**last, **state.summary, "trial_done": True}, None)
     return state.summary
 
@@ -122,6 +143,17 @@ def seeded_for(cfg: TrialConfig, stage: str) -> TrialConfig:
     if stage == "finetune" and cfg.finetune.seed is not None:
         return dataclasses.replace(cfg, seed=cfg.finetune.seed)
     return cfg
+
+
+@dataclasses.dataclass
+class PointRun(StageRun):
+    """A fine-tune: its randomness is fine-tuning's own (round 0), the same whichever round it
+    follows; its rows name that round (`point`, a chain's T'), so a chain's fine-tunes differ."""
+
+    point: int = 0
+
+    def row(self, step: int) -> dict:
+        return {**super().row(step), "round": self.point}
 
 
 def _fresh(cfg: TrialConfig, task: Task, init: nn.Module, hooks: Hooks) -> TrialState:

@@ -13,6 +13,7 @@ matplotlib.use("Agg")  # no display on cluster heads and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from raysd.chain import ROUNDS  # noqa: E402
 from raysd.compare_plots import paper_figures  # noqa: E402
 from raysd.errors import ConfigError  # noqa: E402
 from raysd.spaces import Param, Space  # noqa: E402
@@ -187,6 +188,39 @@ def plot_signal(done: pd.DataFrame, signal: pd.Series, metric: str, store: Store
     return _save(fig, store, "early_signal.png", study_uri)
 
 
+def chain_table(done: pd.DataFrame, space: Space) -> pd.DataFrame:
+    """A chain study's trial table: per chain, its sampled params, its argmax T' on validation
+    and that point's validation and test metric."""
+    metric, rounds = space.study.metric, f"param.{ROUNDS}"
+    best = done[done["best_point"].fillna(False).astype(bool)] if "best_point" in done else done.iloc[:0]
+    cols = ["trial_id", *(f"param.{p.key}" for p in space.sampled), rounds, metric, _test_column(metric)]
+    table = best[[c for c in cols if c in best.columns]].rename(columns={rounds: "argmax T'"})
+    return table.rename(columns=lambda c: c.removeprefix("param."))
+
+
+def plot_chains(done: pd.DataFrame, space: Space, store: Store, study_uri: str) -> str | None:
+    """The paper's Figure 4 for a chain study: validation and test metric vs T', one line per
+    chain ((gamma, lambda, ...) in the legend), each chain's best point on validation marked."""
+    metric, rounds = space.study.metric, f"param.{ROUNDS}"
+    if rounds not in done.columns or done.empty:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(FIGSIZE[0] * 2, FIGSIZE[1]), sharex=True)
+    for i, (tid, chain) in enumerate(done.sort_values(rounds).groupby("trial_id", sort=True)):
+        label = ", ".join(f"{p.key.split('.')[-1]}={_fmt(chain[f'param.{p.key}'].dropna().iloc[0])}"
+                          for p in space.sampled if chain[f"param.{p.key}"].notna().any())
+        best = chain[chain["best_point"].fillna(False).astype(bool)] if "best_point" in chain else chain.iloc[:0]
+        for ax, column in zip(axes, (metric, _test_column(metric))):
+            if column not in chain.columns:
+                continue
+            ax.plot(chain[rounds], chain[column], marker="o", color=f"C{i % 10}", label=f"{tid}: {label}")
+            ax.scatter(best[rounds], best[column], marker="*", s=200, color=f"C{i % 10}", zorder=3)
+    for ax, column in zip(axes, (metric, _test_column(metric))):
+        ax.set(xlabel="T' (rounds of self-distillation)", ylabel=column, title=f"{column} vs T'")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    axes[0].legend(fontsize="small", title="* best point on validation")
+    return _save(fig, store, "rounds.png", study_uri)
+
+
 def write_report(study_uri: str, top: int = 5) -> str:
     """The report's text; writes PNGs to <study>/results/report/ and lists them in the text."""
     folder = StudyFolder(study_uri)
@@ -207,6 +241,9 @@ def write_report(study_uri: str, top: int = 5) -> str:
             effect = param_effect(done, param, metric, mode)
             kind = "quantile bin" if param.type == "float" else "value"
             lines += [f"\neffect of {param.key} (per {kind}):", effect.to_string(float_format=_fmt)]
+        if space.chain is not None:
+            lines += [f"\nchains ({len(set(done.trial_id))}), each at its best point on {metric}:",
+                      chain_table(done, space).to_string(index=False, float_format=_fmt, na_rep="-")]
         found = importances(study_uri, space)
         if found is not None and len(found):
             lines += ["\nparameter importances (Optuna fANOVA; parameters sampled in every trial):",
@@ -227,6 +264,8 @@ def write_report(study_uri: str, top: int = 5) -> str:
     if not done.empty:
         plots = [*plot_params(done, space, store, study_uri),
                  plot_history(trials, done, space, store, study_uri)]
+        figure4 = plot_chains(done, space, store, study_uri) if space.chain is not None else None
+        plots += [figure4] if figure4 else []
         joint = plot_gamma_lambda(done, space, store, study_uri)
         plots += [joint] if joint else []
         signal = early_signal(done, metric).dropna()

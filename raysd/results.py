@@ -12,6 +12,7 @@ from typing import Any
 from ray.tune import Callback
 
 import raysd
+from raysd.chain import ROUNDS, points as chain_points
 from raysd.config import columns
 from raysd.credentials import redact, redact_values
 from raysd.resume import TRIAL_ID
@@ -33,6 +34,8 @@ def trial_row(space: Space, trial_id: str, config: dict, last: dict, status: str
               error: str | None, wall_seconds: float) -> dict:
     """One row of trials.parquet: params, resolved settings, final metrics, cost, provenance."""
     values = {p.key: config.get(p.key) for p in space.params}
+    active = space.active({k: v for k, v in values.items() if v is not None})  # at this row's T'
+    values = {k: active.get(k) for k in values}
     variant = config.get("variant")  # raysd compare: a fixed variant, not a searched point
     if variant:
         values.update(variant["values"])
@@ -48,6 +51,40 @@ def trial_row(space: Space, trial_id: str, config: dict, last: dict, status: str
     row["wall_seconds"] = wall_seconds
     row["raysd_version"] = raysd.__version__
     return redact_values(row)
+
+
+def point_rows(space: Space, trial_id: str, config: dict, last: dict, status: str,
+               error: str | None, wall_seconds: float) -> list[dict]:
+    """A chain's rows of trials.parquet: one per point it reached, as the row of a trial of that
+    T' (its params, settings, metrics, the cost of its stages), `best_point` marking the chain's
+    best and `chain_status` how the chain ended; a chain that failed adds a failed row at the
+    point it did not reach (so --resume runs it again). Chain-wide columns: wall_seconds,
+    trained_seconds, restarts, worker_nodes."""
+    reached = chain_points(last)
+    rows = []
+    for t, metrics in reached.items():
+        kept = {k: v for k, v in last.items() if k.startswith(FINAL_PREFIXES[3:]) or k in FINAL_KEYS}
+        kept = {_as_point(k, t): v for k, v in kept.items() if _as_point(k, t)}
+        kept.update(metrics)
+        row = trial_row(space, trial_id, {**config, ROUNDS: t}, kept, "completed", None, wall_seconds)
+        rows.append({**row, "best_point": t == last.get("best_rounds"), "chain_status": status})
+    if status == "failed" or not rows:
+        todo = [t for t in space.chain.points if t not in reached]
+        t = todo[0] if todo else max(reached)
+        row = trial_row(space, trial_id, {**config, ROUNDS: t}, {}, status, error, wall_seconds)
+        rows.append({**row, "best_point": False, "chain_status": status})
+    return rows
+
+
+def _as_point(key: str, t: int) -> str | None:
+    """A chain's per-stage column as the point T' = t has it (None: a stage after it)."""
+    prefix = next(p for p in FINAL_PREFIXES[3:] + ("",) if key.startswith(p))
+    stage = key[len(prefix):]
+    if prefix and stage.startswith("finetune_"):
+        return f"{prefix}finetune" if stage == f"finetune_{t}" else None
+    if prefix and stage.startswith("self_distill_") and int(stage.rsplit("_", 1)[1]) > t:
+        return None
+    return key
 
 
 def _guarded(method):
@@ -89,7 +126,10 @@ class StudyRecorder(Callback):
     @_guarded
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         tid = trial.config[TRIAL_ID]
-        self.results.add(tid, history_row(tid, result))
+        # A chain's last report repeats its last point's row (the same stage, round and step)
+        # with the best point's metrics: the point's own row stays in the history.
+        if not (self.space.chain is not None and result.get("trial_done")):
+            self.results.add(tid, history_row(tid, result))
         self.tensorboard.scalars(tid, result)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
@@ -104,9 +144,18 @@ class StudyRecorder(Callback):
     def _finish(self, trial, status: str, error: str | None) -> None:
         tid, last = trial.config[TRIAL_ID], trial.last_result or {}
         wall = time.time() - self._started.get(tid, time.time())
-        row = trial_row(self.space, tid, trial.config, last, status, error, wall)
-        self.results.end_trial(row)
-        self.tensorboard.hparams(tid, trial.config, last, status)
+        if self.space.chain is None:
+            rows = [trial_row(self.space, tid, trial.config, last, status, error, wall)]
+            self.tensorboard.hparams(tid, trial.config, last, status)
+        else:  # every point a session of its own, beside the chain's scalars
+            rows = point_rows(self.space, tid, trial.config, last, status, error, wall)
+            for row in rows:
+                t = row[f"cfg.{ROUNDS}"]
+                self.tensorboard.hparams(f"{tid}/rounds_{t}", self.space.active({**trial.config, ROUNDS: t}),
+                                         chain_points(last).get(t, {}), row["status"])
+            self.tensorboard.end_run(tid)
+        row = rows[0]
+        self.results.end_trial(*rows)
         if status == "completed" and self.space.study.keep_models == "best":
             self.results.keep_best_model(self.space.study.metric, self.space.study.mode)
         if not row["cfg.logging.keep_checkpoints"] and final_trial(self.results.store, tid, status):

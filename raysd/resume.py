@@ -29,6 +29,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from raysd.chain import ROUNDS
 from raysd.errors import ConfigError
 
 TRIAL_ID = "trial_id"  # a trial's config key: its raysd id
@@ -36,11 +37,22 @@ TRIAL_ID = "trial_id"  # a trial's config key: its raysd id
 # without it were resumed through Tune's pickled state, which raysd no longer loads.
 STATE_FORMAT = 2
 FINISHED = ("completed", "stopped")  # never run again (ASHA never resumes a stopped trial)
+# A chain's point in the Optuna study: its chain's raysd id and its T' (user attributes).
+CHAIN_ATTR, POINT_ATTR = "raysd_chain", "raysd_point"
 
 
 def searched_id(number: int) -> str:
-    """The raysd id of a searched trial: its Optuna trial's number."""
+    """The raysd id of a searched trial: its place among the Optuna trials the sampler drew
+    (its Optuna trial's number, less the chains' points told before it)."""
     return f"trial_{number:04d}"
+
+
+def drawn_number(study: optuna.Study, number: int) -> int:
+    """An Optuna trial's place among the trials the sampler drew (a chain study's points, told
+    as trials of their own, do not count): what its raysd id and its sampler seed follow, so a
+    study proposes the same, under the same ids, however its points interleave."""
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if t.number < number and POINT_ATTR not in t.user_attrs)
 
 
 def fixed_configs(total: int, variants: list[dict] | None) -> list[dict]:
@@ -55,8 +67,14 @@ def fixed_configs(total: int, variants: list[dict] | None) -> list[dict]:
 
 
 def finished_ids(rows: list[dict]) -> dict[str, dict]:
-    """trial id -> its trials.parquet row, for the trials `--resume` never runs again."""
-    return {row["trial_id"]: row for row in rows if row.get("status") in FINISHED}
+    """trial id -> its trials.parquet row, for the trials `--resume` never runs again: every
+    row of the trial (a chain has one per point) finished; a chain's row is its best point's."""
+    out: dict[str, dict] = {}
+    failed = {row["trial_id"] for row in rows if row.get("status") not in FINISHED}
+    for row in rows:
+        if row["trial_id"] not in failed and (row["trial_id"] not in out or row.get("best_point")):
+            out[row["trial_id"]] = row
+    return out
 
 
 def check_resumable(about: dict, uri: str) -> None:
@@ -85,8 +103,8 @@ class FixedTrials(Searcher):
 
 
 class SeededTPESampler(optuna.samplers.TPESampler):
-    """TPE whose random draws for trial n are seeded from (seed, n): a proposal depends on the
-    seed, the trial's number and the study's history only, not on how many proposals this
+    """TPE whose random draws for trial n (drawn_number) are seeded from (seed, n): a proposal
+    depends on the seed, the trial's number and the study's history only, not on how many proposals this
     sampler object made before - so a resumed study proposes what an uninterrupted one would."""
 
     def __init__(self, seed: int | None, **options):
@@ -96,19 +114,26 @@ class SeededTPESampler(optuna.samplers.TPESampler):
     def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         super().before_trial(study, trial)
         if self.seed is not None:
-            self._rng.rng.seed([self.seed, trial.number])  # TPE's own draws
-            self._random_sampler._rng.rng.seed([self.seed, trial.number, 1])  # its startup trials
+            number = drawn_number(study, trial.number)
+            self._rng.rng.seed([self.seed, number])  # TPE's own draws
+            self._random_sampler._rng.rng.seed([self.seed, number, 1])  # its startup trials
 
 
 class StudySearch(OptunaSearch):
     """OptunaSearch over the study's Optuna storage that names each trial after its Optuna
     trial and, on --resume, first runs again the Optuna trials `finished` lacks (see above)."""
 
-    def __init__(self, *, finished: dict[str, dict], **options):
+    def __init__(self, *, finished: dict[str, dict], points=None, **options):
         super().__init__(**options)
         self._reruns = []
+        self._point_space = points  # a chain study's Space: each point becomes an Optuna trial
+        self._chains: dict[str, tuple[str, dict, dict]] = {}  # Tune id -> raysd id, params, distributions
+        drawn, self._ids = 0, {}  # Optuna trial number -> raysd id
         for trial in self._ot_study.get_trials(deepcopy=False):
-            row = finished.get(searched_id(trial.number))
+            if POINT_ATTR in trial.user_attrs:  # a chain's point, told when it was reported
+                continue
+            self._ids[trial.number], drawn = searched_id(drawn), drawn + 1
+            row = finished.get(self._ids[trial.number])
             if row is None:
                 self._reruns.append(trial)
             elif trial.state == optuna.trial.TrialState.RUNNING:  # ended, but never told
@@ -125,11 +150,35 @@ class StudySearch(OptunaSearch):
             trial = self._reruns.pop(0)
             if trial.state == optuna.trial.TrialState.RUNNING:  # told when this run ends
                 self._ot_trials[trial_id] = optuna.Trial(self._ot_study, trial._trial_id)
-            return {**trial.params, TRIAL_ID: searched_id(trial.number)}
+            raysd_id = self._ids[trial.number]
+            self._chains[trial_id] = (raysd_id, trial.params, trial.distributions)
+            return {**trial.params, TRIAL_ID: raysd_id}
         config = super().suggest(trial_id)
-        return {**config, TRIAL_ID: searched_id(self._ot_trials[trial_id].number)}
+        ot_trial = self._ot_trials[trial_id]
+        raysd_id = searched_id(drawn_number(self._ot_study, ot_trial.number))
+        self._chains[trial_id] = (raysd_id, ot_trial.params, ot_trial.distributions)
+        return {**config, TRIAL_ID: raysd_id}
+
+    def _tell_point(self, trial_id: str, result: dict) -> None:
+        """A chain's point as a completed Optuna trial of its own, with T' among its params (so
+        TPE models T' as in a param study), once: a chain run again finds it told."""
+        raysd_id, params, distributions = self._chains[trial_id]
+        t = int(result["rounds"])
+        told = {(tr.user_attrs.get(CHAIN_ATTR), tr.user_attrs.get(POINT_ATTR))
+                for tr in self._ot_study.get_trials(deepcopy=False)}
+        if (raysd_id, t) in told or self.metric not in result:
+            return
+        rounds = next(p for p in self._point_space.params if p.key == ROUNDS)
+        values = self._point_space.active({**params, ROUNDS: t})
+        dists = {**distributions, ROUNDS: optuna.distributions.IntDistribution(
+            int(rounds.low), int(rounds.high), step=int(rounds.step or 1))}
+        self._ot_study.add_trial(optuna.trial.create_trial(
+            params=values, distributions={k: dists[k] for k in values}, value=result[self.metric],
+            user_attrs={CHAIN_ATTR: raysd_id, POINT_ATTR: t}))
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self._point_space is not None and "points_done" in result and trial_id in self._chains:
+            self._tell_point(trial_id, result)
         # Stage rows carry losses only; a rerun whose Optuna trial had ended has none to tell.
         if self.metric in result and trial_id in self._ot_trials:
             super().on_trial_result(trial_id, result)
@@ -147,7 +196,8 @@ class StudyASHA(ASHAScheduler):
     the study's history (replay) and a trial run again keeps the rungs it had reached."""
 
     def replay(self, signals: dict[str, list[float]]) -> None:
-        """Each trial's early signals, one per pre-training stage it ended, in order."""
+        """Each trial's values at its rungs in order: early signals, one per pre-training stage
+        it ended, or a chain's metric at each of its points."""
         for tid, values in signals.items():
             for stages_done, value in enumerate(values, 1):
                 self._brackets[0].on_result(_named(tid), stages_done, self._metric_op * value)
@@ -177,6 +227,16 @@ def early_signals(rows: list[dict]) -> dict[str, list[float]]:
     for row in sorted(signalled, key=lambda r: r.get("progress", 0)):
         out.setdefault(row["trial_id"], {})[(row["stage"], row.get("round"))] = row["knn_accuracy"]
     return {tid: list(values.values()) for tid, values in out.items()}
+
+
+def chain_rungs(rows: list[dict], metric: str) -> dict[str, list[float]]:
+    """trial id -> the study's metric at each point its chain reported, in order (ASHA's rungs
+    of a chain study); a point's row written twice counts once."""
+    out: dict[str, dict] = {}
+    for row in rows:
+        if _present(row.get("points_done")) and _present(row.get(metric)):
+            out.setdefault(row["trial_id"], {})[int(row["points_done"])] = row[metric]
+    return {tid: [values[k] for k in sorted(values)] for tid, values in out.items()}
 
 
 def _present(value) -> bool:

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from raysd import config, schema
+from raysd.chain import ROUNDS, Chain
 from raysd.schema import is_integer, is_number
 from raysd.config import TrialConfig
 from raysd.credentials import conceal, redact
@@ -26,6 +27,7 @@ from raysd.overrides import PARAM_KEYS, SCHEDULER_KEYS, SPACE_KEYS, apply_overri
 # The repository's search_spaces/ folder, installed as the package raysd.search_spaces.
 SPACES_DIR = Path(str(importlib.resources.files("raysd.search_spaces")))
 KEEP_MODELS = ("best", "all", "none")
+ROUNDS_MODES = ("chain", "param")
 LOGGERS = ("mlflow", "wandb")
 
 
@@ -80,6 +82,10 @@ class StudySettings:
     optuna_storage: str | None = None
     keep_models: str = "best"  # fine-tuned models kept under <study>/models: best | all | none
     loggers: list | None = None  # extra trackers fed through Ray's logger callbacks: mlflow, wandb
+    # How a searched T' runs: chain = each trial trains rounds up to the searched maximum and
+    # fine-tunes after every one (chain.py); param = T' sampled like any parameter. None: chain
+    # where the space can run as chains (see Space.chain), else param.
+    rounds: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +99,27 @@ class Space:
     @property
     def description(self) -> str:
         return self.doc.get("description", "")
+
+    @property
+    def chain(self) -> Chain | None:
+        """The chain each trial runs, or None when T' is a sampled parameter (study.rounds)."""
+        if self.study.rounds == "param" or chain_refusal(self) is not None:
+            return None
+        rounds = next(p for p in self.params if p.key == ROUNDS)
+        return Chain(tuple(extremes(rounds)), self.study.metric, self.study.mode)
+
+    @property
+    def sampled(self) -> tuple[Param, ...]:
+        """The parameters the sampler draws: in a chain study, all but T'."""
+        return tuple(p for p in self.params if p.key != ROUNDS) if self.chain else self.params
+
+    def active(self, values: dict) -> dict:
+        """`values` (no None among them) without the parameters whose `when` does not hold."""
+        out: dict = {}
+        for param in self.params:
+            if param.key in values and param.active({**values, **out}):
+                out[param.key] = values[param.key]
+        return out
 
     def trial_config(self, values: dict | None = None) -> TrialConfig:
         """The TrialConfig of the file's defaults with searched `values` (dotted keys) applied."""
@@ -166,7 +193,19 @@ def load_space_text(text: str, where: str, name: str,
                 raise ConfigError(f"{where}: search.{param.key}: value {value!r} in its range is "
                                   f"invalid: {str(err).split(': ', 2)[-1]}") from None
     _check_scheduler(space)
+    if space.study.rounds == "chain" and chain_refusal(space):
+        raise ConfigError(f"{where}: study.rounds: chain needs {chain_refusal(space)}")
     return space
+
+
+def chain_refusal(space: Space) -> str | None:
+    """Why the space's trials cannot run as chains (None: they can)."""
+    rounds = next((p for p in space.params if p.key == ROUNDS), None)
+    if rounds is None or rounds.type != "int" or rounds.when is not None:
+        return "a searched self_distill.rounds of type int, without when"
+    if space.trial_config().method != "self_distill" or any(p.key == "method" for p in space.params):
+        return "method: self_distill, not searched"
+    return None
 
 
 def pretrain_stages(space: Space) -> tuple[int, int]:
@@ -182,7 +221,8 @@ def _check_scheduler(space: Space) -> None:
     if not sched:
         return
     cfg = space.trial_config()
-    if cfg.evaluation.signal == "none":
+    chain = space.chain
+    if chain is None and cfg.evaluation.signal == "none":
         raise ConfigError(f"{space.source}: study.scheduler: ASHA acts on the early signal; set "
                           "evaluation.signal: knn or remove the scheduler")
     searched = [p.key for p in space.params if p.key.split(".")[-1] in ("steps", "batch_size")
@@ -191,10 +231,13 @@ def _check_scheduler(space: Space) -> None:
         raise ConfigError(f"{space.source}: search.{searched[0]}: ASHA compares trials after equal "
                           "work; with a scheduler, pre-training budgets cannot be searched")
     _, most = pretrain_stages(space)
+    what = "the most pre-training stages a trial runs"
+    if chain is not None:  # rungs after points
+        most, what = len(chain.points), "the points of a chain"
     grace = sched.get("grace_period", 1)
     if grace > most:
         raise ConfigError(f"{space.source}: study.scheduler.grace_period: must be at most {most}, "
-                          f"the most pre-training stages a trial runs (got {grace})")
+                          f"{what} (got {grace})")
 
 
 def extremes(param: Param) -> list:
@@ -230,6 +273,8 @@ def _study(raw: dict, where: str) -> StudySettings:
              "(the URL is in the environment variable NAME)", redact(str(storage)))
     # The space (and all built from it) holds the URL without its password: credentials.py.
     settings = dataclasses.replace(settings, optuna_storage=conceal(storage))
+    _require(settings.rounds is None or settings.rounds in ROUNDS_MODES, where, "study.rounds",
+             " | ".join(ROUNDS_MODES), settings.rounds)
     _require(settings.keep_models in KEEP_MODELS, where, "study.keep_models", " | ".join(KEEP_MODELS),
              settings.keep_models)
     _require(settings.loggers is None or (isinstance(settings.loggers, list)

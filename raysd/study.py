@@ -17,6 +17,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 import raysd
 from raysd import optuna_study
 from raysd.bootstrap import demo_theta
+from raysd.chain import ROUNDS
 from raysd.cluster import check_shared_storage, plan_concurrency
 from raysd.config import PLACEMENTS
 from raysd.credentials import redact_values
@@ -25,7 +26,7 @@ from raysd.paths import artifacts_uri
 from raysd.console import StudyConsole
 from raysd.results import StudyRecorder
 from raysd.resume import (STATE_FORMAT, TRIAL_ID, FixedTrials, SeededTPESampler, StudyASHA,
-                          StudySearch, early_signals, finished_ids, fixed_configs)
+                          StudySearch, chain_rungs, early_signals, finished_ids, fixed_configs)
 from raysd.spaces import Param, Space, pretrain_stages
 from raysd.storage import FATAL_PREFIX, MODELS, SPACE_FILE, STUDY_FILE, TRAIN, TRIALS, Store
 from raysd.study_folder import StudyFolder, best_row, status_counts
@@ -46,13 +47,14 @@ class StudyOutcome:
 
 
 class DefineByRun:
-    """Optuna define-by-run space: a parameter with `when` is sampled only when it applies."""
+    """Optuna define-by-run space: a parameter with `when` is sampled only when it applies;
+    `fixed` values (a chain's deepest T') count for `when` without being sampled."""
 
-    def __init__(self, params: tuple[Param, ...]):
-        self.params = params
+    def __init__(self, params: tuple[Param, ...], fixed: dict | None = None):
+        self.params, self.fixed = params, fixed or {}
 
     def __call__(self, trial) -> None:
-        values: dict = {}
+        values: dict = dict(self.fixed)
         for param in self.params:
             if param.active(values):
                 values[param.key] = param.suggest(trial)
@@ -77,7 +79,7 @@ def trial_driver(config: dict, space: Space, train_storage: str, artifacts: str 
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"trial": cfg, "study_marker": study_marker(train_storage),
-                           "run_uri": run_uri, "artifacts": artifacts,
+                           "run_uri": run_uri, "artifacts": artifacts, "chain": space.chain,
                            "model_uri": f"{models}/{name}" if models else None},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.resources.workers, use_gpu=cfg.resources.use_gpu,
@@ -183,6 +185,8 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
     storage, name = study_uri.rstrip("/").rsplit("/", 1)
     if resume:  # a comparison's variants are in study.yaml; --resume never reads Tune's pickles
         variants = folder.about().get("variants")
+    if variants:  # a comparison's trials are fixed points, never chains
+        space = dataclasses.replace(space, study=dataclasses.replace(space.study, rounds="param"))
     total = len(variants) if variants else num_samples or space.study.num_samples
     # Everything that can refuse the study runs before its folder is written.
     if not resume and (store.exists("results", TRIALS) or store.exists("tuner.pkl")):
@@ -217,8 +221,8 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
     finished = finished_ids(folder.trial_rows()) if resume else {}
     scheduler = None if variants else _scheduler(space)
     if scheduler and resume:
-        scheduler.replay(early_signals(folder.history_rows() +
-                                       [r for rows in folder.running_history().values() for r in rows]))
+        rows = folder.history_rows() + [r for rows in folder.running_history().values() for r in rows]
+        scheduler.replay(chain_rungs(rows, space.study.metric) if space.chain else early_signals(rows))
     if journal and resume:
         optuna_study.fetch_journal(study_uri)
     if searched:
@@ -248,8 +252,10 @@ def _searcher(space: Space, study_uri: str, finished: dict[str, dict]) -> StudyS
     """The study's Optuna search, persisting every Optuna trial (optuna_study.py says where);
     `finished`: the trials --resume never runs again (resume.py)."""
     sampler = SeededTPESampler(space.study.seed, n_startup_trials=space.study.n_startup_trials)
-    return StudySearch(space=DefineByRun(space.params), metric=space.study.metric,
-                       mode=space.study.mode, sampler=sampler, finished=finished,
+    chain = space.chain
+    return StudySearch(space=DefineByRun(space.sampled, {ROUNDS: max(chain.points)} if chain else None),
+                       metric=space.study.metric, mode=space.study.mode, sampler=sampler,
+                       finished=finished, points=space if chain else None,
                        study_name=optuna_study.study_name(study_uri),
                        storage=optuna_study.storage(study_uri, space.study.optuna_storage))
 
@@ -286,6 +292,13 @@ def _scheduler(space: Space) -> StudyASHA | None:
     # signal each of them reports. Trials are compared after equal work (the same stages, the
     # same steps), and max_t lies beyond the longest trial's last stage, so no trial is stopped
     # for its T': a trial's last rung is its last pre-training stage, and fine-tuning follows.
+    chain = space.chain
+    if chain is not None:
+        # A chain's rungs sit after its points' fine-tunes: chains are compared on the study's
+        # own validation metric at the same T'; max_t lies past the last point.
+        return StudyASHA(time_attr="points_done", metric=space.study.metric, mode=space.study.mode,
+                         max_t=len(chain.points) + 1, grace_period=sched.get("grace_period", 1),
+                         reduction_factor=sched.get("reduction_factor", 2))
     _, most = pretrain_stages(space)
     return StudyASHA(time_attr="stages_done", metric="knn_accuracy", mode="max",
                          max_t=most + 1, grace_period=sched.get("grace_period", 1),

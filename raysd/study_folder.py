@@ -95,6 +95,8 @@ class StudyFolder:
         if isinstance(sched, dict):  # studies saved when ASHA ran on step counts: keys now gone
             for key in ("metric", "mode", "max_t"):
                 sched.pop(key, None)
+        if isinstance(doc.get("study"), dict):  # studies saved before chains sampled T'
+            doc["study"].setdefault("rounds", "param")
         return load_space_text(yaml.safe_dump(doc, sort_keys=False), f"{self.uri}/{SPACE_FILE}",
                                name=self.name)
 

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from raysd.artifacts import ArtifactStore
 from raysd.bootstrap import theta_init
+from raysd.chain import Chain
 from raysd.config import TrialConfig
 from raysd.data import DataError, load_task
 from raysd.errors import ConfigError
@@ -48,7 +49,8 @@ def train_worker(config: dict) -> None:
     if fatal_errors(config["run_uri"]):  # an earlier attempt of this trial met a fatal error
         return
     try:
-        _run(config["trial"], config.get("artifacts"), config.get("model_uri"), config["run_uri"], ctx)
+        _run(config["trial"], config.get("artifacts"), config.get("model_uri"), config["run_uri"], ctx,
+             config.get("chain"))
     except NonFiniteLoss as err:
         if ctx.get_world_rank() == 0:
             _write_fatal(config["run_uri"], 0, err)
@@ -77,7 +79,8 @@ def fatal_errors(run_uri: str) -> dict[int, str]:
     return dict(sorted(found.items()))
 
 
-def _run(cfg: TrialConfig, artifacts: str | None, model_uri: str | None, run_uri: str, ctx) -> None:
+def _run(cfg: TrialConfig, artifacts: str | None, model_uri: str | None, run_uri: str, ctx,
+         chain: Chain | None = None) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
 
@@ -134,7 +137,7 @@ def _run(cfg: TrialConfig, artifacts: str | None, model_uri: str | None, run_uri
         artifacts=ArtifactStore(artifacts, owner=run_uri) if artifacts else None,
         save_model=model_saver(model_uri, describe(cfg, task, init)) if model_uri else None,
     )
-    run_trial(cfg, task, init, hooks)
+    run_trial(cfg, task, init, hooks, chain)
 
 
 def _node_ids(world: int) -> list[str]:

@@ -20,9 +20,10 @@ from raysd.study_folder import STATUSES, StudyFolder, best_row, part_name, uniqu
 
 # Our own keys in a reported row; Tune's bookkeeping keys (dates, pids, iterations) are dropped.
 # `attempt` counts the trial's worker-group restarts: a step rerun after one is a new row.
-ROW_KEYS = ("stage", "round", "step", "progress", "attempt", "loss", "mae_loss", "distill_loss",
-            "ce_loss", "lr", "samples_per_s", "knn_accuracy")
-SCALAR_KEYS = ROW_KEYS[5:]
+# `points_done`: on a chain's row of a fine-tuned point, how many points it has (ASHA's clock).
+ROW_KEYS = ("stage", "round", "step", "progress", "attempt", "points_done", "loss", "mae_loss",
+            "distill_loss", "ce_loss", "lr", "samples_per_s", "knn_accuracy")
+SCALAR_KEYS = ROW_KEYS[6:]
 PART_SECONDS = float(os.environ.get("RAYSD_HISTORY_PART_SECONDS", "30"))
 
 
@@ -59,11 +60,11 @@ class ResultsWriter:
         """A running trial's history row, written with its next part."""
         self._pending.setdefault(trial_id, []).append(row)
 
-    def end_trial(self, row: dict) -> None:
-        """A trial's trials.parquet row (replacing an earlier one of the same trial) and all its
-        history rows, for the next write()."""
+    def end_trial(self, row: dict, *more: dict) -> None:
+        """A trial's trials.parquet row(s) (a chain's: one per point), replacing those of an
+        earlier run of the trial, and all its history rows, for the next write()."""
         tid = row["trial_id"]
-        self.trials = [r for r in self.trials if r["trial_id"] != tid] + [row]
+        self.trials = [r for r in self.trials if r["trial_id"] != tid] + [row, *more]
         earlier = [r for r in self.history if r["trial_id"] == tid]  # a failed trial run again
         self.history = [r for r in self.history if r["trial_id"] != tid] + unique_rows(
             earlier + self._parted.pop(tid, []) + self._pending.pop(tid, []))
@@ -187,6 +188,15 @@ class TensorBoardWriter:
         self._writers.pop(tid).close()
         self._unsent.discard(tid)
         if self.staging:
+            self.store.upload(self.root / tid, "tensorboard", tid)
+
+    def end_run(self, tid: str) -> None:
+        """A chain's own run (its scalars; its points are runs below it) is complete."""
+        writer = self._writers.pop(tid, None)
+        if writer is not None:
+            writer.close()
+        self._unsent.discard(tid)
+        if self.staging and (self.root / tid).exists():
             self.store.upload(self.root / tid, "tensorboard", tid)
 
     def upload(self) -> None:

@@ -27,7 +27,9 @@ def test_ray_job_submit_to_a_two_node_cluster_with_token_auth(two_nodes, demo_sm
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-2000:]
     assert "succeeded" in job.stdout
     rows = pq.read_table(study / "results" / "trials.parquet").to_pylist()
-    assert len(rows) == 2 and {r["status"] for r in rows} == {"completed"}
+    # two smoke chains of the demo, each fine-tuned at T' = 0 and 1
+    assert len({r["trial_id"] for r in rows}) == 2 and len(rows) == 4
+    assert {r["status"] for r in rows} == {"completed"}
     nodes = json.loads(run_ok([BIN / "ray", "list", "nodes", "--address", address, "--format", "json"],
                             env).stdout)
     assert len([n for n in nodes if n["state"] == "ALIVE"]) == 2

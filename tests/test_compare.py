@@ -49,6 +49,14 @@ def test_trial_variants_take_the_best_completed_trials_by_validation_only():
     assert [v["variant"] for v in variants] == ["b", "b", "d", "d"]
     assert variants[0]["values"] == {"mask_ratio": 0.75, "self_distill.rounds": 2, "seed": 0}
     assert variants[2]["values"] == {"mask_ratio": 0.8, "seed": 0}  # not sampled: the space's
+    # a chain study's rows are points: two of one chain are two variants, named ID@T'
+    chains = pd.DataFrame({
+        "trial_id": ["a", "a", "b"], "status": ["completed"] * 3, "val_accuracy": [0.9, 0.8, 0.7],
+        "param.mask_ratio": [0.6, 0.6, 0.75], "param.self_distill.rounds": [1, 2, 0],
+        "cfg.self_distill.rounds": [1, 2, 0], "best_point": [True, False, True]})
+    variants = trial_variants(chains, "val_accuracy", "max", top=2, seeds=1)
+    assert [v["variant"] for v in variants] == ["a@1", "a@2"]
+    assert variants[1]["values"] == {"mask_ratio": 0.6, "self_distill.rounds": 2, "seed": 0}
 
 
 def test_summary_table_means_stds_and_paired_interval():

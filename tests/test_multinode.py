@@ -109,7 +109,9 @@ def test_study_scales_an_autoscaling_cluster_up_from_zero_workers(marked_env, tm
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert "waiting for the autoscaler" in out.stdout
     rows = pq.read_table(tmp_path / "scaled" / "results" / "trials.parquet").to_pylist()
-    assert len(rows) == 2 and {r["status"] for r in rows} == {"completed"}
+    # two chains (the demo's T' in 0..2), a row per point, each chain run across the cluster
+    assert len(rows) == 6 and len({r["trial_id"] for r in rows}) == 2
+    assert {r["status"] for r in rows} == {"completed"}
     nodes = json.loads(run_ok([BIN / "ray", "list", "nodes", "--address", address, "--format",
                                "json"], env).stdout)
     assert len(nodes) >= 2  # the autoscaler added the trainer node the trials ran on

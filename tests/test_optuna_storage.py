@@ -163,7 +163,9 @@ def test_a_study_in_postgres_writes_and_prints_no_password(postgres, ray_local, 
     assert cli.main(["tune", "--resume", str(tmp_path / "pg")]) == 0
     out = capsys.readouterr()
     trials = optuna.load_study(study_name="pg", storage=url).trials
-    assert len(trials) == 1 and trials[0].value is not None  # the searcher's trial, in PostgreSQL
+    chains = [t for t in trials if "raysd_point" not in t.user_attrs]
+    assert len(chains) == 1 and chains[0].value is not None  # the searcher's trial, in PostgreSQL
+    assert len(trials) == 4  # and its chain's three points
     leaked = [str(p) for p in tmp_path.rglob("*") if p.is_file() and password.encode() in p.read_bytes()]
     assert leaked == []
     assert password not in out.out + out.err

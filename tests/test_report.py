@@ -58,10 +58,12 @@ def _write(rows: list[dict], path: Path) -> None:
     pq.write_table(pa.Table.from_pandas(pd.DataFrame(rows), preserve_index=False), path)
 
 
-def make_study(root: Path, trials=TRIALS) -> Path:
+def make_study(root: Path, trials=TRIALS, rounds: str = "param") -> Path:
+    """A demo study whose trials sampled T' (rounds: param), or a chain study's points."""
     study = root / "demo-20240101-000000"
     study.mkdir(parents=True)
-    (study / "space.yaml").write_text((SPACES_DIR / "demo.yaml").read_text())
+    (study / "space.yaml").write_text((SPACES_DIR / "demo.yaml").read_text().replace(
+        "rounds: chain", f"rounds: {rounds}"))
     _write([_trial_row(*t) for t in trials], study / "results" / "trials.parquet")
     history = [r for t in trials if t[1] == "completed" for r in _history(t[0], t[5])]
     if history:
@@ -127,6 +129,41 @@ def test_failed_error_and_pngs(study):
         assert data.startswith(b"\x89PNG\r\n\x1a\n")
         height, width, _ = matplotlib.image.imread(report / name).shape
         assert (width, height) == (500, 400)
+
+
+# Two chains' points: (trial_id, T', lambda, gamma, val, test); c1's best point is T'=1.
+CHAINS = [("c0", 0, 0.5, 0.60, 0.70, 0.72), ("c0", 1, 0.5, 0.60, 0.75, 0.74), ("c0", 2, 0.5, 0.60, 0.80, 0.79),
+          ("c1", 0, 1.0, 0.80, 0.60, 0.66), ("c1", 1, 1.0, 0.80, 0.85, 0.70), ("c1", 2, 1.0, 0.80, 0.85, 0.81)]
+
+
+def test_a_chain_study_reports_figure_4_and_each_chains_argmax_t_prime(tmp_path):
+    rows = []
+    for tid, t, lam, gamma, val, test in CHAINS:
+        row = _trial_row(tid, "completed", t, lam if t else None, gamma, val, test)
+        best = max(v for c, _, _, _, v, _ in CHAINS if c == tid)
+        first = min(p for c, p, _, _, v, _ in CHAINS if c == tid and v == best)
+        rows.append({**row, "best_point": t == first, "chain_status": "completed"})
+    study = make_study(tmp_path, [], rounds="chain")
+    _write(rows, study / "results" / "trials.parquet")
+    text = write_report(str(study))
+    table = text.split("at its best point on val_accuracy:\n")[1].split("\n\n")[0].splitlines()
+    assert "argmax T'" in table[0]
+    assert [line.split()[0] for line in table[1:]] == ["c1", "c0"]  # best first
+    assert [int(line.split()[3]) for line in table[1:]] == [1, 2]  # c1 ties at 1 and 2: the first
+    figure = study / "results" / "report" / "rounds.png"
+    assert str(figure) in text
+    height, width, _ = matplotlib.image.imread(figure).shape
+    assert (width, height) == (1000, 400)  # validation and test panels
+
+
+def test_a_study_saved_before_chains_reads_as_sampling_t_prime(tmp_path):
+    study = make_study(tmp_path)
+    text = (study / "space.yaml").read_text()
+    (study / "space.yaml").write_text(text.replace("  rounds: param", ""))
+    import yaml
+
+    assert "rounds" not in yaml.safe_load((study / "space.yaml").read_text())["study"]
+    assert StudyFolder(str(study)).space().chain is None
 
 
 def test_no_completed_trials_still_reports(tmp_path):

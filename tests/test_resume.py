@@ -16,7 +16,7 @@ from raysd.study import _scheduler, _searcher
 from test_report import make_study
 
 # Two random start-up trials, then TPE: both of the sampler's generators are exercised.
-SPACE = load_space("demo", {"study.n_startup_trials": 2})
+SPACE = load_space("demo", {"study.n_startup_trials": 2, "study.rounds": "param"})
 
 
 def _value(config: dict) -> float:
@@ -37,6 +37,35 @@ def _run(searcher, names: list[str]) -> list[dict]:
 
 def _row(config: dict, status: str = "completed") -> dict:
     return {"trial_id": config[TRIAL_ID], "status": status, "val_accuracy": _value(config)}
+
+
+def test_a_chains_points_are_optuna_trials_of_their_own_that_move_no_id_or_proposal(tmp_path):
+    """A chain study tells each point as a completed Optuna trial with T' among its params; the
+    chains drawn after keep the ids and random start-up draws they would have without them.
+    (Points are observations: they count towards TPE's start-up trials, so a study of few
+    start-up trials turns to TPE sooner; here all are start-up draws.)"""
+    chains = load_space("demo", {"study.n_startup_trials": 20})
+    plain, told = (_searcher(chains, str(tmp_path / name), finished={}) for name in ("plain", "told"))
+    for i in range(3):
+        drawn = plain.suggest(f"p{i}")
+        plain.on_trial_complete(f"p{i}", {**drawn, "val_accuracy": 0.5})
+        config = told.suggest(f"t{i}")
+        assert config == drawn and config[TRIAL_ID] == searched_id(i)
+        assert "self_distill.rounds" not in config and "self_distill.mae_weight" in config  # at T'=2
+        for t in (0, 1, 2, 2):  # the last: a point reported again (a restarted chain)
+            told.on_trial_result(f"t{i}", {"points_done": t + 1, "rounds": t, "val_accuracy": 0.1 * t,
+                                           "training_iteration": t + 1})
+        told.on_trial_complete(f"t{i}", {**config, "val_accuracy": 0.2})
+    trials = told._ot_study.get_trials()
+    points = [t for t in trials if "raysd_point" in t.user_attrs]
+    assert len(trials) == 12 and len(points) == 9  # 3 chains, each told its 3 points once
+    for t in points:
+        assert t.state == TrialState.COMPLETE and t.value == 0.1 * t.user_attrs["raysd_point"]
+        assert t.params["self_distill.rounds"] == t.user_attrs["raysd_point"]
+        # lambda is a parameter of a point only where it applies (when: rounds > 0)
+        assert ("self_distill.mae_weight" in t.params) == (t.params["self_distill.rounds"] > 0)
+    resumed = _searcher(chains, str(tmp_path / "told"), finished={})
+    assert resumed.reruns == 3  # points are never run again; chains without a row are
 
 
 def test_a_resumed_search_proposes_what_an_uninterrupted_one_would(tmp_path):
@@ -110,7 +139,8 @@ def test_asha_rungs_refilled_from_the_history_stop_a_weak_trial_and_count_a_reru
             {"trial_id": "b", "stage": "self_distill", "round": 1, "progress": 8, "knn_accuracy": 0.7},
             {"trial_id": "b", "stage": "further_pretrain", "round": 0, "progress": 4, "knn_accuracy": 0.8}]
     assert early_signals(rows) == {"a": [0.9], "b": [0.8, 0.7]}
-    scheduler = _scheduler(load_space("demo", {"study.scheduler": {"type": "asha", "grace_period": 1}}))
+    scheduler = _scheduler(load_space("demo", {"study.scheduler": {"type": "asha", "grace_period": 1},
+                                               "study.rounds": "param"}))
     scheduler.replay(early_signals(rows))
     weak, rerun = (types.SimpleNamespace(config={TRIAL_ID: tid}) for tid in ("c", "b"))
     for trial in (weak, rerun):
@@ -120,11 +150,35 @@ def test_asha_rungs_refilled_from_the_history_stop_a_weak_trial_and_count_a_reru
     assert sorted(scheduler._brackets[0]._rungs[-1][1]) == ["a", "b", "c"]
 
 
+def test_a_chains_rungs_are_its_points_on_the_validation_metric():
+    """In a chain study ASHA compares chains at the same T' on the study's metric, refilled on
+    --resume from the history's point rows (a point's row written twice counts once)."""
+    from raysd.resume import chain_rungs
+
+    rows = [{"trial_id": "a", "stage": "finetune", "round": 0, "points_done": 1, "val_accuracy": 0.9},
+            {"trial_id": "a", "stage": "finetune", "round": 0, "points_done": 1, "val_accuracy": 0.9},
+            {"trial_id": "a", "stage": "finetune", "round": 0, "step": 4, "val_accuracy": 0.1},  # mid-tune
+            {"trial_id": "b", "stage": "finetune", "round": 1, "points_done": 2, "val_accuracy": 0.6},
+            {"trial_id": "b", "stage": "finetune", "round": 0, "points_done": 1, "val_accuracy": 0.8}]
+    assert chain_rungs(rows, "val_accuracy") == {"a": [0.9], "b": [0.8, 0.6]}
+    scheduler = _scheduler(load_space("demo", {"study.scheduler": {"type": "asha", "grace_period": 1}}))
+    scheduler.replay(chain_rungs(rows, "val_accuracy"))
+    weak, strong = (types.SimpleNamespace(config={TRIAL_ID: tid}) for tid in ("c", "d"))
+    for trial in (weak, strong):
+        scheduler.on_trial_add(None, trial)
+    # a k-NN signal or a validation row inside a fine-tune is no rung
+    assert scheduler.on_trial_result(None, weak, {"stages_done": 1, "knn_accuracy": 0.0}) == "CONTINUE"
+    assert scheduler.on_trial_result(None, weak, {"val_accuracy": 0.0}) == "CONTINUE"
+    assert scheduler.on_trial_result(None, weak, {"points_done": 1, "val_accuracy": 0.5}) == "STOP"
+    assert scheduler.on_trial_result(None, strong, {"points_done": 1, "val_accuracy": 0.95}) == "CONTINUE"
+
+
 def test_the_demos_first_random_draws_cover_every_t_prime(tmp_path):
-    """demo.yaml's claim for its study.seed, under SeededTPESampler: its first three trials
-    (the demo's random start-up) have T' = 0, 1 and 2, at three mask ratios."""
+    """demo.yaml's claim for its study.seed, under SeededTPESampler: with T' sampled
+    (study.rounds: param) its first three trials (the demo's random start-up) have T' = 0, 1
+    and 2, at three mask ratios."""
     demo = Path(__file__).parents[1] / "search_spaces" / "demo.yaml"  # this checkout's
-    searcher = _searcher(load_space(str(demo)), str(tmp_path / "demo"), finished={})
+    searcher = _searcher(load_space(str(demo), {"study.rounds": "param"}), str(tmp_path / "demo"), finished={})
     first = [searcher.suggest(f"t{i}") for i in range(3)]
     assert sorted(c["self_distill.rounds"] for c in first) == [0, 1, 2]
     assert len({c["mask_ratio"] for c in first}) == 3

@@ -45,7 +45,12 @@ def _check_smoke_study(code: int, out: str, err: str, study, command: str, cfg) 
     assert "--smoke shrinks what costs time" in out and "finetune.steps:" in out
     trials = pq.read_table(study / "results" / "trials.parquet").to_pandas()
     history = pq.read_table(study / "results" / "history.parquet").to_pandas()
-    assert len(trials) == (2 if command == "tune" else 1)
+    assert trials.trial_id.nunique() == (2 if command == "tune" else 1)
+    if "best_point" in trials:  # a chain study (the demo's tune): smoke chains at T' = 0 and 1
+        assert len(trials) == 2 * trials.trial_id.nunique()
+        assert set(trials["param.self_distill.rounds"]) == {0, 1}
+    else:
+        assert len(trials) == trials.trial_id.nunique()
     assert set(trials.status) == {"completed"} and trials.smoke.all()
     if cfg.method == "self_distill":  # every stage ran, self-distillation included
         assert {"further_pretrain", "self_distill", "finetune"} <= set(history.stage)

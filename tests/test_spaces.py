@@ -136,17 +136,41 @@ def test_asha_rungs_are_stage_boundaries_and_no_t_prime_is_cut_short():
     from raysd.spaces import pretrain_stages
     from raysd.study import _scheduler
 
-    space = load_space("vit_small")  # T' in 0..3: 1 to 4 pre-training stages
+    space = load_space("vit_small", {"study.rounds": "param"})  # T' in 0..3: 1 to 4 pre-training stages
     assert pretrain_stages(space) == (1, 4)
     asha = _scheduler(space)
     assert asha._time_attr == "stages_done" and asha._metric == "knn_accuracy"
     assert asha._max_t == 5  # beyond the last stage of the longest trial: nobody hits it
 
 
+def test_a_searched_t_prime_runs_as_chains_whose_rungs_are_points():
+    from raysd.study import _scheduler
+
+    space = load_space("vit_small")  # T' in 0..3: a chain fine-tunes at T' = 0, 1, 2, 3
+    assert space.chain.points == (0, 1, 2, 3)
+    assert "self_distill.rounds" not in {p.key for p in space.sampled}
+    assert space.chain.config(space.trial_config()).self_distill.rounds == 3
+    asha = _scheduler(space)
+    # Rungs after each point's fine-tune, on the study's own validation metric.
+    assert asha._time_attr == "points_done" and asha._metric == "val_accuracy"
+    assert asha._max_t == 5  # past the last point: no chain is stopped for reaching it
+    assert load_space("vit_small", {"study.rounds": "param"}).chain is None
+    fixed = load_space("vit_small", {"search.self_distill.rounds": "none",
+                                     "search.self_distill.mae_weight.when": None})
+    assert fixed.chain is None  # T' fixed: param mode
+    # a `when` that names T' is judged at the chain's T' for sampling, at each point's for rows
+    demo = load_space("demo")
+    assert demo.active({"self_distill.rounds": 0, "self_distill.mae_weight": 0.5}) == {"self_distill.rounds": 0}
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--set", "study.scheduler.max_t=100"], "--set study.scheduler.max_t: unknown key"),
-    (["--set", "evaluation.signal=none", "--set", "study.scheduler.grace_period=1"],
-     "ASHA acts on the early signal"),
+    (["--set", "evaluation.signal=none", "--set", "study.scheduler.grace_period=1",
+      "--set", "study.rounds=param"], "ASHA acts on the early signal"),
+    (["--set", "study.rounds=chain", "--set", "search.self_distill.rounds=none",
+      "--set", "search.self_distill.mae_weight=none"],
+     "study.rounds: chain needs a searched self_distill.rounds"),
+    (["--set", "study.rounds=both"], "study.rounds: must be chain | param"),
     (["--set", "study.scheduler.grace_period=99999"], "study.scheduler.grace_period: must be at most"),
     (["--set", "study.scheduler.patience=3"], "--set study.scheduler.patience: unknown key"),
     (["--set", "search.mask_ratio.hihg=0.8"], "'hihg' is not a field of search.mask_ratio"),
