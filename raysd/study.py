@@ -217,8 +217,7 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
     finished = finished_ids(folder.trial_rows()) if resume else {}
     scheduler = None if variants else _scheduler(space)
     if scheduler and resume:
-        scheduler.replay(early_signals(folder.history_rows() +
-                                       [r for rows in folder.running_history().values() for r in rows]))
+        scheduler.replay(early_signals(folder.history_rows()))  # ended and running trials
     if journal and resume:
         optuna_study.fetch_journal(study_uri)
     if searched:

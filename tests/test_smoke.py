@@ -44,7 +44,7 @@ def _check_smoke_study(code: int, out: str, err: str, study, command: str, cfg) 
     assert code == 0, out[-3000:] + err[-2000:]
     assert "--smoke shrinks what costs time" in out and "finetune.steps:" in out
     trials = pq.read_table(study / "results" / "trials.parquet").to_pandas()
-    history = pq.read_table(study / "results" / "history.parquet").to_pandas()
+    history = pq.read_table(study / "results" / "history").to_pandas()
     assert len(trials) == (2 if command == "tune" else 1)
     assert set(trials.status) == {"completed"} and trials.smoke.all()
     if cfg.method == "self_distill":  # every stage ran, self-distillation included
