@@ -5,6 +5,7 @@ import dataclasses
 import logging
 import os
 import time
+from typing import Callable
 
 import pandas as pd
 import pyarrow.fs as pafs
@@ -158,11 +159,12 @@ def study_marker(train_storage: str) -> str | None:
 
 def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples: int | None = None,
               max_concurrent: int | None = None, verbose: bool = False,
-              variants: list[dict] | None = None) -> StudyOutcome:
+              variants: list[dict] | None = None, driver: Callable = None) -> StudyOutcome:
     """Run (or resume) a study; results land under study_uri. Ray must be initialised.
 
     With `variants` (raysd compare) the trials are those fixed points, one each, side by side,
-    instead of a search."""
+    instead of a search. `driver` replaces trial_driver (benchmarks/driver_scale.py: a trial
+    that only reports, to measure everything else)."""
     # Stage rows carry losses, not the validation metric, which comes with fine-tuning.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     # One layout, ours (README: "What a study writes"): Tune's own TensorBoard, CSV and JSON
@@ -205,7 +207,7 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
     if space.doc.get("weights") == "builtin:demo":
         demo_theta(space.doc["model"])  # build once here, not in every trial at once
     trainable = tune.with_resources(
-        tune.with_parameters(trial_driver, space=space, train_storage=f"{study_uri}/{TRAIN}",
+        tune.with_parameters(driver or trial_driver, space=space, train_storage=f"{study_uri}/{TRAIN}",
                              artifacts=artifacts_uri(space.study.artifacts, study_uri),
                              models=models_uri(space, study_uri)),
         tune.PlacementGroupFactory([DRIVER_BUNDLE]),
