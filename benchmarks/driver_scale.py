@@ -125,7 +125,14 @@ def child(kind: str, trials: int, reports: int, concurrent: int) -> dict:
                                                  verbose=0)).fit()
     out = measure(run)
     ray.shutdown()
-    results = sum(1 for _ in report_rows(0.5, reports)) * trials
+    rows = list(report_rows(0.5, reports))
+    results = len(rows) * trials
+    if kind == "raysd":  # each step recorded once: a stage's summary row replaces its last
+        from raysd.study_folder import StudyFolder
+
+        recorded = StudyFolder(study)
+        assert len(recorded.trials()) == trials, len(recorded.trials())
+        assert len(recorded.history_rows()) == (len(rows) - 3) * trials, len(recorded.history_rows())
     folder = sum(p.stat().st_size for p in Path(study).rglob("*") if p.is_file())
     return {**out, "results": results, "folder_bytes": folder}
 

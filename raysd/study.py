@@ -170,6 +170,9 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
     # One layout, ours (README: "What a study writes"): Tune's own TensorBoard, CSV and JSON
     # loggers would write a second copy of every row into each trial folder.
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    # --resume reads the study folder, never Tune's experiment state, which Tune otherwise
+    # rewrites every 10 s with every trial in it: its bytes per result grow with the study.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "600")
     if not verbose:  # our StudyConsole replaces Tune's tables and its failed-trial tracebacks
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
