@@ -254,11 +254,18 @@ MUTATIONS = [
     Mutation("figure4_curve_per_round", "raysd/compare_plots.py",
              '"param.finetune.seed", "param.self_distill.rounds")', '"param.finetune.seed")',
              ("tests/test_compare.py::test_figure_4_plots_the_test_metric_against_the_rounds_that_varied",)),
-    # Running trials' rows reach history_parts/ only at Ctrl-C: a killed driver loses them.
-    # Its fast test is being written with the Ray-free study-folder work (issue 23).
+    # Running trials' rows reach the history dataset only at Ctrl-C: a killed driver loses them.
     Mutation("history_parts_never_written", "raysd/writers.py",
-             "        self.write_parts()\n        return True", "        return True",
+             "        self.history.write_parts()\n        return True", "        return True",
              ("tests/test_writers.py::test_a_running_trials_rows_reach_its_history_parts_before_it_ends",)),
+    # A stage's last row, reported again with the stage's summary, appended twice.
+    Mutation("history_summary_row_twice", "raysd/history.py",
+             "if pending and self._identity(pending[-1]) == identity:", "if False:",
+             ("tests/test_writers.py::test_a_running_trials_rows_reach_its_history_parts_before_it_ends",)),
+    # A trial run again from a checkpoint keeps the failed run's rows beside the new ones.
+    Mutation("history_rerun_rows_twice", "raysd/history.py",
+             "        if trial_id in self._reported:\n", "        if False:\n",
+             ("tests/test_writers.py::test_a_failed_trial_run_again_by_resume_keeps_one_row_per_step",)),
 ]
 
 

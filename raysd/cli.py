@@ -261,7 +261,7 @@ def cmd_tune(args, single: bool = False) -> int:
         metrics = {k: v for k, v in best.items() if k.startswith(("val_", "test_"))}
         print(f"raysd: best trial {best['trial_id']}" + (f" {params}" if params else ""))
         print("raysd: " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
-    print(f"raysd: results in {study_uri}/results (trials.parquet, history.parquet); "
+    print(f"raysd: results in {study_uri}/results (trials.parquet, history/); "
           f"tensorboard --logdir {study_uri}/tensorboard")
     return 0 if outcome.counts.get("completed") else 1
 

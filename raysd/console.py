@@ -22,7 +22,7 @@ class StudyConsole(Callback):
         self.space, self.total = space, total
         self.metric, self.mode = space.study.metric, space.study.mode
         self.stream = stream
-        self._completed: list[dict] = []  # what study_folder.best_row needs of each completed trial
+        self._best: dict | None = None  # the best completed trial so far (study_folder.best_row)
         self.started = time.time()
         self.finished, self.failed = finished, 0  # finished: before a --resume
         self._resumed = finished  # the ETA counts only this run's pace
@@ -35,7 +35,7 @@ class StudyConsole(Callback):
     def _counts(self, trials, ended) -> str:
         # Tune calls back before it updates the ended trial's status: count that one apart.
         running = sum(t.status == "RUNNING" and t is not ended for t in trials)
-        top = best_row(self._completed, self.metric, self.mode)
+        top = self._best
         best = "" if top is None else f" | best {self.metric} {top[self.metric]:.4f} ({top['trial_id']})"
         left = self.total - self.finished
         eta = ""
@@ -92,8 +92,9 @@ class StudyConsole(Callback):
         self._latest.pop(tid, None)
         last = trial.last_result or {}
         value = last.get(self.metric)
-        if last.get("trial_done"):
-            self._completed.append({"trial_id": tid, "status": "completed", self.metric: value})
+        if last.get("trial_done"):  # the best of the best so far and this one: O(1) per trial
+            done = {"trial_id": tid, "status": "completed", self.metric: value}
+            self._best = best_row([r for r in (self._best, done) if r], self.metric, self.mode)
         self.finished += 1
         shown = "stopped early" if not last.get("trial_done") else f"{self.metric} {_fmt(value)}"
         self._print(f"trial {tid} {shown} | {self._counts(trials, trial)}")

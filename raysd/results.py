@@ -18,7 +18,8 @@ from raysd.credentials import redact, redact_values
 from raysd.resume import TRIAL_ID
 from raysd.spaces import Space
 from raysd.storage import FATAL_PREFIX, TRAIN
-from raysd.writers import FileMirror, ResultsWriter, TensorBoardWriter, history_row, staging_dir
+from raysd.writers import (FileMirror, ResultsWriter, TensorBoardWriter, history_metrics, history_row,
+                           staging_dir)
 
 # Per-stage columns: cost, artifact key, whether it was reused, and its early signal.
 FINAL_PREFIXES = ("val_", "test_", "train_", "seconds_", "steps_", "key_", "reused_", "knn_accuracy_")
@@ -114,7 +115,7 @@ class StudyRecorder(Callback):
     def setup(self, **info) -> None:
         # Made here, when the study starts: a resumed study gets its own, removed at its end.
         self.staging = staging_dir(self.study_uri)  # local TensorBoard folder when storage is remote
-        self.results = ResultsWriter(self.study_uri)
+        self.results = ResultsWriter(self.study_uri, metrics=history_metrics(self.space))
         self.tensorboard = TensorBoardWriter(self.space, self.results.store, self.staging)
         self.mirror = FileMirror(self.results.store, self.mirrors)
         self._final: set[str] = set()  # trials whose train/ folder is deleted, maybe not yet all

@@ -14,13 +14,14 @@ import pyarrow.parquet as pq
 
 from raysd.errors import ConfigError
 
-TRIALS, HISTORY, PARTS = "trials.parquet", "history.parquet", "history_parts"
+TRIALS = "trials.parquet"
+HISTORY, PARTS = "history.parquet", "history_parts"  # the history of studies before history.py
 MODELS = "models"  # <study>/models/<trial id>/: a trial's fine-tuned model
 # <study>/train/<trial id>/: a trial's Ray Train run (step checkpoints, Ray's own files) and,
 # when it failed, its error files: <FATAL_PREFIX><rank>.txt, worker_error.txt.
 TRAIN = "train"
 FATAL_PREFIX = "fatal_error.rank"  # a rank's error that a retry would only repeat
-TMP_MARK = ".tmp-"  # <name>.tmp-<hex>: a local write in progress, or one a crash cut short
+TMP_MARK = ".tmp-"  # .<name>.tmp-<hex>: a local write in progress, or one a crash cut short
 SPACE_FILE = "space.yaml"  # the space a study runs, overrides applied
 # What `raysd ls` shows (the space name, when and by which raysd it was started) and, for
 # `raysd compare`, its variants in order, so `compare --resume` can write the same table.
@@ -74,7 +75,9 @@ class Store:
         target = self.path(*parts)
         self.fs.create_dir(self.path(*parts[:-1]), recursive=True)
         if self.local:  # write beside, then rename: atomic on POSIX
-            tmp = f"{target}{TMP_MARK}{uuid.uuid4().hex[:8]}"
+            # A dot first: readers of a folder as a dataset (pyarrow, pandas) skip hidden files.
+            folder, _, base = target.rpartition("/")
+            tmp = f"{folder}/.{base}{TMP_MARK}{uuid.uuid4().hex[:8]}"
             with open(tmp, "wb") as f:
                 f.write(data)
             os.replace(tmp, target)

@@ -5,6 +5,7 @@ import dataclasses
 import logging
 import os
 import time
+from typing import Callable
 
 import pandas as pd
 import pyarrow.fs as pafs
@@ -160,16 +161,20 @@ def study_marker(train_storage: str) -> str | None:
 
 def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples: int | None = None,
               max_concurrent: int | None = None, verbose: bool = False,
-              variants: list[dict] | None = None) -> StudyOutcome:
+              variants: list[dict] | None = None, driver: Callable = None) -> StudyOutcome:
     """Run (or resume) a study; results land under study_uri. Ray must be initialised.
 
     With `variants` (raysd compare) the trials are those fixed points, one each, side by side,
-    instead of a search."""
+    instead of a search. `driver` replaces trial_driver (benchmarks/driver_scale.py: a trial
+    that only reports, to measure everything else)."""
     # Stage rows carry losses, not the validation metric, which comes with fine-tuning.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     # One layout, ours (README: "What a study writes"): Tune's own TensorBoard, CSV and JSON
     # loggers would write a second copy of every row into each trial folder.
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    # --resume reads the study folder, never Tune's experiment state, which Tune otherwise
+    # rewrites every 10 s with every trial in it: its bytes per result grow with the study.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "600")
     if not verbose:  # our StudyConsole replaces Tune's tables and its failed-trial tracebacks
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
@@ -209,7 +214,7 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
     if space.doc.get("weights") == "builtin:demo":
         demo_theta(space.doc["model"])  # build once here, not in every trial at once
     trainable = tune.with_resources(
-        tune.with_parameters(trial_driver, space=space, train_storage=f"{study_uri}/{TRAIN}",
+        tune.with_parameters(driver or trial_driver, space=space, train_storage=f"{study_uri}/{TRAIN}",
                              artifacts=artifacts_uri(space.study.artifacts, study_uri),
                              models=models_uri(space, study_uri)),
         tune.PlacementGroupFactory([DRIVER_BUNDLE]),
@@ -221,7 +226,7 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
     finished = finished_ids(folder.trial_rows()) if resume else {}
     scheduler = None if variants else _scheduler(space)
     if scheduler and resume:
-        rows = folder.history_rows() + [r for rows in folder.running_history().values() for r in rows]
+        rows = folder.history_rows()  # ended and running trials
         scheduler.replay(chain_rungs(rows, space.study.metric) if space.chain else early_signals(rows))
     if journal and resume:
         optuna_study.fetch_journal(study_uri)

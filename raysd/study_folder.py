@@ -5,10 +5,12 @@
     study.yaml                    the space's name, raysd version, start time, state_format (resume.py);
                                   a comparison's variants
     results/trials.parquet        one row per ended trial, in the order they ended
-    results/history.parquet       every reported row of every ended trial
-    results/history_parts/        rows of running trials, <trial id>-<n>.parquet, folded into
-                                  history.parquet (and deleted) when the trial ends
-A `<file>.tmp-<hex>` beside a file is a write a crash cut short: never read (Store.list leaves
+    results/history/              every reported row of every trial, ended or running: a Parquet
+                                  dataset of parts <trial id>-<n>.parquet, one schema, appended
+                                  and never rewritten (history.py)
+    results/history.parquet,      the history of studies written before that: the ended trials'
+    results/history_parts/        rows, and the running trials' parts; still read
+A `.<file>.tmp-<hex>` beside a file is a write a crash cut short: never read (Store.list leaves
 it out), and deleted by the next run or --resume (ResultsWriter).
 """
 from __future__ import annotations
@@ -20,13 +22,11 @@ import yaml
 
 from raysd.config import current_columns
 from raysd.errors import ConfigError
+from raysd.history import read_history
 from raysd.spaces import Space, load_space_text
-from raysd.storage import HISTORY, PARTS, SPACE_FILE, STUDY_FILE, TRIALS, Store
+from raysd.storage import SPACE_FILE, STUDY_FILE, TRIALS, Store
 
 STATUSES = ("completed", "stopped", "failed")  # stopped: ended early by the scheduler (ASHA)
-# What identifies a history row within its trial: a row written to a part and again when the
-# trial ends is one row; a step rerun after a worker-group restart has a new `attempt`.
-ROW_IDENTITY = ("stage", "round", "step", "attempt")
 
 
 def ranked(trials: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
@@ -47,21 +47,6 @@ def best_row(rows: list[dict], metric: str, mode: str) -> dict | None:
 def status_counts(trials: pd.DataFrame) -> dict[str, int]:
     """Trials per status, every status present (0 when none)."""
     return {s: int((trials["status"] == s).sum()) if len(trials) else 0 for s in STATUSES}
-
-
-def unique_rows(rows: list[dict]) -> list[dict]:
-    """One row per ROW_IDENTITY, the last one written winning, in first-written order."""
-    return list({tuple(row.get(k) for k in ROW_IDENTITY): row for row in rows}.values())
-
-
-def part_name(trial_id: str, index: int) -> str:
-    """The name of a running trial's index-th history part."""
-    return f"{trial_id}-{index:05d}.parquet"
-
-
-def part_trial(name: str) -> str:
-    """The trial id a history part belongs to (trial ids may hold '-', the index does not)."""
-    return name.rsplit("-", 1)[0]
 
 
 def _present(row: pd.Series) -> dict:
@@ -147,27 +132,11 @@ class StudyFolder:
         return _present(match.iloc[0]) if len(match) else None
 
     def history_rows(self) -> list[dict]:
-        """history.parquet as rows: every reported row of the trials that have ended."""
-        return self.store.read_rows("results", HISTORY)
+        """Every reported row of every trial, ended or still running (history.py's read_history)."""
+        return read_history(self.store)
 
     def history(self) -> pd.DataFrame:
         return pd.DataFrame(self.history_rows())
-
-    def parts(self) -> dict[str, list[str]]:
-        """trial id -> names of its history parts, oldest first."""
-        found: dict[str, list[str]] = {}
-        for name in self.store.list("results", PARTS):
-            found.setdefault(part_trial(name), []).append(name)
-        return found
-
-    def read_part(self, name: str) -> list[dict]:
-        return self.store.read_rows("results", PARTS, name)
-
-    def running_history(self) -> dict[str, list[dict]]:
-        """trial id -> the rows its parts hold, for trials not yet in trials.parquet."""
-        ended = {row["trial_id"] for row in self.trial_rows()}
-        return {tid: unique_rows([row for name in names for row in self.read_part(name)])
-                for tid, names in self.parts().items() if tid not in ended}
 
     def updated(self) -> datetime.datetime | None:
         """When trials.parquet (else space.yaml) last changed; None when neither exists."""

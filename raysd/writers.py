@@ -1,112 +1,77 @@
 """Ray-free writers of a study folder's results; StudyRecorder (results.py) drives them from Tune.
 
-ResultsWriter: trials.parquet, history.parquet and the history parts of running trials (layout
-in study_folder.py). TensorBoardWriter: per-trial scalars per stage and one HParams experiment.
-FileMirror: local files kept in sync with copies in the study folder.
+ResultsWriter: trials.parquet and the history dataset (history.py; layout in study_folder.py).
+TensorBoardWriter: per-trial scalars per stage and one HParams experiment. FileMirror: local
+files kept in sync with copies in the study folder.
 """
 from __future__ import annotations
 
 import os
 import tempfile
-import time
 from pathlib import Path
+from typing import Sequence
 
 import pyarrow.fs as pafs
 
 from raysd.credentials import redact_values
+from raysd.history import SCALAR_KEYS, HistoryWriter, history_row
 from raysd.spaces import Space
-from raysd.storage import HISTORY, MODELS, PARTS, TRIALS, Store
-from raysd.study_folder import STATUSES, StudyFolder, best_row, part_name, unique_rows
+from raysd.storage import MODELS, TRIALS, Store
+from raysd.study_folder import STATUSES, StudyFolder, best_row
 
-# Our own keys in a reported row; Tune's bookkeeping keys (dates, pids, iterations) are dropped.
-# `attempt` counts the trial's worker-group restarts: a step rerun after one is a new row.
-# `points_done`: on a chain's row of a fine-tuned point, how many points it has (ASHA's clock).
-ROW_KEYS = ("stage", "round", "step", "progress", "attempt", "points_done", "loss", "mae_loss",
-            "distill_loss", "ce_loss", "lr", "samples_per_s", "knn_accuracy")
-SCALAR_KEYS = ROW_KEYS[6:]
+__all__ = ["ResultsWriter", "TensorBoardWriter", "FileMirror", "history_row", "history_metrics",
+           "staging_dir", "final_metric_names"]
 PART_SECONDS = float(os.environ.get("RAYSD_HISTORY_PART_SECONDS", "30"))
 
 
-def history_row(trial_id: str, result: dict) -> dict:
-    """A reported result as a row of history.parquet: our keys and every val_/test_ metric."""
-    row = {"trial_id": trial_id, **{k: result[k] for k in ROW_KEYS if k in result}}
-    row.update({k: result[k] for k in result if k.startswith(("val_", "test_"))})
-    return row
-
-
 class ResultsWriter:
-    """A study's Parquet results. Each write replaces a whole file atomically (Store).
+    """A study's Parquet results: trials.parquet, replaced whole and atomically (Store) from the
+    ended trials' rows it holds, and the history dataset, appended (HistoryWriter), so what a
+    write costs is its new rows. `metrics`: the history's val_/test_ columns (history_metrics)."""
 
-    Rows of a running trial go to a history part every `part_seconds`, so a driver crash loses
-    at most that much; they move to history.parquet with the trial's row when it ends."""
-
-    def __init__(self, study_uri: str, part_seconds: float = PART_SECONDS):
+    def __init__(self, study_uri: str, part_seconds: float = PART_SECONDS, metrics: Sequence[str] = ()):
         folder = StudyFolder(study_uri)
-        self.store, self.part_seconds = folder.store, part_seconds
-        for where in (("results",), ("results", PARTS)):  # a crashed driver's cut-short writes
-            self.store.remove_temporaries(*where)
-        # On --resume the files already hold the trials that ended before the crash,
-        # and the parts hold the rows of those that were running.
+        self.store = folder.store
+        self.store.remove_temporaries("results")  # a crashed driver's cut-short writes
+        # On --resume the file already holds the trials that ended before the crash.
         self.trials = folder.trial_rows()
-        self.history = folder.history_rows()
-        self._parts = folder.parts()  # trial id -> its part names
-        self._parted = folder.running_history()  # rows already in parts, per running trial
-        self._pending: dict[str, list[dict]] = {}  # rows not yet in a part
-        self._dirty = False  # trials or history changed since the last write
-        self._parted_at = time.time()
-        self._drop_parts({row["trial_id"] for row in self.trials})  # a crash before the clean-up
+        self.history = HistoryWriter(self.store, metrics, part_seconds)
+        self._dirty = False  # trials changed since the last write
 
     def add(self, trial_id: str, row: dict) -> None:
         """A running trial's history row, written with its next part."""
-        self._pending.setdefault(trial_id, []).append(row)
+        self.history.add(trial_id, row)
 
     def end_trial(self, row: dict, *more: dict) -> None:
         """A trial's trials.parquet row(s) (a chain's: one per point), replacing those of an
-        earlier run of the trial, and all its history rows, for the next write()."""
+        earlier run of the trial, for the next flush(); its last history rows are written now,
+        before them."""
         tid = row["trial_id"]
+        self.history.end_trial(tid)
         self.trials = [r for r in self.trials if r["trial_id"] != tid] + [row, *more]
-        earlier = [r for r in self.history if r["trial_id"] == tid]  # a failed trial run again
-        self.history = [r for r in self.history if r["trial_id"] != tid] + unique_rows(
-            earlier + self._parted.pop(tid, []) + self._pending.pop(tid, []))
         self._dirty = True
 
     def flush(self) -> bool:
         """What is due: the ended trials now, the running trials' rows every `part_seconds`.
         True when parts were due."""
         if self._dirty:
-            self.store.write_rows(self.history, "results", HISTORY)
             self.store.write_rows(self.trials, "results", TRIALS)
             self._dirty = False
-            self._drop_parts({row["trial_id"] for row in self.trials})
-        if time.time() - self._parted_at < self.part_seconds:
+        if not self.history.due():
             return False
-        self.write_parts()
+        self.history.write_parts()
         return True
 
-    def write_parts(self) -> None:
-        """Each running trial's rows since its last part, as its next part."""
-        for tid, rows in list(self._pending.items()):
-            if rows:
-                name = part_name(tid, len(self._parts.get(tid, [])))
-                self.store.write_rows(rows, "results", PARTS, name)
-                self._parts.setdefault(tid, []).append(name)
-                self._parted.setdefault(tid, []).extend(rows)
-                self._pending[tid] = []
-        self._parted_at = time.time()
-
     def close(self) -> None:
-        """Write everything: trials still running (Ctrl-C) keep their rows in parts for --resume."""
+        """Write everything: trials still running (Ctrl-C) keep their rows for --resume."""
         self.flush()
-        self.write_parts()
-
-    def _drop_parts(self, ended: set[str]) -> None:
-        for tid in ended & set(self._parts):
-            for name in self._parts.pop(tid):
-                self.store.delete("results", PARTS, name)
+        self.history.write_parts(hold_last=False)
 
     def keep_best_model(self, metric: str, mode: str) -> None:
         """study.keep_models: best - of the ended trials, only the best one's model stays."""
-        best = best_row(self.trials, metric, mode)
+        # Only what best_row reads: a frame of every column of every trial costs O(n) per end.
+        best = best_row([{k: r.get(k) for k in ("trial_id", "status", metric)} for r in self.trials],
+                        metric, mode)
         if best is None:
             return
         ended = {r["trial_id"] for r in self.trials}  # a running trial's model stays
@@ -156,15 +121,17 @@ class TensorBoardWriter:
         tagged by stage (self_distill_r<round> per round)."""
         if "progress" not in result:
             return
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
         stage = result.get("stage", "trial")
         tag = f"{stage}_r{result['round']}" if stage == "self_distill" else stage
-        writer = self._writer(tid)
-        for key in SCALAR_KEYS:
-            if key in result:
-                writer.add_scalar(f"{tag}/{key}", result[key], result["progress"])
-        for key in result:
-            if key.startswith("val_") and not result.get("trial_done"):
-                writer.add_scalar(f"{tag}/{key}", result[key], result["progress"])
+        keys = [k for k in SCALAR_KEYS if k in result]
+        if not result.get("trial_done"):
+            keys += [k for k in result if k.startswith("val_")]
+        # One event per row, not one per scalar: a third of the driver's cost per result
+        # (benchmarks/driver_scale.py); TensorBoard reads each value as its own scalar.
+        values = [Summary.Value(tag=f"{tag}/{k}", simple_value=float(result[k])) for k in keys]
+        self._writer(tid).file_writer.add_summary(Summary(value=values), result["progress"])
         self._unsent.add(tid)
 
     def hparams(self, tid: str, config: dict, last: dict, status: str) -> None:
@@ -239,6 +206,11 @@ class FileMirror:
             if seen != self._mirrored.get(local):
                 self.store.write_bytes(path.read_bytes(), name)
                 self._mirrored[local] = seen
+
+
+def history_metrics(space: Space) -> list[str]:
+    """The history's metric columns: what fine-tuning validates and the final val_/test_ ones."""
+    return [n for n in final_metric_names(space) if n.startswith(("val_", "test_"))]
 
 
 def final_metric_names(space: Space) -> list[str]:

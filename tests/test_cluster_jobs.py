@@ -65,7 +65,7 @@ def test_study_on_s3_storage(moto_s3, marked_env, tmp_path):
     assert seen_running, "no trial's TensorBoard events on S3 before the trial ended"
     rows = pq.read_table("raysd/studies/s3/results/trials.parquet", filesystem=s3).to_pylist()
     assert len(rows) == 1 and rows[0]["status"] == "completed"
-    history = pq.read_table("raysd/studies/s3/results/history.parquet", filesystem=s3)
+    history = pq.read_table("raysd/studies/s3/results/history", filesystem=s3)
     assert history.num_rows > 0
     listed = [info.path for info in s3.get_file_info(pafs.FileSelector("raysd/studies/s3", recursive=True))]
     assert any("/tensorboard/" in p and "tfevents" in p for p in listed)

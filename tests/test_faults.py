@@ -81,7 +81,7 @@ def test_killed_worker_resumes_with_identical_metrics(ray_local, slow_round_refe
     assert (stage, rnd) == ("self_distill", "1") and int(step) > 0
     for metric in ("val_accuracy", "test_accuracy", "val_loss", "test_loss", "init_distance"):
         assert killed[metric] == clean[metric], metric
-    history = pq.read_table(tmp_path / "killed" / "results" / "history.parquet").to_pandas()
+    history = pq.read_table(tmp_path / "killed" / "results" / "history").to_pandas()
     rerun = history[(history.stage == "self_distill") & (history.attempt == 1)]
     assert rerun.step.min() > int(step)  # the second attempt started where the checkpoint was
     # a completed trial's step checkpoints are deleted (logging.keep_checkpoints: false)

@@ -8,8 +8,11 @@ import torch
 from conftest import tiny_config
 from raysd import models
 from raysd.losses import distill_loss
+from raysd.history import history_row, history_schema
 from raysd.recipe import Hooks, NonFiniteLoss, run_trial
+from raysd.spaces import load_space
 from raysd.stages import metrics_from_confusion
+from raysd.writers import history_metrics
 
 
 def _init(seed=0):
@@ -49,6 +52,9 @@ def test_each_method_runs_its_stages_and_reports_real_metrics(digits, method, st
     assert rec.rows[-1]["trial_done"] and rec.rows[-1]["val_accuracy"] == out["val_accuracy"]
     assert out["init_distance"] > 0
     assert all(f"seconds_{s}" in out or f"seconds_{s}_1" in out for s in stages)
+    # Every key a trial reports has its column in the history's one schema (history.py).
+    reported = {k for r in rec.rows for k in history_row("t", r)}
+    assert not reported - set(history_schema(history_metrics(load_space("demo"))).names)
 
 
 def test_every_round_restarts_from_theta_init(digits):

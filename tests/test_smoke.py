@@ -44,7 +44,7 @@ def _check_smoke_study(code: int, out: str, err: str, study, command: str, cfg) 
     assert code == 0, out[-3000:] + err[-2000:]
     assert "--smoke shrinks what costs time" in out and "finetune.steps:" in out
     trials = pq.read_table(study / "results" / "trials.parquet").to_pandas()
-    history = pq.read_table(study / "results" / "history.parquet").to_pandas()
+    history = pq.read_table(study / "results" / "history").to_pandas()
     assert trials.trial_id.nunique() == (2 if command == "tune" else 1)
     if "best_point" in trials:  # a chain study (the demo's tune): smoke chains at T' = 0 and 1
         assert len(trials) == 2 * trials.trial_id.nunique()

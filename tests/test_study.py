@@ -77,7 +77,7 @@ def test_study_writes_one_row_per_point_with_params_metrics_and_cost(demo_study)
 def test_history_has_every_stage_and_round_of_every_trial(demo_study):
     _, study, _ = demo_study
     trials = pq.read_table(study / "results" / "trials.parquet").to_pandas()
-    history = pq.read_table(study / "results" / "history.parquet").to_pandas()
+    history = pq.read_table(study / "results" / "history").to_pandas()
     assert set(history.trial_id) == set(trials.trial_id)
     for _, trial in trials.iterrows():
         rows = history[history.trial_id == trial.trial_id]
@@ -97,7 +97,7 @@ def test_tensorboard_scalars_and_hparams_read_back(demo_study):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     _, study, _ = demo_study
-    history = pq.read_table(study / "results" / "history.parquet").to_pandas()
+    history = pq.read_table(study / "results" / "history").to_pandas()
     trials = pq.read_table(study / "results" / "trials.parquet").to_pandas()
     for _, trial in trials.iterrows():
         acc = EventAccumulator(str(study / "tensorboard" / trial.trial_id))
@@ -287,11 +287,11 @@ def test_resume_after_the_driver_is_killed(demo_study, tmp_path):
         again = after[(after.trial_id == row.trial_id) & (after["param.self_distill.rounds"]
                                                           == row["param.self_distill.rounds"])].iloc[0]
         assert again.wall_seconds == row.wall_seconds and again.val_accuracy == row.val_accuracy
-    history = pq.read_table(study / "results" / "history.parquet").to_pandas()
+    history = pq.read_table(study / "results" / "history").to_pandas()
     assert set(history.trial_id) == set(after.trial_id)
     identity = ["trial_id", "stage", "round", "step", "attempt"]
     assert not history.duplicated(identity).any()  # --resume never duplicates a row
-    assert not list((study / "results" / "history_parts").glob("*"))  # parts folded in
+    assert not (study / "results" / "history.parquet").exists()  # appended, never one file
     # --resume continued the same Optuna study: every trial told once, none left running
     import optuna
     from optuna.storages.journal import JournalFileBackend
@@ -367,7 +367,7 @@ def test_asha_on_the_early_signal_never_stops_a_trial_for_its_t_prime(ray_local,
     with_round = trials[trials["param.self_distill.rounds"] >= 1]
     assert (~with_round.reused_self_distill_1.astype(bool)).sum() == 1
     assert trials.knn_accuracy_further_pretrain.nunique() == 1
-    history = pq.read_table(tmp_path / "asha" / "results" / "history.parquet").to_pandas()
+    history = pq.read_table(tmp_path / "asha" / "results" / "history").to_pandas()
     signals = history[history.knn_accuracy.notna()]
     assert set(signals.stage) == {"further_pretrain", "self_distill"}
 

@@ -70,19 +70,21 @@ def test_an_old_studys_setting_columns_read_under_todays_names(tmp_path):
     assert "top 5 of 5 completed trials" in write_report(str(study))
 
 
-def test_running_history_is_the_parts_of_trials_not_yet_ended(tmp_path):
+def test_history_reads_both_layouts_each_row_once(tmp_path):
+    """An old study's history.parquet and history_parts/ (a crash left t0's part behind after
+    t0 ended) and the dataset's parts read as one history, a row written twice read once (the
+    last)."""
     study = make_study(tmp_path)
     store = Store(str(study))
     row = {"trial_id": "t9", "stage": "finetune", "round": 0, "step": 5, "attempt": 0, "loss": 1.0}
     store.write_rows([row], "results", "history_parts", "t9-00000.parquet")
-    store.write_rows([{**row, "loss": 0.5}, {**row, "step": 6}], "results", "history_parts",
-                     "t9-00001.parquet")
-    store.write_rows([row], "results", "history_parts", "t0-00000.parquet")  # t0 has ended
-    folder = StudyFolder(str(study))
-    assert set(folder.parts()) == {"t0", "t9"}
-    running = folder.running_history()
-    assert list(running) == ["t9"]
-    assert [(r["step"], r["loss"]) for r in running["t9"]] == [(5, 0.5), (6, 1.0)]
+    store.write_rows([{**row, "loss": 0.5}, {**row, "step": 6}], "results", "history", "t9-00000.parquet")
+    t0 = StudyFolder(str(study)).history_rows()[0]
+    store.write_rows([t0], "results", "history_parts", "t0-00000.parquet")
+    history = StudyFolder(str(study)).history()
+    assert len(history) == 5 * 5 + 2
+    t9 = history[history.trial_id == "t9"]
+    assert t9.step.tolist() == [5, 6] and t9.loss.tolist() == [0.5, 1.0]
 
 
 def _comparison(root: Path) -> Path:

@@ -24,24 +24,31 @@ def _read(path: Path) -> list[dict]:
     return pq.read_table(path).to_pylist()
 
 
+def _history(study: Path) -> list[dict]:
+    """The history dataset as pyarrow reads the folder, without raysd; missing values left out."""
+    table = pq.read_table(study / "results" / "history")
+    return [{k: v for k, v in row.items() if v is not None} for row in table.to_pylist()]
+
+
 def _parts(study: Path) -> list[str]:
-    folder = study / "results" / "history_parts"
+    folder = study / "results" / "history"
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
 def test_a_running_trials_rows_reach_its_history_parts_before_it_ends(tmp_path):
     writer = ResultsWriter(str(tmp_path), part_seconds=0)
-    for row in _rows("t1", (1, 2)):
+    for row in _rows("t1", (1, 2, 3)):
         writer.add("t1", row)
     assert writer.flush()  # parts are due at every flush with part_seconds 0
-    assert _parts(tmp_path) == ["t1-00000.parquet"]
-    assert _read(tmp_path / "results" / "history_parts" / "t1-00000.parquet") == _rows("t1", (1, 2))
-    for row in _rows("t1", (3,)):
-        writer.add("t1", row)
+    # The latest row waits for the next: a stage's summary reports it again (recipe.run_trial).
+    assert _parts(tmp_path) == ["t1-00000.parquet"] and _history(tmp_path) == _rows("t1", (1, 2))
+    writer.add("t1", {**_rows("t1", (3,))[0], "knn_accuracy": 0.5})  # step 3 again, with the signal
+    writer.add("t1", _rows("t1", (4,))[0])
     writer.flush()
     assert _parts(tmp_path) == ["t1-00000.parquet", "t1-00001.parquet"]
+    assert _history(tmp_path) == _rows("t1", (1, 2)) + [{**_rows("t1", (3,))[0], "knn_accuracy": 0.5}]
     assert not (tmp_path / "results" / "trials.parquet").exists()  # no trial has ended
-    assert StudyFolder(str(tmp_path)).running_history() == {"t1": _rows("t1", (1, 2, 3))}
+    assert [r["step"] for r in StudyFolder(str(tmp_path)).history_rows()] == [1, 2, 3]
 
 
 def test_parts_wait_for_their_period_and_close_writes_what_is_left(tmp_path):
@@ -49,81 +56,120 @@ def test_parts_wait_for_their_period_and_close_writes_what_is_left(tmp_path):
     writer.add("t1", _rows("t1", (1,))[0])
     assert not writer.flush() and _parts(tmp_path) == []
     writer.close()  # the study stops (Ctrl-C) with t1 running: its rows wait for --resume
-    assert _read(tmp_path / "results" / "history_parts" / "t1-00000.parquet") == _rows("t1", (1,))
+    assert _history(tmp_path) == _rows("t1", (1,))
 
 
-def test_an_ended_trial_moves_its_rows_to_history_once_and_its_parts_go(tmp_path):
-    writer = ResultsWriter(str(tmp_path), part_seconds=0)
-    for row in _rows("t1", (1, 2)):
-        writer.add("t1", row)
-    writer.flush()
-    rerun = {**_rows("t1", (2,))[0], "loss": 9.0}  # written again after the part: the last wins
-    for row in [rerun, *_rows("t1", (2,), attempt=1), *_rows("t2", (1,))]:
-        writer.add(row["trial_id"], row)
-    writer.end_trial({"trial_id": "t1", "status": "completed", "val_accuracy": 0.5})
-    writer.flush()
-    assert _read(tmp_path / "results" / "trials.parquet") == [
-        {"trial_id": "t1", "status": "completed", "val_accuracy": 0.5}]
-    history = _read(tmp_path / "results" / "history.parquet")
-    assert [(r["step"], r["attempt"], r["loss"]) for r in history] == [(1, 0, 1.0), (2, 0, 9.0), (2, 1, 0.5)]
-    assert _parts(tmp_path) == ["t2-00000.parquet"]  # t1's are folded in; t2 still runs
+def test_history_is_one_table_of_one_schema_whose_files_are_never_rewritten(tmp_path):
+    """pandas and pyarrow.dataset read the folder as one table with every column, though no part
+    holds them all; more trials add files and never touch a written one (a write costs its rows)."""
+    import pandas as pd
+    import pyarrow.dataset as ds
+
+    writer = ResultsWriter(str(tmp_path), part_seconds=0, metrics=["val_accuracy", "test_accuracy"])
+    history = tmp_path / "results" / "history"
+    written: dict[str, tuple] = {}
+    for n in range(6):
+        tid = f"t{n}"
+        for row in _rows(tid, range(1, 5)):
+            writer.add(tid, row)
+        writer.flush()
+        writer.add(tid, {**_rows(tid, (4,))[0], "val_accuracy": n / 10, "test_accuracy": 0.5})
+        writer.end_trial({"trial_id": tid, "status": "completed"})
+        writer.flush()
+        files = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_size) for p in history.iterdir()}
+        assert all(files[name] == seen for name, seen in written.items())  # never rewritten
+        assert len(files) == len(written) + 2  # the trial's rows: two parts, nothing else
+        written = files
+    frame = pd.read_parquet(history)
+    assert len(frame) == 6 * 4 and frame.duplicated(["trial_id", "step"]).sum() == 0
+    assert list(frame.columns[:3]) == ["trial_id", "stage", "round"]
+    assert {"val_accuracy", "test_accuracy", "knn_accuracy"} <= set(frame.columns)
+    finals = frame[frame.val_accuracy.notna()]
+    assert finals.trial_id.tolist() == [f"t{n}" for n in range(6)] and finals.step.tolist() == [4] * 6
+    assert ds.dataset(history).to_table().num_rows == 24
+    assert [r["trial_id"] for r in _read(tmp_path / "results" / "trials.parquet")] == [f"t{n}" for n in range(6)]
 
 
 def test_a_new_writer_picks_up_a_crashed_drivers_parts(tmp_path):
     crashed = ResultsWriter(str(tmp_path), part_seconds=0)
-    for row in _rows("t1", (1, 2)):
+    for row in _rows("t1", (1, 2, 3)):
         crashed.add("t1", row)
     crashed.end_trial({"trial_id": "t0", "status": "failed"})
-    crashed.flush()
-    Store(str(tmp_path)).write_rows(_rows("t0", (1,)), "results", "history_parts", "t0-00000.parquet")
-    resumed = ResultsWriter(str(tmp_path), part_seconds=0)  # drops t0's part: t0 has ended
-    assert _parts(tmp_path) == ["t1-00000.parquet"]
-    resumed.add("t1", _rows("t1", (3,))[0])
+    crashed.flush()  # then killed: step 3 waited in memory
+    resumed = ResultsWriter(str(tmp_path), part_seconds=0)
+    assert [r["step"] for r in StudyFolder(str(tmp_path)).history_rows()] == [1, 2]
+    for row in _rows("t1", (3, 4)):  # t1 runs again from its checkpoint after step 2
+        resumed.add("t1", row)
     resumed.end_trial({"trial_id": "t1", "status": "completed"})
     resumed.flush()
     assert [r["trial_id"] for r in _read(tmp_path / "results" / "trials.parquet")] == ["t0", "t1"]
-    assert [r["step"] for r in _read(tmp_path / "results" / "history.parquet")] == [1, 2, 3]
-    assert _parts(tmp_path) == []
+    assert [r["step"] for r in _history(tmp_path)] == [1, 2, 3, 4]
+    assert _parts(tmp_path) == ["t1-00000.parquet", "t1-00001.parquet"]  # appended, no step twice
 
 
 def test_a_failed_trial_run_again_by_resume_keeps_one_row_per_step(tmp_path):
     """--resume runs a failed trial again from its last checkpoint: the steps it repeats replace
-    the failed run's rows, and its trials.parquet row is replaced."""
+    the failed run's rows in one part of its own, and its trials.parquet row is replaced."""
     first = ResultsWriter(str(tmp_path), part_seconds=0)
-    for row in _rows("t1", (1, 2, 3)):
-        first.add("t1", row)
+    for row in [*_rows("t1", (1, 2, 3)), *_rows("t2", (1,))]:
+        first.add(row["trial_id"], row)
     first.end_trial({"trial_id": "t1", "status": "failed"})
+    first.end_trial({"trial_id": "t2", "status": "completed"})
     first.flush()
     resumed = ResultsWriter(str(tmp_path), part_seconds=0)
     for row in _rows("t1", (3, 4)):  # from the checkpoint after step 2
         resumed.add("t1", {**row, "loss": 9.0})
     resumed.end_trial({"trial_id": "t1", "status": "completed"})
     resumed.flush()
-    assert _read(tmp_path / "results" / "trials.parquet") == [{"trial_id": "t1", "status": "completed"}]
-    history = _read(tmp_path / "results" / "history.parquet")
-    assert [(r["step"], r["loss"]) for r in history] == [(1, 1.0), (2, 0.5), (3, 9.0), (4, 9.0)]
+    assert _read(tmp_path / "results" / "trials.parquet") == [
+        {"trial_id": "t2", "status": "completed"}, {"trial_id": "t1", "status": "completed"}]
+    history = _history(tmp_path)
+    assert [(r["trial_id"], r["step"], r["loss"]) for r in history] == [
+        ("t1", 1, 1.0), ("t1", 2, 0.5), ("t1", 3, 9.0), ("t1", 4, 9.0), ("t2", 1, 1.0)]
+    assert _parts(tmp_path) == ["t1-00002.parquet", "t2-00000.parquet"]  # one part; t2 untouched
 
 
 def test_a_crashs_temporary_files_never_break_resume_or_drop_rows(tmp_path):
-    """A driver killed inside Store.write_bytes leaves `<name>.tmp-<hex>` beside the file."""
+    """A driver killed inside Store.write_bytes leaves `.<name>.tmp-<hex>` beside the file
+    (earlier raysd: without the dot); readers of the folder as a dataset skip it."""
     crashed = ResultsWriter(str(tmp_path), part_seconds=0)
     crashed.add("t1", _rows("t1", (1,))[0])
     crashed.end_trial({"trial_id": "t0", "status": "failed"})
-    crashed.flush()
-    results, parts = tmp_path / "results", tmp_path / "results" / "history_parts"
-    for leftover in (parts / "t1-00001.parquet.tmp-0badc0de", results / "trials.parquet.tmp-1234abcd",
-                     results / "history.parquet.tmp-5678ef90"):
+    crashed.close()
+    results, parts = tmp_path / "results", tmp_path / "results" / "history"
+    for leftover in (parts / ".t1-00001.parquet.tmp-0badc0de", results / "trials.parquet.tmp-1234abcd"):
         leftover.write_bytes(b"PAR1 cut short")
-    assert [(r["trial_id"], r["step"]) for r in StudyFolder(str(tmp_path)).running_history()["t1"]] == [("t1", 1)]
+    assert _history(tmp_path) == _rows("t1", (1,))
+    assert [(r["trial_id"], r["step"]) for r in StudyFolder(str(tmp_path)).history_rows()] == [("t1", 1)]
     resumed = ResultsWriter(str(tmp_path), part_seconds=0)
     resumed.add("t1", _rows("t1", (2,))[0])
-    resumed.flush()
-    assert _parts(tmp_path) == ["t1-00000.parquet", "t1-00001.parquet"]
     resumed.end_trial({"trial_id": "t1", "status": "completed"})
     resumed.flush()
+    assert _parts(tmp_path) == ["t1-00000.parquet", "t1-00001.parquet"]
     assert [r["trial_id"] for r in _read(results / "trials.parquet")] == ["t0", "t1"]
-    assert [r["step"] for r in _read(results / "history.parquet")] == [1, 2]
+    assert [r["step"] for r in _history(tmp_path)] == [1, 2]
     assert not list(results.rglob("*.tmp-*"))  # nothing left behind
+
+
+def test_an_old_layout_study_reads_and_resumes_without_a_rewrite(tmp_path):
+    """Studies written before the dataset: history.parquet (ended trials) and history_parts/
+    (running ones). Both stay as they are; the rows a resumed study adds go to the dataset, and
+    raysd reads all of them as one history, each row once."""
+    store = Store(str(tmp_path))
+    store.write_rows(_rows("t0", (1, 2)), "results", "history.parquet")
+    store.write_rows(_rows("t1", (1, 2)), "results", "history_parts", "t1-00000.parquet")
+    store.write_rows([{"trial_id": "t0", "status": "completed"}], "results", "trials.parquet")
+    old = {p: p.stat().st_mtime_ns for p in (tmp_path / "results").rglob("history*.parquet")}
+    resumed = ResultsWriter(str(tmp_path), part_seconds=0)
+    assert [(r["trial_id"], r["step"]) for r in StudyFolder(str(tmp_path)).history_rows()] == [
+        ("t0", 1), ("t0", 2), ("t1", 1), ("t1", 2)]
+    for row in _rows("t1", (3,)):
+        resumed.add("t1", row)
+    resumed.end_trial({"trial_id": "t1", "status": "completed"})
+    resumed.flush()
+    assert {p: p.stat().st_mtime_ns for p in old} == old
+    assert [(r["trial_id"], r["step"]) for r in StudyFolder(str(tmp_path)).history_rows()] == [
+        ("t0", 1), ("t0", 2), ("t1", 1), ("t1", 2), ("t1", 3)]
 
 
 def test_keep_best_model_keeps_the_best_ended_trial_and_running_ones(tmp_path):
