@@ -158,6 +158,9 @@ def test_asha_rungs_are_stage_boundaries_and_no_t_prime_is_cut_short():
     (["--set", "finetune.augment=mixup"], "finetune.augment: must be flip | rrc | none"),
     (["--set", "finetune.dropout=1.5"], "finetune.dropout: must be a number in [0, 1)"),
     (["--set", "evaluation.val_fraction=1"], "evaluation.val_fraction: must be a number in [0, 1)"),
+    # RecAdam's own coef (5000) at the demo's lr (1e-3): its pull diverges (lr x coef >= 2)
+    (["--set", "method=recadam", "--set", "recadam.pretrain_coef=5000"],
+     "recadam.pretrain_coef: must be below 2 / finetune.lr = 2000"),
 ])
 def test_dependent_settings_and_nested_set_errors(tmp_path, capsys, argv, message):
     code = cli.main(["tune", "--space", "demo", *argv, "--storage", str(tmp_path / "out"),
