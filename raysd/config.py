@@ -282,6 +282,13 @@ def check(cfg: TrialConfig, where: str) -> None:
             dict(res.custom))
     require(res.accelerator_type is None or res.use_gpu, "resources.accelerator_type",
             "set only with resources.use_gpu: true", res.accelerator_type)
+    if cfg.effective().finetune.regulariser == "recadam":
+        # RecAdam's pull moves theta - theta_init by (1 - lr (1 - lambda) coef) per step while
+        # lambda(t) ~ 0: at lr * coef >= 2 it grows every step and fine-tuning diverges.
+        limit = 2 / cfg.finetune.lr
+        require(cfg.recadam.pretrain_coef < limit, "recadam.pretrain_coef",
+                f"below 2 / finetune.lr = {limit:g}, or RecAdam's pull diverges (RecAdam's own "
+                f"setting has lr x coef = 0.1)", cfg.recadam.pretrain_coef)
 
 
 def columns(cfg: TrialConfig) -> dict[str, Any]:

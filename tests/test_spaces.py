@@ -182,6 +182,9 @@ def test_a_searched_t_prime_runs_as_chains_whose_rungs_are_points():
     (["--set", "finetune.augment=mixup"], "finetune.augment: must be flip | rrc | none"),
     (["--set", "finetune.dropout=1.5"], "finetune.dropout: must be a number in [0, 1)"),
     (["--set", "evaluation.val_fraction=1"], "evaluation.val_fraction: must be a number in [0, 1)"),
+    # RecAdam's own coef (5000) at the demo's lr (1e-3): its pull diverges (lr x coef >= 2)
+    (["--set", "method=recadam", "--set", "recadam.pretrain_coef=5000"],
+     "recadam.pretrain_coef: must be below 2 / finetune.lr = 2000"),
 ])
 def test_dependent_settings_and_nested_set_errors(tmp_path, capsys, argv, message):
     code = cli.main(["tune", "--space", "demo", *argv, "--storage", str(tmp_path / "out"),
