@@ -222,7 +222,7 @@ def _keys(cfg, task):
 
 def test_every_method_has_a_plan():
     assert set(METHODS) == set(PLANS)
-    assert tiny_config(method="recadam").stages() == [("finetune", 0)]
+    assert tiny_config({"recadam.pretrain_coef": 100}, method="recadam").stages() == [("finetune", 0)]
     assert tiny_config(method="further_pretrain_2x").stages() == [("further_pretrain", 0), ("finetune", 0)]
     assert tiny_config(method="no_mae").stages()[1] == ("self_distill", 1)
 
