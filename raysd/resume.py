@@ -149,7 +149,12 @@ class StudySearch(OptunaSearch):
         if self._reruns:
             trial = self._reruns.pop(0)
             if trial.state == optuna.trial.TrialState.RUNNING:  # told when this run ends
-                self._ot_trials[trial_id] = optuna.Trial(self._ot_study, trial._trial_id)
+                running = optuna.Trial(self._ot_study, trial._trial_id)
+                self._ot_trials[trial_id] = running
+                # A driver killed while it drew the trial's params left some unset: the space
+                # draws them now (a param already set is read back, never redrawn).
+                self._space(running)
+                trial = self._ot_study._storage.get_trial(trial._trial_id)
             raysd_id = self._ids[trial.number]
             self._chains[trial_id] = (raysd_id, trial.params, trial.distributions)
             return {**trial.params, TRIAL_ID: raysd_id}

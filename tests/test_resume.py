@@ -91,6 +91,25 @@ def test_a_resumed_search_proposes_what_an_uninterrupted_one_would(tmp_path):
     assert [t.value for t in trials] == [_value(c) for c in reference]
 
 
+def test_a_trial_the_killed_driver_left_half_drawn_runs_again_with_every_param(tmp_path):
+    """The driver died between two of a trial's suggestions (seen in a chain study: its points
+    lost mask_ratio): --resume runs it again with the param it had and the ones it lacked, drawn
+    as an uninterrupted study draws them."""
+    reference = _run(_searcher(SPACE, str(tmp_path / "ref"), finished={}), ["r0"])[0]
+    study = str(tmp_path / "cut")
+    first = _searcher(SPACE, study, finished={})
+    half = first._ot_study.ask()  # the killed driver's trial: T' drawn, the rest never
+    half.suggest_int("self_distill.rounds", 0, 2)
+    assert set(half.params) == {"self_distill.rounds"}
+    resumed = _searcher(SPACE, study, finished={})
+    assert resumed.reruns == 1
+    config = resumed.suggest("b0")
+    assert set(config) - {TRIAL_ID} == set(reference) - {TRIAL_ID} - (
+        set() if config["self_distill.rounds"] > 0 else {"self_distill.mae_weight"})
+    assert 0.5 <= config["mask_ratio"] <= 0.9  # drawn from its range, not left out
+    assert config["self_distill.rounds"] == half.params["self_distill.rounds"]  # kept, not redrawn
+
+
 def test_a_trial_recorded_but_never_told_is_told_once_and_not_run_again(tmp_path):
     """The driver died between recording a trial and telling Optuna: --resume tells Optuna
     the recorded value and runs the trials Optuna knows that have no final row (a failed one)."""
