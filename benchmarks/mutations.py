@@ -227,6 +227,9 @@ MUTATIONS = [
     Mutation("chain_point_told_twice", "raysd/resume.py",
              "if (raysd_id, t) in told or self.metric not in result:", "if self.metric not in result:",
              ("tests/test_resume.py::test_a_chains_points_are_optuna_trials_of_their_own_that_move_no_id_or_proposal",)),
+    # A trial the killed driver left half drawn runs again without the params it lacked.
+    Mutation("rerun_half_drawn", "raysd/resume.py", "                self._space(running)\n", "",
+             ("tests/test_resume.py::test_a_trial_the_killed_driver_left_half_drawn_runs_again_with_every_param",)),
     # Sampler seeds by Optuna number: the points told between chains change later proposals.
     Mutation("chain_seed_counts_points", "raysd/resume.py",
              "number = drawn_number(study, trial.number)", "number = trial.number",
