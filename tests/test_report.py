@@ -62,8 +62,9 @@ def make_study(root: Path, trials=TRIALS, rounds: str = "param") -> Path:
     """A demo study whose trials sampled T' (rounds: param), or a chain study's points."""
     study = root / "demo-20240101-000000"
     study.mkdir(parents=True)
-    (study / "space.yaml").write_text((SPACES_DIR / "demo.yaml").read_text().replace(
-        "rounds: chain", f"rounds: {rounds}"))
+    text = (SPACES_DIR / "demo.yaml").read_text()
+    assert "  # rounds: chain" in text  # the demo leaves it implicit; a saved study says it
+    (study / "space.yaml").write_text(text.replace("  # rounds: chain", f"  rounds: {rounds}"))
     _write([_trial_row(*t) for t in trials], study / "results" / "trials.parquet")
     history = [r for t in trials if t[1] == "completed" for r in _history(t[0], t[5])]
     if history:
