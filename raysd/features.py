@@ -8,6 +8,11 @@ from torch.utils.data import DataLoader, Dataset
 CHUNK = 8192  # examples gathered per all-reduce: bounds the device memory of a pass
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (the model itself when unwrapped)."""
+    return getattr(model, "module", model)
+
+
 def autocast(hooks):
     """bf16 autocast where the caller asks for it (GPUs), a no-op otherwise."""
     return torch.autocast(hooks.device.type, dtype=hooks.autocast or torch.bfloat16,
@@ -29,7 +34,7 @@ def represent_all(model: nn.Module, dataset: Dataset, cfg, hooks, indices: list[
     """f(x) and y of dataset[indices] (default: all), every rank computing a shard of each chunk
     and the chunk summed into place, so every rank ends with the whole [N, D] float32 matrix,
     on `out_device` (default the rank's device; the host keeps what the device cannot)."""
-    module = getattr(model, "module", model)
+    module = unwrap(model)
     indices = list(range(len(dataset))) if indices is None else indices
     out_device = out_device or hooks.device
     pinned = out_device.type == "cpu" and hooks.device.type == "cuda"

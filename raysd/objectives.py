@@ -13,16 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from raysd.features import unwrap
 from raysd.losses import distill_loss
 from raysd.regularisers import (RecAdam, embedding_noise, l2_distance, layer_weights, mars_distance,
                                 mars_project, symmetric_kl)
 from raysd.teacher import teacher_targets
 
 StepLoss = Callable[[dict], tuple[torch.Tensor, dict]]
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
 
 
 def _total(lam: float, mae: torch.Tensor | None, match: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -39,7 +36,7 @@ def distill_step(model: nn.Module, teacher: nn.Module, d_u: Dataset, run) -> tup
     weights_*       lambda * L_MAE + L2 / MARS distance of the encoder to the teacher's"""
     cfg, hooks = run.cfg, run.hooks
     distill = cfg.self_distill
-    lam, gamma, student = distill.mae_weight, cfg.mask_ratio, _unwrap(model)
+    lam, gamma, student = distill.mae_weight, cfg.mask_ratio, unwrap(model)
     if distill.target == "representation":
         targets = teacher_targets(teacher, d_u, cfg, hooks, samples=distill.steps * distill.batch_size)
 
@@ -74,7 +71,7 @@ def finetune_step(model: nn.Module, start: dict[str, torch.Tensor], run
     under finetune.regulariser; `start` is the backbone's state fine-tuning starts from."""
     cfg = run.cfg
     kind = cfg.finetune.regulariser
-    classifier = _unwrap(model)
+    classifier = unwrap(model)
 
     def cross_entropy(batch: dict) -> tuple[torch.Tensor, dict]:
         loss = F.cross_entropy(model(batch).float(), batch["y"])

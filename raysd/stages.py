@@ -29,7 +29,7 @@ from raysd.artifacts import ArtifactStore
 from raysd.config import StageConfig, TrialConfig
 from raysd.data import Task
 from raysd.data.loader import shard_batches, step_batches
-from raysd.features import autocast, represent_all, sample_indices
+from raysd.features import autocast, represent_all, sample_indices, unwrap
 from raysd.models import Classifier
 from raysd.objectives import distill_step, finetune_step
 
@@ -87,10 +87,6 @@ class StageRun:
 
     def seed(self, *parts) -> int:
         return _seed(self.cfg.seed, self.stage, self.round, *parts)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
 
 
 def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
