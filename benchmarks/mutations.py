@@ -263,7 +263,7 @@ MUTATIONS = [
              ("tests/test_writers.py::test_a_running_trials_rows_reach_its_history_parts_before_it_ends",)),
     # A stage's last row, reported again with the stage's summary, appended twice.
     Mutation("history_summary_row_twice", "raysd/history.py",
-             "if pending and self._identity(pending[-1]) == identity:", "if False:",
+             "if pending and row_identity(pending[-1]) == identity:", "if False:",
              ("tests/test_writers.py::test_a_running_trials_rows_reach_its_history_parts_before_it_ends",)),
     # A trial run again from a checkpoint keeps the failed run's rows beside the new ones.
     Mutation("history_rerun_rows_twice", "raysd/history.py",

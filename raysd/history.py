@@ -64,10 +64,14 @@ def part_index(name: str) -> int:
     return int(name.rsplit("-", 1)[1].split(".")[0])
 
 
+def row_identity(row: dict) -> tuple:
+    """A history row's ROW_IDENTITY values: which row it is within its trial."""
+    return tuple(row.get(k) for k in ROW_IDENTITY)
+
+
 def unique_rows(rows: Iterable[dict]) -> list[dict]:
     """One row per trial and ROW_IDENTITY, the last one read winning, in first-read order."""
-    return list({(row.get("trial_id"), *(row.get(k) for k in ROW_IDENTITY)): row
-                 for row in rows}.values())
+    return list({(row.get("trial_id"), *row_identity(row)): row for row in rows}.values())
 
 
 def read_history(store: Store) -> list[dict]:
@@ -97,10 +101,11 @@ class HistoryWriter:
         self.store, self.part_seconds = store, part_seconds
         store.remove_temporaries("results", HISTORY_DIR)  # a crashed driver's cut-short writes
         self._old: dict[str, list[tuple[str, ...]]] = {}  # trial id -> its parts from earlier runs
-        for where in (("results", PARTS), ("results", HISTORY_DIR)):
-            for name in store.list(*where):
-                self._old.setdefault(part_trial(name), []).append((*where, name))
         names = store.list("results", HISTORY_DIR)
+        for where, found in ((("results", PARTS), store.list("results", PARTS)),
+                             (("results", HISTORY_DIR), names)):
+            for name in found:
+                self._old.setdefault(part_trial(name), []).append((*where, name))
         # --resume keeps the study's first schema, whatever this raysd's would be
         self.schema = (pq.read_schema(store.fs.open_input_file(store.path("results", HISTORY_DIR, names[0])))
                        if names else history_schema(metrics))
@@ -115,9 +120,9 @@ class HistoryWriter:
         """A running trial's row, written with its next part."""
         seen = self._seen.get(trial_id)
         if seen is None:  # its first row in this run: what its earlier runs wrote
-            seen = self._seen[trial_id] = {self._identity(r) for r in self._old_rows(trial_id)}
-        identity, pending = self._identity(row), self._pending.setdefault(trial_id, [])
-        if pending and self._identity(pending[-1]) == identity:  # a stage's last row, reported
+            seen = self._seen[trial_id] = {row_identity(r) for r in self._old_rows(trial_id)}
+        identity, pending = row_identity(row), self._pending.setdefault(trial_id, [])
+        if pending and row_identity(pending[-1]) == identity:  # a stage's last row, reported
             pending[-1] = row  # again with the stage's summary (recipe.run_trial): the last wins
             return
         if identity in seen:
@@ -179,6 +184,3 @@ class HistoryWriter:
             self.store.delete(*where)
         self._reported.discard(tid)
 
-    @staticmethod
-    def _identity(row: dict) -> tuple:
-        return tuple(row.get(k) for k in ROW_IDENTITY)
