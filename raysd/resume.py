@@ -31,8 +31,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from raysd.chain import ROUNDS
 from raysd.errors import ConfigError
+from raysd.storage import TRIAL_ID
 
-TRIAL_ID = "trial_id"  # a trial's config key: its raysd id
 # study.yaml's `state_format`: 2 = resumed from raysd's own files (this module). Studies
 # without it were resumed through Tune's pickled state, which raysd no longer loads.
 STATE_FORMAT = 2

@@ -22,6 +22,7 @@ MODELS = "models"  # <study>/models/<trial id>/: a trial's fine-tuned model
 TRAIN = "train"
 FATAL_PREFIX = "fatal_error.rank"  # a rank's error that a retry would only repeat
 TMP_MARK = ".tmp-"  # .<name>.tmp-<hex>: a local write in progress, or one a crash cut short
+TRIAL_ID = "trial_id"  # a trial's config key: its raysd id, which names its folders
 SPACE_FILE = "space.yaml"  # the space a study runs, overrides applied
 # What `raysd ls` shows (the space name, when and by which raysd it was started) and, for
 # `raysd compare`, its variants in order, so `compare --resume` can write the same table.

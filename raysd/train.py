@@ -5,7 +5,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import pyarrow.fs as pafs
 import ray.train
 import ray.train.torch
 import torch
@@ -19,7 +18,7 @@ from raysd.data import DataError, load_task
 from raysd.errors import ConfigError
 from raysd.export import describe, model_saver
 from raysd.recipe import Hooks, NonFiniteLoss, run_trial
-from raysd.storage import FATAL_PREFIX
+from raysd.trial import fatal_errors, write_fatal
 
 STATE_FILE = "state.pt"
 
@@ -53,30 +52,11 @@ def train_worker(config: dict) -> None:
              config.get("chain"))
     except NonFiniteLoss as err:
         if ctx.get_world_rank() == 0:
-            _write_fatal(config["run_uri"], 0, err)
+            write_fatal(config["run_uri"], 0, err)
     except (ConfigError, DataError) as err:
-        _write_fatal(config["run_uri"], ctx.get_world_rank(), err)
+        write_fatal(config["run_uri"], ctx.get_world_rank(), err)
         if ctx.get_world_size() > 1:  # alone, a rank leaves no one waiting: no restart to pay
             raise
-
-
-def _write_fatal(run_uri: str, rank: int, err: Exception) -> None:
-    line = str(err).strip().splitlines()[-1] if str(err).strip() else ""
-    fs, path = pafs.FileSystem.from_uri(f"{run_uri}/{FATAL_PREFIX}{rank}.txt")
-    with fs.open_output_stream(path) as f:
-        f.write(f"{type(err).__name__}: {line}".encode())
-
-
-def fatal_errors(run_uri: str) -> dict[int, str]:
-    """rank -> the fatal error it left in the trial's train folder ({} when none did)."""
-    fs, run_dir = pafs.FileSystem.from_uri(run_uri)
-    found = {}
-    for info in fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True)):
-        name = info.base_name
-        if name.startswith(FATAL_PREFIX) and name.endswith(".txt"):
-            with fs.open_input_stream(info.path) as f:
-                found[int(name[len(FATAL_PREFIX):-len(".txt")])] = f.read().decode()
-    return dict(sorted(found.items()))
 
 
 def _run(cfg: TrialConfig, artifacts: str | None, model_uri: str | None, run_uri: str, ctx,

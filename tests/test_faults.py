@@ -99,7 +99,7 @@ def test_diverged_trial_fails_at_once_without_retries(diverged_trial):
     assert diverged_trial.new_train_workers == 1  # one worker group: Ray Train's default retries were not spent
     assert not (diverged_trial.study / "train" / row["trial_id"]).exists()  # final: checkpoints deleted
     # the console has one FAILED line, not Tune's controller traceback
-    assert "FAILED: raysd.study.TrialFailed: NonFiniteLoss" in diverged_trial.out
+    assert "FAILED: raysd.trial.TrialFailed: NonFiniteLoss" in diverged_trial.out
     assert not [r for r in diverged_trial.records if r.name == "ray.tune.execution.tune_controller"
                 and r.levelno >= logging.ERROR]
 

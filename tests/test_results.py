@@ -16,7 +16,7 @@ def _trial(tid: str, tmp_path: Path, error: str | None = None) -> types.SimpleNa
     error_file = None
     if error:
         error_file = tmp_path / f"{tid}.error.txt"
-        error_file.write_text(f"Traceback ...\nraysd.study.TrialFailed: {error}\n")
+        error_file.write_text(f"Traceback ...\nraysd.trial.TrialFailed: {error}\n")
     return types.SimpleNamespace(trial_id=tid, config={"trial_id": tid}, error_file=error_file and str(error_file),
                                  last_result=DONE if error is None else {})
 
