@@ -8,8 +8,12 @@ import os
 import socket
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ray
+
+if TYPE_CHECKING:
+    from ray.tune import PlacementGroupFactory
 
 from raysd.config import TrialConfig
 from raysd.errors import ConfigError
@@ -85,6 +89,27 @@ def plan_concurrency(space: Space, max_concurrent: int | None, num_samples: int)
         print(f"raysd: no node can take a trial's {cfg.resources.workers} worker(s) ({what}) yet; "
               "waiting for the autoscaler to add nodes", flush=True)
     return limit or max(1, min(num_samples, space.study.n_startup_trials or num_samples))
+
+
+# Nodes that offer this resource host trials' drivers, and with them each trial's Ray Train
+# controller and helper actors (Ray Train places those beside the driver). A driver asks for
+# 0.001 of it and for no CPU, so it never takes a slot from a training worker. While no node
+# offers it, drivers run on the head, the one node that never goes away.
+DRIVER_RESOURCE = "raysd_driver"
+HEAD_DRIVER = {"node:__internal_head__": 0.001}
+
+
+def driver_placement(config: dict | None = None) -> "PlacementGroupFactory":
+    """Where a new trial's driver runs (Tune asks as it creates each trial): on a node offering
+    DRIVER_RESOURCE, up now or one the autoscaler says it may start, else on the head. See
+    README, "Where a trial's processes run"."""
+    from ray.tune import PlacementGroupFactory
+
+    offered = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    offered += autoscaler_node_types() or []
+    if any(node.get(DRIVER_RESOURCE, 0) > 0 for node in offered):
+        return PlacementGroupFactory([{DRIVER_RESOURCE: 0.001}])
+    return PlacementGroupFactory([HEAD_DRIVER])
 
 
 def ensure_ray(address: str | None, verbose: bool) -> None:

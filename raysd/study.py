@@ -14,7 +14,7 @@ from ray import tune
 import raysd
 from raysd import optuna_study
 from raysd.chain import ROUNDS
-from raysd.cluster import check_shared_storage, plan_concurrency
+from raysd.cluster import check_shared_storage, driver_placement, plan_concurrency
 from raysd.credentials import redact_values
 from raysd.errors import ConfigError
 from raysd.paths import artifacts_uri
@@ -27,10 +27,7 @@ from raysd.storage import MODELS, SPACE_FILE, STUDY_FILE, TRAIN, TRIALS, Store
 from raysd.study_folder import StudyFolder, best_row, status_counts
 from raysd.trial import trial_driver
 
-# A trial's driver only waits on trainer.fit(): it takes no CPU and runs on the head, the one
-# node an autoscaler never removes and a spot market never preempts.
-DRIVER_BUNDLE = {"node:__internal_head__": 0.001}
-
+DRIVER_RETRIES = 2  # Tune's restarts of a trial whose driver died, when study.max_failures is -1
 
 @dataclasses.dataclass(frozen=True)
 class StudyOutcome:
@@ -100,6 +97,11 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
     searched = bool(space.params) and not variants
     concurrency = plan_concurrency(space, max_concurrent, total)
     check_shared_storage(study_uri)
+    # A driver on a worker node (cluster.driver_placement) dies with it: Tune starts it again,
+    # and its Train run resumes from its last checkpoint. trial.py re-raises at once a failure
+    # that would only recur, so a failed trial's retries cost an actor start each; unlimited
+    # Train restarts (-1) still give a driver a bounded number.
+    retries = space.study.max_failures if space.study.max_failures >= 0 else DRIVER_RETRIES
     if not resume:  # the folder is a study once SPACE_FILE exists: it is written last
         about = {"space": space.name, "raysd": raysd.__version__,
                  "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "state_format": STATE_FORMAT}
@@ -119,7 +121,7 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
         tune.with_parameters(driver or trial_driver, space=space, train_storage=f"{study_uri}/{TRAIN}",
                              artifacts=artifacts_uri(space.study.artifacts, study_uri),
                              models=models_uri(space, study_uri)),
-        tune.PlacementGroupFactory([DRIVER_BUNDLE]),
+        driver_placement,
     )
     journal = searched and not space.study.optuna_storage and "://" in study_uri
     mirrors = {str(optuna_study.journal_path(study_uri)): optuna_study.JOURNAL} if journal else {}
@@ -147,7 +149,7 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
                                             max_concurrent_trials=concurrency),
                 run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks,
                                           verbose=1 if verbose else 0,
-                                          failure_config=tune.FailureConfig(max_failures=0)),
+                                          failure_config=tune.FailureConfig(max_failures=retries)),
             ).fit()
     finally:  # the journal's last records, whatever the recorder's last upload caught
         if journal:

@@ -11,6 +11,7 @@ import time
 
 import pyarrow.fs as pafs
 import ray.train
+from ray import tune
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -20,6 +21,9 @@ from raysd.spaces import Space
 from raysd.storage import FATAL_PREFIX, SPACE_FILE, TRIAL_ID
 
 WORKER_ERROR = "worker_error.txt"  # a failed trial's worker traceback, in its train folder
+# A failed trial's error line, under the Tune trial that met it: when Tune starts that trial
+# again (its driver's node was lost, study.py) the error is raised again before any training.
+FAILED = "trial_failed.txt"
 
 
 class TrialFailed(RuntimeError):
@@ -40,8 +44,25 @@ def trial_driver(config: dict, space: Space, train_storage: str, artifacts: str 
     run_uri = f"{train_storage}/{name}"
     fs, run_dir = pafs.FileSystem.from_uri(run_uri)
     fs.create_dir(run_dir, recursive=True)
+    attempt = tune.get_context().get_trial_id()  # the same when Tune retries this trial
+    failed = _read(fs, f"{run_dir}/{FAILED}")
+    if failed and failed.partition("\n")[0] == attempt:
+        raise TrialFailed(failed.partition("\n")[2])
     for rank in fatal_errors(run_uri):  # from an earlier run of this trial that --resume retries
         fs.delete_file(f"{run_dir}/{FATAL_PREFIX}{rank}.txt")
+    try:
+        _train(cfg, space, name, run_uri, train_storage, artifacts, models)
+    except TrialFailed as err:
+        with fs.open_output_stream(f"{run_dir}/{FAILED}") as f:
+            f.write(f"{attempt}\n{err}".encode())
+        raise
+    _let_tune_take_the_last_report()
+
+
+def _train(cfg, space: Space, name: str, run_uri: str, train_storage: str, artifacts: str | None,
+           models: str | None) -> None:
+    """The trial as one Ray Train run; TrialFailed with its root cause when it fails."""
+    fs, run_dir = pafs.FileSystem.from_uri(run_uri)
     trainer = DataParallelTrainer(
         train_loop, backend_config=DDP(),
         train_loop_config={"trial": cfg, "study_marker": study_marker(train_storage),
@@ -68,7 +89,14 @@ def trial_driver(config: dict, space: Space, train_storage: str, artifacts: str 
             f.write(str(err).encode())
         raise TrialFailed(f"{_root_cause(err)} (traceback: {run_uri}/{WORKER_ERROR})") from None
     _raise_fatal(run_uri)  # the recorder (results.py) deletes the checkpoints of a final trial
-    _let_tune_take_the_last_report()
+
+
+def _read(fs, path: str) -> str | None:
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read().decode()
+    except FileNotFoundError:
+        return None
 
 
 def study_marker(train_storage: str) -> str | None:

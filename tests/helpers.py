@@ -1,6 +1,7 @@
 """Helpers for tests that start processes: tiny study flags, and ending exactly what we started."""
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import signal
@@ -10,6 +11,8 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+from raysd.cluster import DRIVER_RESOURCE
 
 BIN = Path(sys.executable).parent
 
@@ -165,12 +168,21 @@ def start_moto(env: dict) -> tuple[subprocess.Popen, str]:
     return server, endpoint
 
 
-def add_node(address: str, name: str, env: dict, cpus: int = 1) -> None:
-    """`ray start` a worker node whose processes all carry RAYSD_TEST_NODE=<name>. Its dashboard
-    agent gets a port of its own: Ray's default (52365) is taken by the first node on the host."""
+def add_node(address: str, name: str, env: dict, cpus: int = 1, drivers: bool = True) -> None:
+    """`ray start` a worker node whose processes all carry RAYSD_TEST_NODE=<name>, offering
+    raysd_driver (trials' drivers run there: cluster.DRIVER_RESOURCE) unless `drivers` is False.
+    Its dashboard agent gets a port of its own: Ray's default (52365) is taken by the first node."""
+    extra = ["--resources", json.dumps({DRIVER_RESOURCE: 1000})] if drivers else []
     run_ok([BIN / "ray", "start", "--address", address, "--node-ip-address", "127.0.0.1",
-            "--num-cpus", str(cpus), "--dashboard-agent-listen-port", str(free_port()),
+            "--num-cpus", str(cpus), "--dashboard-agent-listen-port", str(free_port()), *extra,
             "--disable-usage-stats"], {**env, "RAYSD_TEST_NODE": name})
+
+
+def actor_nodes(address: str, env: dict, class_name: str) -> set[str]:
+    """The node ids of every actor (alive or dead) of this class on the cluster at `address`."""
+    out = run_ok([BIN / "ray", "list", "actors", "--address", address, "--filter",
+                  f"class_name={class_name}", "--detail", "--format", "json", "--limit", "1000"], env)
+    return {actor["node_id"] for actor in json.loads(out.stdout)}
 
 
 def run_ok(args, env, timeout=300, cwd=None) -> subprocess.CompletedProcess:

@@ -10,7 +10,9 @@ import time
 
 import pyarrow.parquet as pq
 
-from helpers import BIN, SLOW_ROUND, TINY, add_node, free_port, kill_processes_mentioning, run_ok
+from helpers import (BIN, SLOW_ROUND, TINY, actor_nodes, add_node, free_port, kill_processes_mentioning,
+                     run_ok)
+from raysd.cluster import DRIVER_RESOURCE
 from test_faults import SELF_DISTILL, checkpoint_position
 
 
@@ -57,6 +59,13 @@ def test_ranks_on_two_nodes_match_one_node_and_survive_losing_a_node(slow_round_
     assert int(row["resumed_from"].split()[-1]) > 0
     for metric in ("val_accuracy", "test_accuracy", "val_loss", "test_loss", "init_distance"):
         assert row[metric] == one[metric], metric
+    # The trial's driver lived on the killed node (raysd_driver, not the head): Tune started it
+    # again on the replacement, and its Train run resumed from the checkpoint (asserted above).
+    nodes_up = json.loads(run_ok([BIN / "ray", "list", "nodes", "--address", address, "--format",
+                                  "json"], env).stdout)
+    head = {n["node_id"] for n in nodes_up if n["is_head_node"]}
+    drivers = actor_nodes(address, env, "ImplicitFunc")
+    assert len(drivers) == 2 and not drivers & head, drivers
     print(f"two-node trial {wall:.0f} s; ranks on {nodes}; killed at {killed_at}, resumed from "
           f"{row['resumed_from']}; val_accuracy {row['val_accuracy']:.4f} (one node "
           f"{one['val_accuracy']:.4f}), val_loss {row['val_loss']!r} (one node {one['val_loss']!r})")
@@ -71,9 +80,11 @@ def _fake_autoscaler_config(gcs: int) -> dict:
                      "use_node_id_as_ip": True, "disable_node_updaters": True,
                      "disable_launch_config_check": True},
         "available_node_types": {
-            # The head can hold trial drivers (they need no CPU) but never a training worker.
+            # The head runs no training worker. Trial drivers go to nodes offering raysd_driver
+            # once one is up (cluster.DRIVER_RESOURCE); this autoscaler (v1) does not say which
+            # node types it may add, so the first trials' drivers start on the head.
             "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
-            "ray.worker.trainer": {"resources": {"CPU": 2}, "node_config": {},
+            "ray.worker.trainer": {"resources": {"CPU": 2, DRIVER_RESOURCE: 1000}, "node_config": {},
                                    "min_workers": 0, "max_workers": 1},
         },
         "auth": {}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [],
