@@ -269,6 +269,16 @@ MUTATIONS = [
     Mutation("history_rerun_rows_twice", "raysd/history.py",
              "        if trial_id in self._reported:\n", "        if False:\n",
              ("tests/test_writers.py::test_a_failed_trial_run_again_by_resume_keeps_one_row_per_step",)),
+    # --- a trial's processes (trial.py, ddp.py) ---
+    Mutation("controller_imports_torch", "raysd/ddp.py",
+             "import ray\n", "import ray\nimport torch  # noqa: F401\n",
+             ("tests/test_trial_process.py::test_the_trial_driver_and_its_backend_unpickle_without_torch",)),
+    Mutation("retried_driver_trains_a_failed_trial_again", "raysd/trial.py",
+             'if failed and failed.partition("\\n")[0] == attempt:', "if False:",
+             ("tests/test_trial_process.py::test_a_retried_driver_reraises_its_trials_failure_and_resume_runs_it_again",)),
+    Mutation("resume_reraises_an_old_failure", "raysd/trial.py",
+             'if failed and failed.partition("\\n")[0] == attempt:', "if failed:",
+             ("tests/test_trial_process.py::test_a_retried_driver_reraises_its_trials_failure_and_resume_runs_it_again",)),
 ]
 
 

@@ -31,3 +31,36 @@ def test_the_trial_driver_and_its_backend_unpickle_without_torch():
     blob = _python(DUMPS)
     assert _python(LOADS, blob).decode().strip() == "[]"
 
+
+
+def test_a_retried_driver_reraises_its_trials_failure_and_resume_runs_it_again(tmp_path, monkeypatch):
+    """Tune restarts a trial whose driver died (its node was lost) under the same Tune trial id:
+    a trial that had failed for good raises its error again without training; a --resume (a
+    new Tune trial id) trains it again."""
+    from raysd import trial
+    from raysd.spaces import load_space
+
+    trained, attempt = [], {"id": "tune_a"}
+    monkeypatch.setattr(trial.tune, "get_context",
+                        lambda: type("Ctx", (), {"get_trial_id": lambda self: attempt["id"]})())
+
+    def train(cfg, space, name, run_uri, *rest):
+        trained.append(attempt["id"])
+        raise trial.TrialFailed("NonFiniteLoss on rank 0: loss is nan")
+
+    monkeypatch.setattr(trial, "_train", train)
+    run = lambda: trial.trial_driver({"trial_id": "t0"}, load_space("demo"), str(tmp_path), None, None)  # noqa: E731
+    for _ in range(2):  # the first run, then Tune's retry of it
+        try:
+            run()
+        except trial.TrialFailed as err:
+            assert str(err) == "NonFiniteLoss on rank 0: loss is nan"
+        else:
+            raise AssertionError("the trial did not fail")
+    assert trained == ["tune_a"]
+    attempt["id"] = "tune_b"  # --resume: a fresh Tuner
+    try:
+        run()
+    except trial.TrialFailed:
+        pass
+    assert trained == ["tune_a", "tune_b"]
