@@ -319,7 +319,7 @@ def cmd_compare(args) -> int:
 
 def _compare_trials(args):
     """(space, study URI, variants) of a new comparison, validated before Ray starts."""
-    from raysd.compare import DEFAULT_METHODS, method_variants, trial_variants
+    from raysd.compare import DEFAULT_METHODS, method_variants, parse_rounds, trial_variants
 
     seeds = SEEDS if args.seeds is None else args.seeds
     chosen = dict(seeds=seeds, protocol=args.protocol or "full", first_seed=args.first_seed or 0)
@@ -347,7 +347,7 @@ def _compare_trials(args):
         path = resolve_path(args.space)
         text, where, name = read_space_file(path), str(path), path.stem
         methods = args.methods.split(",") if args.methods else DEFAULT_METHODS
-        variants = method_variants([m.strip() for m in methods], _rounds(args.rounds), **chosen)
+        variants = method_variants([m.strip() for m in methods], parse_rounds(args.rounds), **chosen)
 
     def load(overrides: dict):  # the fixed points are the variants': no search, no ASHA
         from raysd.spaces import load_space_text
@@ -361,17 +361,6 @@ def _compare_trials(args):
     for variant in variants:  # every variant's values must make a valid trial
         space.trial_config(variant["values"])
     return space, study_uri, variants
-
-
-def _rounds(text: str | None) -> list[int]:
-    """--rounds 1,2 -> [1, 2]."""
-    try:
-        rounds = [int(r) for r in text.split(",")] if text else []
-    except ValueError:
-        rounds = [-1]
-    if any(r < 0 for r in rounds):
-        raise ConfigError(f"--rounds {text!r}: expected comma-separated integers >= 0, e.g. 1,2")
-    return rounds
 
 
 def cmd_report(args) -> int:

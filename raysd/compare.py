@@ -56,6 +56,17 @@ def seed_values(seeds: int, first_seed: int, protocol: str) -> list[dict]:
     return [{"seed": first_seed + i} for i in range(seeds)]
 
 
+def parse_rounds(text: str | None) -> list[int]:
+    """--rounds 1,2 -> [1, 2]."""
+    try:
+        rounds = [int(r) for r in text.split(",")] if text else []
+    except ValueError:
+        rounds = [-1]
+    if any(r < 0 for r in rounds):
+        raise ConfigError(f"--rounds {text!r}: expected comma-separated integers >= 0, e.g. 1,2")
+    return rounds
+
+
 def method_variants(methods: list[str], rounds: list[int], seeds: int, protocol: str = "full",
                     first_seed: int = 0) -> list[dict]:
     """One trial per (method[, T'], seed): the space's values otherwise. `rounds` varies

@@ -18,7 +18,7 @@ from transformers import (AutoImageProcessor, AutoTokenizer, RobertaConfig,
                           RobertaForSequenceClassification, ViTForImageClassification, ViTImageProcessor)
 
 from conftest import tiny_config
-from raysd import export, models
+from raysd import hub_formats, models
 from raysd.data.images import MEAN, STD
 from raysd.errors import ConfigError
 from raysd.export import MODEL_META, WEIGHTS_FILE, describe, export_model, load_classifier, model_saver
@@ -112,31 +112,31 @@ def test_vit_export_loads_in_transformers_and_timm_with_raysd_logits(vit_saved, 
                                    "cat, dog, bird", "timm.create_model"))
 
 
-# Bugs the comparison above must catch, each injected into export.py.
+# Bugs the comparison above must catch, each injected into hub_formats.py.
 def _qk_swapped(monkeypatch):
     """The q and k chunks of timm's fused qkv go to transformers' key and query."""
-    q, k = export.VIT_LAYER_KEYS["q"], export.VIT_LAYER_KEYS["k"]
-    monkeypatch.setitem(export.VIT_LAYER_KEYS, "q", k)
-    monkeypatch.setitem(export.VIT_LAYER_KEYS, "k", q)
+    q, k = hub_formats.VIT_LAYER_KEYS["q"], hub_formats.VIT_LAYER_KEYS["k"]
+    monkeypatch.setitem(hub_formats.VIT_LAYER_KEYS, "q", k)
+    monkeypatch.setitem(hub_formats.VIT_LAYER_KEYS, "k", q)
 
 
 def _norms_swapped(monkeypatch):
     """norm1 goes to layernorm_after and norm2 to layernorm_before."""
-    norm1, norm2 = export.VIT_LAYER_KEYS["norm1"], export.VIT_LAYER_KEYS["norm2"]
-    monkeypatch.setitem(export.VIT_LAYER_KEYS, "norm1", norm2)
-    monkeypatch.setitem(export.VIT_LAYER_KEYS, "norm2", norm1)
+    norm1, norm2 = hub_formats.VIT_LAYER_KEYS["norm1"], hub_formats.VIT_LAYER_KEYS["norm2"]
+    monkeypatch.setitem(hub_formats.VIT_LAYER_KEYS, "norm1", norm2)
+    monkeypatch.setitem(hub_formats.VIT_LAYER_KEYS, "norm2", norm1)
 
 
 def _timm_mean_pooling(monkeypatch):
     """timm's head reads the mean of the tokens, not the CLS token."""
-    build = export.timm_config
+    build = hub_formats.timm_config
 
     def config(meta):
         out = build(meta)
         out["model_args"].update(global_pool="avg", fc_norm=False)  # the final norm kept: it loads
         return out
 
-    monkeypatch.setattr(export, "timm_config", config)
+    monkeypatch.setattr(hub_formats, "timm_config", config)
 
 
 def _squashing_processor(monkeypatch):
@@ -145,7 +145,7 @@ def _squashing_processor(monkeypatch):
         return ViTImageProcessor(size={"height": 32, "width": 32}, resample=2,
                                  image_mean=meta["mean"], image_std=meta["std"])
 
-    monkeypatch.setattr(export, "_image_processor", processor)
+    monkeypatch.setattr(hub_formats, "image_processor", processor)
 
 
 @pytest.mark.parametrize("inject,caught_by", [
@@ -188,12 +188,12 @@ def test_roberta_export_loads_in_transformers_with_raysd_logits(roberta_saved, t
 
 def _head_scale_too_large(monkeypatch):
     """dense = s*I with s*x up to 0.5: tanh bends, the logits drift."""
-    monkeypatch.setattr(export, "ROBERTA_HEAD_MARGIN", 0.5)
+    monkeypatch.setattr(hub_formats, "ROBERTA_HEAD_MARGIN", 0.5)
 
 
 def _head_not_rescaled(monkeypatch):
     """out_proj = W/s left out: dense = s*I, out_proj = W."""
-    convert = export.roberta_to_hf
+    convert = hub_formats.roberta_to_hf
 
     def buggy(classifier, meta):
         hf, scale = convert(classifier, meta)
@@ -201,7 +201,7 @@ def _head_not_rescaled(monkeypatch):
             hf.classifier.out_proj.weight.mul_(scale)
         return hf, scale
 
-    monkeypatch.setattr(export, "roberta_to_hf", buggy)
+    monkeypatch.setattr(hub_formats, "roberta_to_hf", buggy)
 
 
 @pytest.mark.parametrize("inject", [_head_scale_too_large, _head_not_rescaled],
