@@ -57,6 +57,7 @@ PER_CLUSTER = ("_AutoscalingCoordinatorActor",)
 KNOWN = (*NON_TRAINING, *TRAINING, *PER_CLUSTER)
 NO_ACTOR = "(no actor)"  # Ray worker processes that run a task or wait idle, by process title
 NODES = ("head", "w1", "w2")
+AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")  # every node's, by process title
 # The cheapest real study: --smoke's few steps; nothing downloaded or built (weights none), every
 # trial trains its own stages (no artifacts to wait on) and keeps no model.
 STUDY_FLAGS = ["--space", "demo", "--smoke", "--set", "weights=none", "--artifacts", "none",
@@ -229,23 +230,32 @@ class Sampler:
         # its samples are assigned to the class it turned out to run when the run is summed up.
         self.actor_of: dict[int, str] = {}
 
-    def _node_of(self, pid: int) -> str | None:
+    def _node_of(self, pid: int, depth: int = 0) -> str | None:
+        """The node whose NODE_TAG the process carries, else its parent's: Ray's agents and
+        workers retitle themselves, which can overwrite /proc/<pid>/environ; their parent, the
+        raylet, keeps its own."""
         if pid not in self._tag_of:
             environ = _read(f"/proc/{pid}/environ").split(b"\0")
             tag = next((e.split(b"=", 1)[1].decode() for e in environ
                         if e.startswith(NODE_TAG.encode() + b"=")), None)
-            self._tag_of[pid] = self.cluster.tags.get(tag)
+            node = self.cluster.tags.get(tag)
+            if node is None and depth < 3:
+                stat = _read(f"/proc/{pid}/stat")
+                parent = int(stat.rsplit(b")", 1)[1].split()[1]) if stat else 0
+                node = self._node_of(parent, depth + 1) if parent > 1 else None
+            self._tag_of[pid] = node
         return self._tag_of[pid]
 
     def sample(self) -> dict:
         """{"time", "nodes": {node: {workers_rss, workers_pss, all_rss, all_pss}}, "workers":
-        [(pid, node, rss, pss, process title)] of the Ray workers}, also kept in self.samples."""
+        [(pid, node, rss, pss, process title)] of the Ray workers, "titles": {(node, process
+        title)} of all processes}, also kept in self.samples."""
         workers = self.cluster.list("workers", [("is_alive", "=", True)])
         actors = self.cluster.list("actors", [("state", "=", "ALIVE")])
         self.actor_of.update({a.pid: a.class_name for a in actors if a.pid})
         ray_workers = {w.pid for w in workers if w.worker_type == "WORKER" and w.pid}
         ray_workers |= {a.pid for a in actors if a.pid}
-        out = {"time": time.time(), "workers": [],
+        out = {"time": time.time(), "workers": [], "titles": set(),
                "nodes": {node: {"workers_rss": 0.0, "workers_pss": 0.0, "all_rss": 0.0, "all_pss": 0.0}
                          for node in NODES}}
         for proc in Path("/proc").iterdir():
@@ -261,10 +271,11 @@ class Sampler:
             totals = out["nodes"][node]
             totals["all_rss"] += rss
             totals["all_pss"] += pss
+            title = _read(f"/proc/{pid}/cmdline").split(bytes(1))[0].decode(errors="replace")
+            out["titles"].add((node, title))
             if pid in ray_workers:
                 totals["workers_rss"] += rss
                 totals["workers_pss"] += pss
-                title = _read(f"/proc/{pid}/cmdline").split(bytes(1))[0].decode(errors="replace")
                 # ray::<Class>.<method>: an actor the State API lists once it is created
                 what = title.removeprefix("ray::").split(".")[0]
                 if pid not in self.actor_of and what in KNOWN:
@@ -287,18 +298,19 @@ class Sampler:
         return out
 
 
-def _baseline(sampler: Sampler, timeout: float = 30) -> dict[str, dict]:
-    """Each node's idle memory, once its agents are up: the mean of the first three samples,
-    half a second apart, in which no node's processes grew by 10 MB or more (after `timeout` s,
-    the last three)."""
+def _baseline(sampler: Sampler, timeout: float = 60) -> dict[str, dict]:
+    """Each node's idle memory, once it is up (its agents, which a node starts after `ray start`
+    returns, are running) and steady: the mean of the first three samples, half a second apart,
+    in which no node's processes grew by 10 MB or more (after `timeout` s, the last three)."""
     keys = ("workers_rss", "workers_pss", "all_rss", "all_pss")
     taken, deadline = [], time.time() + timeout
     while True:
-        taken = (taken + [sampler.sample()["nodes"]])[-3:]
-        if len(taken) == 3 and (time.time() > deadline or all(
-                abs(later[node]["all_rss"] - earlier[node]["all_rss"]) < 10
+        taken = (taken + [sampler.sample()])[-3:]
+        up = all((node, agent) in taken[-1]["titles"] for node in NODES for agent in AGENTS)
+        if len(taken) == 3 and (time.time() > deadline or up and all(
+                abs(later["nodes"][node]["all_rss"] - earlier["nodes"][node]["all_rss"]) < 10
                 for earlier, later in zip(taken, taken[1:]) for node in NODES)):
-            return {node: {k: sum(t[node][k] for t in taken) / 3 for k in keys} for node in NODES}
+            return {node: {k: sum(t["nodes"][node][k] for t in taken) / 3 for k in keys} for node in NODES}
         time.sleep(0.5)
 
 
