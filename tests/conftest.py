@@ -123,8 +123,8 @@ def pytest_collection_modifyitems(config, items):
 
 # The modules whose tests start Ray studies, costliest first (`make test` prints the durations).
 _SLOW_MODULES = ("test_cluster_jobs", "test_study", "test_compare", "test_smoke", "test_text_demo",
-                 "test_resume", "test_multinode", "test_faults", "test_packaging", "test_optuna_storage",
-                 "test_chain")
+                 "test_resume", "test_head_memory", "test_multinode", "test_faults", "test_packaging",
+                 "test_optuna_storage", "test_chain")
 
 
 def _rank(module: str) -> int:
