@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from raysd import models
-from raysd.config import TrialConfig
+from raysd.config import FAMILY_MODALITY, MODEL_FAMILIES, TrialConfig
 from raysd.errors import ConfigError
 from raysd.spaces import Space, extremes
 
@@ -37,7 +37,6 @@ def check_inputs(space: Space) -> None:
 
 
 # What each model family reads, in data.base.MODALITIES' words.
-FAMILY_MODALITY = {"vit": "image", "roberta": "text"}
 _WORDS = {"image": "images", "text": "text"}
 
 
@@ -46,7 +45,7 @@ def check_modality(cfg: TrialConfig, where: str) -> None:
     fail in every worker: refused here."""
     from raysd.data.base import modality
 
-    reads, given = FAMILY_MODALITY.get(models.family(cfg.model)), modality(cfg.data)
+    reads, given = FAMILY_MODALITY.get(MODEL_FAMILIES[cfg.model]), modality(cfg.data)
     if reads and given and reads != given:
         raise ConfigError(f"{where}: model {cfg.model} reads {_WORDS[reads]}; data {cfg.data!r} is "
                           f"{_WORDS[given]}")
@@ -57,7 +56,7 @@ def check_model_fit(cfg: TrialConfig, where: str) -> None:
     a tokenizer that fits its vocabulary. A local checkpoint's config and tokenizer are read
     here, as a worker would read them; a hub checkpoint's are checked when a worker downloads
     them; the demo's are built to fit (tests/test_text_demo.py)."""
-    if models.family(cfg.model) != "roberta":
+    if MODEL_FAMILIES[cfg.model] != "roberta":
         return
     import torch
     from transformers import RobertaConfig

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from raysd import schema
-from raysd.config import PLANS, TrialConfig
+from raysd.config import MODEL_FAMILIES, PLANS, TrialConfig
 from raysd.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -109,15 +109,13 @@ SMOKE_STEPS = {"further_pretrain": 2, "self_distill": 2, "finetune": 4}
 def smoke_overrides(space: Space, use_gpu: bool) -> dict[str, Any]:
     """What `--smoke` changes of a space: only what costs time. The model, weights, data and
     search stay; every stage runs (a searched T' becomes 1, a chain's points 0 and 1); 2 trials on one worker each."""
-    from raysd import models
-
     cfg = space.trial_config()
     out: dict[str, Any] = {}
     for stage, steps in SMOKE_STEPS.items():
         scfg = getattr(cfg, stage)
         out.update({f"{stage}.steps": steps, f"{stage}.batch_size": min(scfg.batch_size, 2),
                     f"{stage}.warmup_steps": min(scfg.warmup_steps, steps // 2)})
-    if models.family(cfg.model) == "roberta":
+    if MODEL_FAMILIES[cfg.model] == "roberta":
         out["max_length"] = min(cfg.max_length, 64)
     out.update({"evaluation.every": SMOKE_STEPS["finetune"],
                 "evaluation.batch_size": 8, "evaluation.max_examples": 8,

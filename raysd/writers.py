@@ -13,7 +13,9 @@ from typing import Sequence
 
 import pyarrow.fs as pafs
 
+from raysd.config import FAMILY_MODALITY, MODEL_FAMILIES
 from raysd.credentials import redact_values
+from raysd.data.base import METRICS
 from raysd.history import SCALAR_KEYS, HistoryWriter, history_row
 from raysd.spaces import Space
 from raysd.storage import MODELS, TRIALS, Store
@@ -216,11 +218,8 @@ def history_metrics(space: Space) -> list[str]:
 def final_metric_names(space: Space) -> list[str]:
     """What a finished trial reports: the task's metrics and loss on val and test, then the
     paper's Figure 5 quantities."""
-    from raysd import models
-    from raysd.data import images, text
-
-    task_metrics = {"vit": images.METRICS, "roberta": text.METRICS}  # the data modules' own
-    names = task_metrics.get(models.family(space.doc["model"]), ())
+    modality = FAMILY_MODALITY.get(MODEL_FAMILIES.get(space.doc["model"]))
+    names = METRICS.get(modality, ())
     names = dict.fromkeys([space.study.metric.split("_", 1)[1], *names, "loss"])
     return [f"{split}_{n}" for split in ("val", "test") for n in names] + ["gen_gap", "init_distance"]
 

@@ -271,3 +271,11 @@ def test_demo_init_is_mae_pretrained_and_cached(tmp_path, monkeypatch):
     again = bootstrap.theta_init("vit_tiny", "builtin:demo", seed=1)
     assert meta_file.stat().st_mtime_ns == mtime
     assert torch.equal(again.state_dict()["encoder.pos_embed"], demo.state_dict()["encoder.pos_embed"])
+
+
+def test_the_model_registry_is_config_model_families():
+    """config.MODEL_FAMILIES (torch-free, what configs are checked against) names exactly the
+    models raysd.models builds, each in its family."""
+    from raysd.config import MODEL_FAMILIES
+
+    assert {name: models.family(name) for name in models.names()} == MODEL_FAMILIES

@@ -1,23 +1,27 @@
 """A trial's processes that do not train (its Tune driver, Ray Train's controller) load no torch:
-what Ray ships them, unpickled in a fresh interpreter, imports none (issue 22: ~480 MB and ~2 s
-per process and trial)."""
+what Ray ships them, unpickled in a fresh interpreter, and the trial's config built from it
+import none (issue 22: ~480 MB and ~2 s per process and trial)."""
 import subprocess
 import sys
 
 LOADS = """
 import sys
 import ray.cloudpickle as pickle
-trial_driver, backend, loop = pickle.loads(sys.stdin.buffer.read())
+trial_driver, space, backend, loop = pickle.loads(sys.stdin.buffer.read())
 assert backend.backend_cls.share_cuda_visible_devices
+cfg = space.trial_config({})  # what trial_driver builds before its Train run
+cfg.worker_resources(), cfg.effective()
 print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "timm")))
 """
 DUMPS = """
 import sys
 import ray.cloudpickle as pickle
 from raysd.ddp import DDP, train_loop
+from raysd.spaces import load_space
 from raysd.trial import trial_driver
+space = load_space("demo")
 assert "torch" not in sys.modules  # the Tune driver process (study.py) imports raysd.trial too
-sys.stdout.buffer.write(pickle.dumps((trial_driver, DDP(), train_loop)))
+sys.stdout.buffer.write(pickle.dumps((trial_driver, space, DDP(), train_loop)))
 """
 
 

@@ -21,6 +21,8 @@ MODALITIES = {"builtin:digits": "image", "builtin:text": "text", "imagefolder:DI
 SOURCES = tuple(MODALITIES)
 BUILTINS = tuple(s for s in SOURCES if s.startswith("builtin:"))
 FOLDER_KINDS = tuple(s.split(":")[0] for s in SOURCES if s.endswith(":DIR"))
+# What a task of each modality reports on val and test (Task.metrics).
+METRICS = {"image": ("accuracy",), "text": ("macro_f1", "micro_f1")}
 
 
 def modality(source: str) -> str | None:

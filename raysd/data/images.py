@@ -15,13 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
+from raysd.data.base import METRICS as MODALITY_METRICS
 from raysd.data.base import DataError, Task, fingerprint_of
 from raysd.errors import ConfigError
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 SPLIT_SEED = 0
-METRICS = ("accuracy",)  # what an image task reports on val and test
+METRICS = MODALITY_METRICS["image"]
 CACHE_VERSION = 1  # bump when the cache's layout or decoding changes
 DECODE_CHUNK = 1024
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from raysd.data.base import METRICS as MODALITY_METRICS
 from raysd.data.base import Task, fingerprint_dir, fingerprint_of
 from raysd.data.images import split_indices
 from raysd.errors import ConfigError
@@ -28,7 +29,7 @@ MIN_WORDS = 4
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")  # RoBERTa's ids 0..4
 VOCAB_SIZE = 2000
 TOKENIZER_VERSION = "1"  # part of the cache key: bump when training changes
-METRICS = ("macro_f1", "micro_f1")
+METRICS = MODALITY_METRICS["text"]
 
 
 class TokenizedText(Dataset):
