@@ -277,6 +277,11 @@ MUTATIONS = [
              '''    """The rules between settings, which no single field can state."""\n''',
              '''    """The rules between settings, which no single field can state."""\n    from raysd import models  # noqa: F401\n''',
              ("tests/test_trial_process.py::test_the_trial_driver_and_its_backend_unpickle_without_torch",)),
+    Mutation("tensorboard_through_torch", "raysd/writers.py",
+             "from tensorboard.summary.writer.event_file_writer import EventFileWriter\n",
+             "from tensorboard.summary.writer.event_file_writer import EventFileWriter\n"
+             "from torch.utils.tensorboard import SummaryWriter  # noqa: F401\n",
+             ("tests/test_trial_process.py::test_the_study_driver_records_without_torch",)),
     Mutation("retried_driver_trains_a_failed_trial_again", "raysd/trial.py",
              'if failed and failed.partition("\\n")[0] == attempt:', "if False:",
              ("tests/test_trial_process.py::test_a_retried_driver_reraises_its_trials_failure_and_resume_runs_it_again",)),

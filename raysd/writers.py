@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Sequence
 
 import pyarrow.fs as pafs
+from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from raysd.config import FAMILY_MODALITY, MODEL_FAMILIES
 from raysd.credentials import redact_values
@@ -90,14 +94,13 @@ class TensorBoardWriter:
     def __init__(self, space: Space, store: Store, staging: str | None):
         self.space, self.store, self.staging = space, store, staging
         self.root = Path(staging) if staging else Path(store.path("tensorboard"))
-        self._writers: dict = {}  # trial id -> its SummaryWriter
+        self._writers: dict[str, EventFile] = {}  # trial id -> its event file
         self._unsent: set[str] = set()  # trials with events not yet uploaded
 
     def experiment(self) -> None:
         """One HParams experiment for the whole study, in TensorBoard's root run: every searched
         parameter and every final metric is a column, whichever trial TensorBoard reads first."""
         from tensorboard.plugins.hparams import summary_v2 as hp
-        from torch.utils.tensorboard import SummaryWriter
 
         if any(n.startswith("events.out") for n in self.store.list("tensorboard")):
             return  # --resume: the experiment is there
@@ -105,17 +108,15 @@ class TensorBoardWriter:
         columns += [hp.HParam("variant"), hp.HParam("method"), hp.HParam("seed")] if not self.space.params else []
         columns.append(hp.HParam("status", hp.Discrete(list(STATUSES))))
         metrics = [hp.Metric(f"final/{name}") for name in final_metric_names(self.space)]
-        writer = SummaryWriter(str(self.root))
-        writer.file_writer.add_summary(hp.hparams_config_pb(columns, metrics))
+        writer = EventFile(self.root)
+        writer.add_summary(hp.hparams_config_pb(columns, metrics))
         writer.close()
         if self.staging:
             self.store.upload(self.root, "tensorboard")
 
     def _writer(self, tid: str):
         if tid not in self._writers:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writers[tid] = SummaryWriter(str(self.root / tid), flush_secs=10)
+            self._writers[tid] = EventFile(self.root / tid, flush_secs=10)
         return self._writers[tid]
 
     def scalars(self, tid: str, result: dict) -> None:
@@ -123,8 +124,6 @@ class TensorBoardWriter:
         tagged by stage (self_distill_r<round> per round)."""
         if "progress" not in result:
             return
-        from tensorboard.compat.proto.summary_pb2 import Summary
-
         stage = result.get("stage", "trial")
         tag = f"{stage}_r{result['round']}" if stage == "self_distill" else stage
         keys = [k for k in SCALAR_KEYS if k in result]
@@ -133,7 +132,7 @@ class TensorBoardWriter:
         # One event per row, not one per scalar: a third of the driver's cost per result
         # (benchmarks/driver_scale.py); TensorBoard reads each value as its own scalar.
         values = [Summary.Value(tag=f"{tag}/{k}", simple_value=float(result[k])) for k in keys]
-        self._writer(tid).file_writer.add_summary(Summary(value=values), result["progress"])
+        self._writer(tid).add_summary(Summary(value=values), result["progress"])
         self._unsent.add(tid)
 
     def hparams(self, tid: str, config: dict, last: dict, status: str) -> None:
@@ -149,11 +148,12 @@ class TensorBoardWriter:
             params.update(variant=config["variant"]["variant"], method=values.get("method", ""),
                           seed=values.get("seed", 0))
         params["status"] = status
-        writer.file_writer.add_summary(hp.hparams_pb(redact_values(params), trial_id=tid))
+        writer.add_summary(hp.hparams_pb(redact_values(params), trial_id=tid))
         for key in final_metric_names(self.space):
             value = last.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                writer.add_scalar(f"final/{key}", float(value), int(last.get("progress", 0)))
+                writer.add_summary(Summary(value=[Summary.Value(tag=f"final/{key}", simple_value=float(value))]),
+                                   int(last.get("progress", 0)))
         self._writers.pop(tid).close()
         self._unsent.discard(tid)
         if self.staging:
@@ -180,6 +180,26 @@ class TensorBoardWriter:
     def close(self) -> None:
         for writer in self._writers.values():
             writer.close()
+
+
+class EventFile:
+    """One TensorBoard event file, written by TensorBoard's own writer (torch's SummaryWriter
+    wraps the same one, and would load torch into the study's driver): summaries by step."""
+
+    def __init__(self, logdir: Path, flush_secs: int = 120):
+        self._file = EventFileWriter(str(logdir), flush_secs=flush_secs)
+
+    def add_summary(self, summary: Summary, step: int | None = None) -> None:
+        event = Event(wall_time=time.time(), summary=summary)
+        if step is not None:
+            event.step = int(step)
+        self._file.add_event(event)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def staging_dir(study_uri: str) -> str | None:

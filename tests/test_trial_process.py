@@ -68,3 +68,24 @@ def test_a_retried_driver_reraises_its_trials_failure_and_resume_runs_it_again(t
     except trial.TrialFailed:
         pass
     assert trained == ["tune_a", "tune_b"]
+
+
+def test_the_study_driver_records_without_torch(tmp_path):
+    """The study's own driver (raysd tune: the Tuner, the recorder's Parquet and TensorBoard
+    writers) loads torch only to build the built-in demo weights; a space on other weights never."""
+    code = f"""
+import sys
+import raysd.study
+from raysd.spaces import load_space
+from raysd.storage import Store
+from raysd.writers import ResultsWriter, TensorBoardWriter
+space = load_space("demo", {{"weights": "none"}})
+tb = TensorBoardWriter(space, Store({str(tmp_path)!r}), None)
+tb.experiment()
+tb.scalars("t1", {{"stage": "finetune", "round": 0, "progress": 1, "loss": 0.5}})
+tb.hparams("t1", {{}}, {{"val_accuracy": 0.5, "progress": 1}}, "completed")
+tb.close()
+assert "torch" not in sys.modules, "torch"
+"""
+    _python(code)
+    assert list((tmp_path / "tensorboard" / "t1").iterdir())
