@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import importlib.resources
 import math
 import operator
@@ -100,7 +101,7 @@ class Space:
     def description(self) -> str:
         return self.doc.get("description", "")
 
-    @property
+    @functools.cached_property  # read per reported row by the recorder and the console
     def chain(self) -> Chain | None:
         """The chain each trial runs, or None when T' is a sampled parameter (study.rounds)."""
         if self.study.rounds == "param" or chain_refusal(self) is not None:
