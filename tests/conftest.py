@@ -8,6 +8,14 @@ from typing import Callable
 
 # Keep every Ray node of the tests on loopback (Ray otherwise picks the network interface).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# `make test`'s pytest-xdist workers share the cores: torch in each (the tests' own run_trial
+# calls, the text demo's pre-training, and every process they start) takes its share of them,
+# not one thread per core. With a thread per core, OpenMP's threads spin against the other
+# worker's: beside one busy core the text demo's build took 652 s with 2 threads, 58 s with 1.
+# (Ray gives its trial workers one thread per CPU they reserve all the same.)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 # Tests build their own tokenizer and demo weights, never touching the user's cache.
 os.environ["RAYSD_CACHE"] = tempfile.mkdtemp(prefix="raysd-test-cache-")
 
