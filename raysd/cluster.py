@@ -112,6 +112,14 @@ def driver_placement(config: dict | None = None) -> "PlacementGroupFactory":
     return PlacementGroupFactory([HEAD_DRIVER])
 
 
+def drivers_may_leave_head() -> bool:
+    """Whether a trial's driver may run on a node that can go away: a node offers
+    DRIVER_RESOURCE, or an autoscaler may add one. A local Ray keeps every driver on the head."""
+    if autoscaler_node_types() is not None:
+        return True
+    return any(node["Resources"].get(DRIVER_RESOURCE, 0) > 0 for node in ray.nodes() if node["Alive"])
+
+
 def ensure_ray(address: str | None, verbose: bool) -> None:
     """Attach to a running cluster (ray job submit, ray start) or start a local one."""
     if ray.is_initialized():

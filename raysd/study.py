@@ -14,7 +14,7 @@ from ray import tune
 import raysd
 from raysd import optuna_study
 from raysd.chain import ROUNDS
-from raysd.cluster import check_shared_storage, driver_placement, plan_concurrency
+from raysd.cluster import check_shared_storage, driver_placement, drivers_may_leave_head, plan_concurrency
 from raysd.credentials import redact_values
 from raysd.errors import ConfigError
 from raysd.paths import artifacts_uri
@@ -100,8 +100,10 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
     # A driver on a worker node (cluster.driver_placement) dies with it: Tune starts it again,
     # and its Train run resumes from its last checkpoint. trial.py re-raises at once a failure
     # that would only recur, so a failed trial's retries cost an actor start each; unlimited
-    # Train restarts (-1) still give a driver a bounded number.
-    retries = space.study.max_failures if space.study.max_failures >= 0 else DRIVER_RETRIES
+    # Train restarts (-1) still give a driver a bounded number. Drivers on the head need none.
+    retries = 0
+    if drivers_may_leave_head():
+        retries = space.study.max_failures if space.study.max_failures >= 0 else DRIVER_RETRIES
     if not resume:  # the folder is a study once SPACE_FILE exists: it is written last
         about = {"space": space.name, "raysd": raysd.__version__,
                  "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "state_format": STATE_FORMAT}
