@@ -181,7 +181,9 @@ def two_nodes():
 
     from helpers import BIN, add_node, free_port, run_ok
 
-    # Multi-node needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1; --node-ip-address keeps it on loopback.
+    # Multi-node needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1. With it Ray 2.60 also listens on the
+    # host's address besides --node-ip-address 127.0.0.1 (seen by benchmarks/head_memory.py);
+    # token auth with this session's own token keeps the cluster to this test session.
     env = {**_session_server("two_nodes"), "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
     gcs, dash = free_port(), free_port()  # every port our own: other Rays may run on the host
