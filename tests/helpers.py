@@ -94,6 +94,26 @@ def train_worker_count(address: str) -> int:
                            limit=10_000))
 
 
+def wait_for_other_drivers(ray, timeout: float = 120) -> None:
+    """Until no actor another driver owned on the session's Ray is left (a driver attached with
+    --address that was killed or interrupted): its trials must not run beside the next ones.
+    Detached actors outlive their driver by design (Ray's own, e.g. its AutoscalingCoordinator)."""
+    import time
+
+    from ray.util.state import list_actors
+
+    context = ray.get_runtime_context()
+    deadline = time.time() + timeout
+    while True:
+        left = [a for a in list_actors(address=context.gcs_address, filters=[("state", "!=", "DEAD")],
+                                       limit=10_000, detail=True)
+                if a.job_id != context.get_job_id() and not a.is_detached]
+        if not left:
+            return
+        assert time.time() < deadline, f"still alive after {timeout:.0f} s: {left}"
+        time.sleep(0.5)
+
+
 def kill_processes_mentioning(marker: str) -> int:
     """SIGKILL every process whose command line or environment mentions `marker` (our temp dir)."""
     killed = 0

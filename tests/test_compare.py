@@ -18,7 +18,7 @@ import yaml
 from scipy import stats
 
 from conftest import tiny_config
-from helpers import TINY, kill_processes_mentioning, plant_pickles
+from helpers import TINY, kill_processes_mentioning, plant_pickles, wait_for_other_drivers
 from raysd import cli, models
 from raysd.compare import (method_variants, pair_column, protocol_of, summary_table, table_text,
                            trial_variants, write_table)
@@ -271,20 +271,36 @@ def test_bad_compare_flags_are_one_line_before_ray(argv, message, tmp_path, caps
     assert message in err and "Traceback" not in err and not any(tmp_path.iterdir())
 
 
-def test_a_comparison_of_every_method_is_interrupted_resumed_and_reported(tmp_path, capsys):
-    """The suite's one end-to-end compare: every method in METHODS (and self_distill at two T'),
-    one seed, under the reference protocol. Ctrl-C mid-comparison exits 130 naming `raysd
-    compare --resume`; that finishes the trials left and writes the table, without re-running
-    the finished ones, under the protocol it started with. Resuming it with `tune`, or with
-    flags that choose other trials, is refused before Ray starts. `raysd report` then draws the
-    paper's Figures 4 and 5 from its rows. Each method added to METHODS adds one trial here."""
+# The suite's end-to-end compare runs every method in METHODS once, in two comparisons: the
+# paper's Table 1 (and self_distill at two T') interrupted and resumed one trial at a time, and
+# every other method side by side. Each method added to METHODS adds one trial to the second.
+INTERRUPTED = ("finetune", "further_pretrain", "self_distill")
+SIDE_BY_SIDE = tuple(m for m in METHODS if m not in INTERRUPTED)
+
+
+def _check_seeds_reached_each_trial(after: pd.DataFrame) -> None:
+    """The seeds compare chose (reference protocol, --first-seed 1): pre-training 1, fine-tuning 1."""
+    assert (after["cfg.seed"] == after.seed).all() and (after.seed == 1).all()
+    assert (after["cfg.finetune.seed"] == 1).all() and set(after.status) == {"completed"}
+    assert after.trial_id.str.endswith("-s1-f1").all()
+
+
+def test_a_comparison_is_interrupted_resumed_and_reported(ray_local, tmp_path, capsys):
+    """finetune, further_pretrain and self_distill at two T', one seed, under the reference
+    protocol, one trial at a time. Ctrl-C mid-comparison exits 130 naming `raysd compare
+    --resume`; that finishes the trials left and writes the table, without re-running the
+    finished ones, under the protocol it started with. Resuming it with `tune`, or with flags
+    that choose other trials, is refused before Ray starts. `raysd report` then draws the
+    paper's Figures 4 and 5 from its rows. Both drivers use the session's Ray (the interrupted
+    one attaches with --address, the resumed one runs in this process): no Ray start of their own."""
     ray_tmp = tempfile.mkdtemp(prefix="rsd", dir="/tmp")  # short: Ray's socket paths are length-limited
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     study = tmp_path / "cmp"
     trials_file, table = study / "results" / "trials.parquet", study / "results" / "compare.txt"
     command = [sys.executable, "-m", "raysd.cli", "compare", "--space", "demo", *TINY,
-               "--methods", ",".join(METHODS), "--rounds", "1,2", "--seeds", "1", "--first-seed", "1",
-               "--protocol", "reference", "--max-concurrent", "1", "--storage", str(tmp_path), "--name", "cmp"]
+               "--methods", ",".join(INTERRUPTED), "--rounds", "1,2", "--seeds", "1", "--first-seed", "1",
+               "--protocol", "reference", "--max-concurrent", "1", "--storage", str(tmp_path), "--name", "cmp",
+               "--address", ray_local.get_runtime_context().gcs_address]
     try:
         driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True, start_new_session=True)
@@ -294,6 +310,7 @@ def test_a_comparison_of_every_method_is_interrupted_resumed_and_reported(tmp_pa
         assert driver.poll() is None, driver.communicate()[1][-3000:]
         driver.send_signal(signal.SIGINT)  # what Ctrl-C sends
         out, err = driver.communicate(timeout=300)
+        wait_for_other_drivers(ray_local)
         assert driver.returncode == 130, out[-2000:] + err[-2000:]
         assert f"raysd compare --resume {study}" in err and not table.exists()
         done_before = pq.read_table(trials_file).to_pandas()
@@ -306,19 +323,14 @@ def test_a_comparison_of_every_method_is_interrupted_resumed_and_reported(tmp_pa
         assert "drop --seeds, --protocol" in errors
         marker = tmp_path / "unpickled"
         assert "tuner.pkl" in plant_pickles(study, marker)  # what Tuner.restore unpickled
-
-        resumed = subprocess.run([sys.executable, "-m", "raysd.cli", "compare", "--resume", str(study)],
-                                 env=env, capture_output=True, text=True, timeout=600)
-        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-2000:]
     finally:
         kill_processes_mentioning(ray_tmp)
+    assert cli.main(["compare", "--resume", str(study)]) == 0
+    resumed = capsys.readouterr().out
     after = pq.read_table(trials_file).to_pandas()
-    variants = [m for m in METHODS if m != "self_distill"] + ["self_distill T'=1", "self_distill T'=2"]
-    assert sorted(after.variant) == sorted(variants) and set(after.method) == set(METHODS)
-    # The seeds compare chose reached each trial: pre-training 1, fine-tuning 1 (--first-seed 1).
-    assert (after["cfg.seed"] == after.seed).all() and (after.seed == 1).all()
-    assert (after["cfg.finetune.seed"] == 1).all() and set(after.status) == {"completed"}
-    assert after.trial_id.str.endswith("-s1-f1").all()
+    variants = ["finetune", "further_pretrain", "self_distill T'=1", "self_distill T'=2"]
+    assert sorted(after.variant) == sorted(variants) and set(after.method) == set(INTERRUPTED)
+    _check_seeds_reached_each_trial(after)
     # Stage artifacts are shared: further_pretrain and self_distill at both T' run one further
     # pre-training, and T'=2 reuses round 1 of T'=1 (whichever ran first built them).
     pretrained = after[after.method.isin(["further_pretrain", "self_distill"])]
@@ -330,8 +342,8 @@ def test_a_comparison_of_every_method_is_interrupted_resumed_and_reported(tmp_pa
     assert first.wall_seconds == done_before.wall_seconds[0]
     assert not marker.exists()  # --resume unpickled nothing from the study folder
     text = table.read_text()
-    assert text in resumed.stdout and "protocol reference" in text  # kept through --resume
-    assert "started: variant=self_distill T'=2, seed=1, finetune.seed=1" in resumed.stdout
+    assert text in resumed and "protocol reference" in text  # kept through --resume
+    assert "started: variant=self_distill T'=2, seed=1, finetune.seed=1" in resumed
     assert "test_accuracy - finetune" in text and "test_accuracy - further_pretrain" in text
     assert all(f"\n{variant} " in text or f" {variant} " in text for variant in variants)
     assert "(baseline)" in text and "(n=1)" in text
@@ -340,3 +352,27 @@ def test_a_comparison_of_every_method_is_interrupted_resumed_and_reported(tmp_pa
     report = capsys.readouterr().out
     for name in ("figure4_rounds.png", "figure5_gap_distance.png"):
         assert name in report and (study / "results" / "report" / name).stat().st_size > 1000
+
+
+def test_every_other_method_runs_end_to_end_side_by_side(ray_local, tmp_path, capsys):
+    """Every method the interrupted comparison leaves out, one seed, reference protocol, two
+    trials at a time on the session's Ray: each completes under the seeds compare chose, the
+    self-distillation ablations share one further pre-training, and the table lists them all."""
+    assert cli.main(["compare", "--space", "demo", *TINY, "--methods", ",".join(SIDE_BY_SIDE),
+                     "--seeds", "1", "--first-seed", "1", "--protocol", "reference",
+                     "--max-concurrent", "2", "--storage", str(tmp_path), "--name", "cmp"]) == 0
+    out = capsys.readouterr().out
+    study = tmp_path / "cmp"
+    after = pq.read_table(study / "results" / "trials.parquet").to_pandas()
+    assert sorted(after.variant) == sorted(SIDE_BY_SIDE) and set(after.method) == set(SIDE_BY_SIDE)
+    _check_seeds_reached_each_trial(after)
+    # no_mae and the match_* targets distil from one further pre-training's theta_0;
+    # further_pretrain_2x's longer stage is another
+    distilled = after[after.method.isin(["no_mae", "match_predictions", "match_weights_l2",
+                                         "match_weights_mars"])]
+    assert len(distilled) == 4 and distilled["key_further_pretrain"].nunique() == 1
+    assert after.loc[after.method == "further_pretrain_2x", "key_further_pretrain"].iloc[0] not in set(
+        distilled["key_further_pretrain"])
+    text = (study / "results" / "compare.txt").read_text()
+    assert text in out and "protocol reference" in text
+    assert all(f"\n{variant} " in text or f" {variant} " in text for variant in SIDE_BY_SIDE)
