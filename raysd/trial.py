@@ -12,6 +12,7 @@ import time
 import pyarrow.fs as pafs
 import ray.train
 from ray import tune
+from ray.train.v2._internal.callbacks import DatasetsCallback
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -40,6 +41,11 @@ def trial_driver(config: dict, space: Space, train_storage: str, artifacts: str 
     # A worker group that cannot start in time is retried without limit (Ray's default
     # controller_failure_limit): on an autoscaling cluster the nodes are still coming.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
+    # No PreemptionWatcher actor per trial (~240 MB): it lets ranks that read Ray's preemption
+    # notice checkpoint before their node drains, which raysd's ranks do not (they checkpoint
+    # every logging.checkpoint_every steps). A preempted node's lost workers are still retried
+    # from the last checkpoint and, recognised as preempted, not counted in max_failures.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     name = config[TRIAL_ID]  # raysd's id (resume.py), the same when --resume runs it again
     run_uri = f"{train_storage}/{name}"
     fs, run_dir = pafs.FileSystem.from_uri(run_uri)
@@ -63,7 +69,7 @@ def _train(cfg, space: Space, name: str, run_uri: str, train_storage: str, artif
            models: str | None) -> None:
     """The trial as one Ray Train run; TrialFailed with its root cause when it fails."""
     fs, run_dir = pafs.FileSystem.from_uri(run_uri)
-    trainer = DataParallelTrainer(
+    trainer = _Trainer(
         train_loop, backend_config=DDP(),
         train_loop_config={"trial": cfg, "study_marker": study_marker(train_storage),
                            "run_uri": run_uri, "artifacts": artifacts, "chain": space.chain,
@@ -89,6 +95,15 @@ def _train(cfg, space: Space, name: str, run_uri: str, train_storage: str, artif
             f.write(str(err).encode())
         raise TrialFailed(f"{_root_cause(err)} (traceback: {run_uri}/{WORKER_ERROR})") from None
     _raise_fatal(run_uri)  # the recorder (results.py) deletes the checkpoints of a final trial
+
+
+class _Trainer(DataParallelTrainer):
+    """Ray Train's DataParallelTrainer without its Ray Data callback: raysd's ranks load their
+    own data, and the callback starts a DatasetManager actor (~240 MB) per trial even when the
+    trainer is given no datasets. (`_create_default_callbacks` is Ray 2.60's private hook.)"""
+
+    def _create_default_callbacks(self):
+        return [c for c in super()._create_default_callbacks() if not isinstance(c, DatasetsCallback)]
 
 
 def _read(fs, path: str) -> str | None:
