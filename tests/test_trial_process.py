@@ -1,6 +1,7 @@
 """A trial's processes that do not train (its Tune driver, Ray Train's controller) load no torch:
 what Ray ships them, unpickled in a fresh interpreter, and the trial's config built from it
 import none (issue 22: ~480 MB and ~2 s per process and trial)."""
+import os
 import subprocess
 import sys
 
@@ -68,6 +69,36 @@ def test_a_retried_driver_reraises_its_trials_failure_and_resume_runs_it_again(t
     except trial.TrialFailed:
         pass
     assert trained == ["tune_a", "tune_b"]
+
+
+def test_a_trials_train_run_starts_no_ray_data_manager_and_no_preemption_watcher(tmp_path, monkeypatch):
+    """raysd's ranks load their own data and checkpoint on a schedule: the Train run a trial's
+    driver starts has no Ray Data callback (its DatasetManager actor) and turns off Ray Train's
+    PreemptionWatcher actor, which the controller reads from the driver's environment."""
+    from ray.train.v2._internal.callbacks import DatasetsCallback
+    from ray.train.v2.api.callback import UserCallback
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from raysd import trial
+    from raysd.spaces import load_space
+
+    seen = {}
+
+    def fit(self):  # what the controller would be started with
+        seen["callbacks"] = [type(c).__name__ for c in self._create_default_callbacks()]
+        seen["watcher"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+
+    monkeypatch.setattr(DataParallelTrainer, "fit", fit)
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "unset")  # undone after the test
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+    monkeypatch.setattr(trial, "_let_tune_take_the_last_report", lambda: None)
+    monkeypatch.setattr(trial, "TuneReportCallback", UserCallback)  # outside a Tune session
+    monkeypatch.setattr(trial.tune, "get_context",
+                        lambda: type("Ctx", (), {"get_trial_id": lambda self: "tune_a"})())
+    trial.trial_driver({"trial_id": "t0"}, load_space("demo"), str(tmp_path), None, None)
+    assert "BackendSetupCallback" in seen["callbacks"], seen["callbacks"]  # raysd's DDP set-up
+    assert DatasetsCallback.__name__ not in seen["callbacks"], seen["callbacks"]
+    assert seen["watcher"] == "0"
 
 
 def test_the_study_driver_records_without_torch(tmp_path):
