@@ -216,8 +216,8 @@ MUTATIONS = [
     # A chain's fine-tune seeded by the round it follows: its points no longer equal
     # independent runs of their T'.
     Mutation("chain_finetune_seeded_by_round", "raysd/recipe.py",
-             "PointRun(cfg, hooks, stage, 0, point=round_, **where)",
-             "PointRun(cfg, hooks, stage, round_, point=round_, **where)",
+             "PointRun(seeded_for(cfg, stage), hooks, stage, 0, point=round_, **where)",
+             "PointRun(seeded_for(cfg, stage), hooks, stage, round_, point=round_, **where)",
              ("tests/test_chain.py::test_a_chain_reports_every_point_bit_identical_to_an_independent_run",)),
     # The best point by the last one: a chain's Tune metric is its last T', not its best.
     Mutation("chain_best_is_last", "raysd/chain.py",
