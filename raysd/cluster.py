@@ -49,14 +49,22 @@ def trials_that_fit(cfg: TrialConfig, nodes: list[dict]) -> int:
 
 def autoscaler_node_types() -> list[dict] | None:
     """Resources of each node type an autoscaler may start; [] when it does not say which,
-    None when the cluster has no autoscaler (it is what is up now)."""
+    None when the cluster has no autoscaler (it is what is up now).
+
+    Ray's GCS holds the node types only where something reported them (its ClusterConfig);
+    neither of Ray 2.60's own autoscalers does. v1 (`ray start --autoscaling-config`) is known
+    by the status its monitor writes, v2 (what `ray up` starts since Ray 2.50) by the GCS's
+    flag for it; both give []."""
     from ray._private import state
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
     from ray.experimental.internal_kv import _internal_kv_get
 
-    config = state.state.get_cluster_config()  # autoscaler v2 publishes its node types
+    config = state.state.get_cluster_config()
     if config is not None:
         return [dict(group.resources) for group in config.node_group_configs]
-    return [] if _internal_kv_get("__autoscaling_status") else None
+    if _internal_kv_get("__autoscaling_status") or is_autoscaler_v2(fetch_from_server=True):
+        return []
+    return None
 
 
 def plan_concurrency(space: Space, max_concurrent: int | None, num_samples: int) -> int:

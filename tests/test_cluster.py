@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from raysd.cluster import slots, trials_that_fit, worker_bundle
+from raysd import cluster
+from raysd.cluster import DRIVER_RESOURCE, HEAD_DRIVER, slots, trials_that_fit, worker_bundle
 from raysd.spaces import load_space
 
 
@@ -27,6 +28,45 @@ def test_a_worker_bundle_and_its_slots_on_a_node():
 ])
 def test_trials_that_fit_follow_the_placement(placement, nodes, expected):
     assert trials_that_fit(_cfg(placement), nodes) == expected
+
+
+WORKER = {"CPU": 8.0, "GPU": 1.0}
+OFFERS = {"CPU": 8.0, "GPU": 1.0, DRIVER_RESOURCE: 1000.0}
+
+
+@pytest.mark.parametrize("alive, node_types, on_the_head, retried", [
+    ([{"CPU": 4.0}], None, True, False),  # a local Ray: drivers stay on the head, never retried
+    ([{"CPU": 4.0}, OFFERS], None, False, True),  # a worker node offers the resource
+    ([{"CPU": 0.0}], [WORKER, OFFERS], False, True),  # node types reported (ClusterConfig), none up yet
+    ([{"CPU": 0.0}], [WORKER], True, True),  # reported node types that do not offer it
+    ([{"CPU": 0.0}], [], True, True),  # an autoscaler that does not say its node types (v1, v2)
+])
+def test_a_trials_driver_leaves_the_head_for_a_node_that_offers_raysd_driver(
+        monkeypatch, alive, node_types, on_the_head, retried):
+    monkeypatch.setattr(cluster.ray, "nodes", lambda: [{"Alive": True, "Resources": r} for r in alive])
+    monkeypatch.setattr(cluster, "autoscaler_node_types", lambda: node_types)
+    bundles = cluster.driver_placement().bundles
+    assert bundles == ([HEAD_DRIVER] if on_the_head else [{DRIVER_RESOURCE: 0.001}])
+    assert "CPU" not in bundles[0]  # a driver never takes a training worker's slot
+    assert cluster.drivers_may_leave_head() is retried
+
+
+@pytest.mark.parametrize("status_key, v2_flag, expected", [
+    (None, False, None),  # no autoscaler: the cluster is what is up now
+    (b"{...}", False, []),  # autoscaler v1: its monitor's status, no node types
+    (None, True, []),  # autoscaler v2 (`ray up` since Ray 2.50): the GCS's flag, no node types
+])
+def test_an_autoscaler_v1_or_v2_is_recognised_without_its_node_types(monkeypatch, status_key, v2_flag,
+                                                                      expected):
+    import ray.autoscaler.v2.utils
+    import ray.experimental.internal_kv
+    from ray._private import state
+
+    monkeypatch.setattr(state.state, "get_cluster_config", lambda: None)
+    monkeypatch.setattr(ray.experimental.internal_kv, "_internal_kv_get",
+                        lambda key: status_key if key == "__autoscaling_status" else None)
+    monkeypatch.setattr(ray.autoscaler.v2.utils, "is_autoscaler_v2", lambda fetch_from_server: v2_flag)
+    assert cluster.autoscaler_node_types() == expected
 
 
 def test_the_private_local_ray_takes_loopback_as_its_node_address():

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pyarrow.parquet as pq
+from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID, FakeMultiNodeProvider
 
 from helpers import (BIN, SLOW_ROUND, TINY, actor_nodes, add_node, free_port, kill_processes_mentioning,
                      run_ok)
@@ -71,18 +72,25 @@ def test_ranks_on_two_nodes_match_one_node_and_survive_losing_a_node(slow_round_
           f"{one['val_accuracy']:.4f}), val_loss {row['val_loss']!r} (one node {one['val_loss']!r})")
 
 
+FAKE_PROVIDER = f"{FakeMultiNodeProvider.__module__}.{FakeMultiNodeProvider.__name__}"
+
+
 def _fake_autoscaler_config(gcs: int) -> dict:
-    """Ray's fake multi-node provider: 'nodes' are raylets started on this machine on demand."""
+    """Ray's fake multi-node provider: 'nodes' are raylets started on this machine on demand, by
+    autoscaler v2 (what `ray up` runs since Ray 2.50, so what the shipped cluster configs get)."""
     return {
         "cluster_name": "raysd-fake", "max_workers": 1, "upscaling_speed": 1.0,
         "idle_timeout_minutes": 5, "head_node_type": "ray.head.default",
-        "provider": {"type": "fake_multinode", "gcs_address": f"127.0.0.1:{gcs}",
+        # "external": the same provider, without the defaults file that Ray's wheel lacks
+        # (fake_multi_node/example.yaml), which autoscaler v2 reads for "fake_multinode".
+        "provider": {"type": "external", "module": FAKE_PROVIDER, "gcs_address": f"127.0.0.1:{gcs}",
                      "use_node_id_as_ip": True, "disable_node_updaters": True,
-                     "disable_launch_config_check": True},
+                     "disable_launch_config_check": True,
+                     "launch_multiple": True, "head_node_id": FAKE_HEAD_NODE_ID},  # v2's
         "available_node_types": {
             # The head runs no training worker. Trial drivers go to nodes offering raysd_driver
-            # once one is up (cluster.DRIVER_RESOURCE); this autoscaler (v1) does not say which
-            # node types it may add, so the first trials' drivers start on the head.
+            # once one is up (cluster.DRIVER_RESOURCE); the autoscaler does not say which node
+            # types it may add, so the first trials' drivers start on the head.
             "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
             "ray.worker.trainer": {"resources": {"CPU": 2, DRIVER_RESOURCE: 1000}, "node_config": {},
                                    "min_workers": 0, "max_workers": 1},
@@ -100,10 +108,13 @@ def test_study_scales_an_autoscaling_cluster_up_from_zero_workers(marked_env, tm
     config.write_text(json.dumps(_fake_autoscaler_config(gcs)))
     env = {**marked_env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    # autoscaler v2, as `ray up` starts the head (the fake provider names its nodes' instances)
+    head_env = {**env, "RAY_enable_autoscaler_v2": "1", "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID,
+                "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID}
     run_ok([BIN / "ray", "start", "--head", "--autoscaling-config", config, "--node-ip-address",
             "127.0.0.1", "--port", gcs, "--num-cpus", "0", "--dashboard-host", "127.0.0.1",
             "--dashboard-port", free_port(), "--ray-client-server-port", free_port(),
-            "--disable-usage-stats"], env)
+            "--disable-usage-stats"], head_env)
     address = f"127.0.0.1:{gcs}"
     status = subprocess.run([BIN / "ray", "status", "--address", address], env=env,
                             capture_output=True, text=True, timeout=60)
