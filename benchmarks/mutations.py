@@ -269,6 +269,18 @@ MUTATIONS = [
     Mutation("history_rerun_rows_twice", "raysd/history.py",
              "        if trial_id in self._reported:\n", "        if False:\n",
              ("tests/test_writers.py::test_a_failed_trial_run_again_by_resume_keeps_one_row_per_step",)),
+    Mutation("trials_parquet_at_every_end", "raysd/writers.py",
+             "if self._dirty and (force or time.time() - self._written_at >= self.part_seconds):",
+             "if self._dirty:",
+             ("tests/test_writers.py::test_trials_parquet_is_written_at_the_first_end_then_once_a_period_and_at_close",)),
+    Mutation("trials_parquet_not_written_at_close", "raysd/writers.py",
+             "        self.flush(force=True)\n", "        self.flush()\n",
+             ("tests/test_writers.py::test_trials_parquet_is_written_at_the_first_end_then_once_a_period_and_at_close",)),
+    # `ray up`'s default autoscaler (v2) taken for a fixed cluster: a study from zero workers refused.
+    Mutation("autoscaler_v2_unrecognised", "raysd/cluster.py",
+             'if _internal_kv_get("__autoscaling_status") or is_autoscaler_v2(fetch_from_server=True):',
+             'if _internal_kv_get("__autoscaling_status"):',
+             ("tests/test_cluster.py::test_an_autoscaler_v1_or_v2_is_recognised_without_its_node_types",)),
     # --- a trial's processes (trial.py, ddp.py) ---
     Mutation("controller_imports_torch", "raysd/ddp.py",
              "import ray\n", "import ray\nimport torch  # noqa: F401\n",

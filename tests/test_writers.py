@@ -172,6 +172,28 @@ def test_an_old_layout_study_reads_and_resumes_without_a_rewrite(tmp_path):
         ("t0", 1), ("t0", 2), ("t1", 1), ("t1", 2), ("t1", 3)]
 
 
+def test_trials_parquet_is_written_at_the_first_end_then_once_a_period_and_at_close(tmp_path):
+    """Rewritten whole, trials.parquet is written when the first trial ends, then at most once
+    every part_seconds however many end (not once per end: O(n^2) writes per study), and at close."""
+    writer = ResultsWriter(str(tmp_path), part_seconds=3600)
+    trials = tmp_path / "results" / "trials.parquet"
+    writer.end_trial({"trial_id": "t0", "status": "completed", "val_accuracy": 0.5})
+    writer.flush()
+    assert [r["trial_id"] for r in pq.read_table(trials).to_pylist()] == ["t0"]
+    for tid in ("t1", "t2"):
+        writer.end_trial({"trial_id": tid, "status": "completed", "val_accuracy": 0.6})
+        writer.flush()
+    assert [r["trial_id"] for r in pq.read_table(trials).to_pylist()] == ["t0"]  # not due yet
+    writer.close()  # the study's end (or Ctrl-C) writes what waited
+    assert [r["trial_id"] for r in pq.read_table(trials).to_pylist()] == ["t0", "t1", "t2"]
+    eager = ResultsWriter(str(tmp_path / "eager"), part_seconds=0)  # due at every flush
+    eager.end_trial({"trial_id": "t0", "status": "completed", "val_accuracy": 0.5})
+    eager.flush()
+    eager.end_trial({"trial_id": "t1", "status": "completed", "val_accuracy": 0.5})
+    eager.flush()
+    assert len(pq.read_table(tmp_path / "eager" / "results" / "trials.parquet")) == 2
+
+
 def test_keep_best_model_keeps_the_best_ended_trial_and_running_ones(tmp_path):
     writer = ResultsWriter(str(tmp_path))
     for tid in ("t0", "t1", "t2", "t3", "running"):
