@@ -114,8 +114,17 @@ def wait_for_other_drivers(ray, timeout: float = 120) -> None:
         time.sleep(0.5)
 
 
+def _has_open_file_under(proc: Path, marker: str) -> bool:
+    try:
+        return any(marker in os.readlink(fd) for fd in (proc / "fd").iterdir())
+    except OSError:
+        return False
+
+
 def kill_processes_mentioning(marker: str) -> int:
-    """SIGKILL every process whose command line or environment mentions `marker` (our temp dir)."""
+    """SIGKILL every process whose command line or environment mentions `marker` (our temp dir),
+    or that holds a file under it open: the agents of a node that Ray's fake autoscaler (v2)
+    starts get neither, but write their logs there."""
     killed = 0
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
@@ -124,7 +133,7 @@ def kill_processes_mentioning(marker: str) -> int:
             text = (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes()
         except OSError:
             continue
-        if marker.encode() in text:
+        if marker.encode() in text or _has_open_file_under(proc, marker):
             try:
                 os.kill(int(proc.name), signal.SIGKILL)
                 killed += 1
