@@ -270,7 +270,7 @@ MUTATIONS = [
              "        if trial_id in self._reported:\n", "        if False:\n",
              ("tests/test_writers.py::test_a_failed_trial_run_again_by_resume_keeps_one_row_per_step",)),
     Mutation("trials_parquet_at_every_end", "raysd/writers.py",
-             "if self._dirty and (force or time.time() - self._written_at >= self.part_seconds):",
+             "if self._dirty and (force or time.time() - self._written_at >= self.history.part_seconds):",
              "if self._dirty:",
              ("tests/test_writers.py::test_trials_parquet_is_written_at_the_first_end_then_once_a_period_and_at_close",)),
     Mutation("trials_parquet_not_written_at_close", "raysd/writers.py",

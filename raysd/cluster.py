@@ -47,6 +47,11 @@ def trials_that_fit(cfg: TrialConfig, nodes: list[dict]) -> int:
     return sum(per_node) // cfg.resources.workers
 
 
+def alive_node_resources() -> list[dict]:
+    """The resources of each node that is up now."""
+    return [node["Resources"] for node in ray.nodes() if node["Alive"]]
+
+
 def autoscaler_node_types() -> list[dict] | None:
     """Resources of each node type an autoscaler may start; [] when it does not say which,
     None when the cluster has no autoscaler (it is what is up now).
@@ -74,7 +79,7 @@ def plan_concurrency(space: Space, max_concurrent: int | None, num_samples: int)
     n_startup_trials independent draws), and trials that do not fit yet wait while their
     pending worker groups ask the autoscaler for nodes."""
     cfg = space.trial_config()
-    alive = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    alive = alive_node_resources()
     node_types = autoscaler_node_types()
     need = worker_bundle(cfg)
     what = ", ".join(f"{k} {v:g}" for k, v in need.items())
@@ -113,9 +118,7 @@ def driver_placement(config: dict | None = None) -> "PlacementGroupFactory":
     README, "Where a trial's processes run"."""
     from ray.tune import PlacementGroupFactory
 
-    offered = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    offered += autoscaler_node_types() or []
-    if any(node.get(DRIVER_RESOURCE, 0) > 0 for node in offered):
+    if _offers_driver_resource(alive_node_resources() + (autoscaler_node_types() or [])):
         return PlacementGroupFactory([{DRIVER_RESOURCE: 0.001}])
     return PlacementGroupFactory([HEAD_DRIVER])
 
@@ -125,7 +128,11 @@ def drivers_may_leave_head() -> bool:
     DRIVER_RESOURCE, or an autoscaler may add one. A local Ray keeps every driver on the head."""
     if autoscaler_node_types() is not None:
         return True
-    return any(node["Resources"].get(DRIVER_RESOURCE, 0) > 0 for node in ray.nodes() if node["Alive"])
+    return _offers_driver_resource(alive_node_resources())
+
+
+def _offers_driver_resource(nodes: list[dict]) -> bool:
+    return any(node.get(DRIVER_RESOURCE, 0) > 0 for node in nodes)
 
 
 def ensure_ray(address: str | None, verbose: bool) -> None:

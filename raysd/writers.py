@@ -42,7 +42,6 @@ class ResultsWriter:
         # On --resume the file already holds the trials that ended before the crash.
         self.trials = folder.trial_rows()
         self.history = HistoryWriter(self.store, metrics, part_seconds)
-        self.part_seconds = part_seconds
         self._dirty = False  # trials changed since the last write
         self._written_at = 0.0  # when trials.parquet was last written (0: the first end writes)
 
@@ -65,7 +64,7 @@ class ResultsWriter:
         writing it at every end would cost O(trials) per trial (O(n^2) per study: at 1,000
         trials the driver's largest cost of its own, benchmarks/driver_scale.py). True when
         history parts were due."""
-        if self._dirty and (force or time.time() - self._written_at >= self.part_seconds):
+        if self._dirty and (force or time.time() - self._written_at >= self.history.part_seconds):
             self.store.write_rows(self.trials, "results", TRIALS)
             self._dirty, self._written_at = False, time.time()
         if not self.history.due():
