@@ -3,6 +3,7 @@ trials' history, and report / export / ls / compare's table importing no Ray."""
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,20 @@ def test_best_is_the_first_ended_of_equal_completed_trials_by_mode():
     assert best_row(rows, "val_loss", "min") is rows[2]  # the row as given, not a copy
     assert best_row(rows[1:2], "val_loss", "min") is None  # stopped early: never the best
     assert ranked(pd.DataFrame(rows), "val_accuracy", "max").empty
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_best_row_and_ranked_agree_on_any_rows(mode):
+    """best_row is plain Python for the driver, ranked a DataFrame for reports: one definition."""
+    rng = random.Random(mode)
+    for _ in range(300):
+        rows = [{"trial_id": f"t{i}", "status": rng.choice(["completed", "completed", "stopped", "failed"]),
+                 "val_loss": rng.choice([None, float("nan"), 0.1, 0.2, 0.3, rng.random()])}
+                for i in range(rng.randrange(0, 8))]
+        done = ranked(pd.DataFrame(rows), "val_loss", mode) if rows else pd.DataFrame()
+        expected = done["trial_id"].iloc[0] if len(done) else None
+        best = best_row(rows, "val_loss", mode)
+        assert (best["trial_id"] if best else None) == expected, rows
 
 
 def test_a_folder_reads_its_space_trials_statuses_and_a_trials_values(tmp_path):

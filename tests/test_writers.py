@@ -1,18 +1,20 @@
 """The Ray-free results writers, driven directly and read back with pyarrow and TensorBoard."""
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.hparams import metadata
 
 from raysd.spaces import load_space
 from raysd.storage import Store
 from raysd.study_folder import StudyFolder
-from raysd.writers import ResultsWriter, TensorBoardWriter, history_row
+from raysd.writers import EventFile, ResultsWriter, TensorBoardWriter, history_row
 
 
 def _rows(tid: str, steps, stage: str = "further_pretrain", attempt: int = 0) -> list[dict]:
@@ -211,6 +213,29 @@ def _scalars(path: Path) -> dict[str, dict[int, float]]:
     return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
 
 
+def _open_files(under: Path) -> list[str]:
+    """This process's open files below `under`."""
+    found = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed while listed
+            continue
+        if target.startswith(str(under)):
+            found.append(target)
+    return found
+
+
+def test_an_event_file_cut_short_by_a_crash_reads_up_to_its_last_whole_record(tmp_path):
+    events = EventFile(tmp_path, flush_secs=0)  # flushed at every summary
+    for step in (1, 2, 3):
+        events.add_summary(Summary(value=[Summary.Value(tag="loss", simple_value=step / 10)]), step)
+    path = next(tmp_path.iterdir())
+    os.truncate(path, path.stat().st_size - 3)  # the driver died while writing step 3
+    assert _scalars(tmp_path) == {"loss": {1: pytest.approx(0.1), 2: pytest.approx(0.2)}}
+    events.close()
+
+
 def _hparams(path: Path) -> dict:
     acc = EventAccumulator(str(path))
     acc.Reload()
@@ -234,10 +259,13 @@ def test_tensorboard_scalars_per_stage_and_one_hparams_experiment(tmp_path, stag
     writer.scalars("t1", {"stage": "finetune", "loss": 1.0})  # no trial-wide step: not a scalar
     writer.upload()  # a running trial's events reach the study folder when staged
     assert (study / "tensorboard" / "t1").is_dir()
-    assert threading.active_count() == threads + 1  # the running trial's event writer
+    if staged:
+        assert _scalars(study / "tensorboard" / "t1")["self_distill_r1/loss"] == {20: pytest.approx(0.2)}
+    assert threading.active_count() == threads  # written by the caller: no thread per trial
+    assert len(_open_files(tmp_path)) == 1  # the running trial's event file
     writer.hparams("t1", {"mask_ratio": 0.6, "self_distill.rounds": 1, "self_distill.mae_weight": 0.3},
                    {"val_accuracy": 0.8, "test_accuracy": 0.7, "progress": 40}, "completed")
-    assert threading.active_count() == threads  # closed when its trial ends, not with the study
+    assert _open_files(tmp_path) == []  # closed when its trial ends, not with the study
     writer.close()
     scalars = _scalars(study / "tensorboard" / "t1")
     assert scalars["further_pretrain/loss"] == {10: pytest.approx(0.1)}
