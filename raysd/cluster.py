@@ -2,6 +2,7 @@
 path is shared by every node, and attaching to (or starting) Ray."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -58,18 +59,42 @@ def autoscaler_node_types() -> list[dict] | None:
 
     Ray's GCS holds the node types only where something reported them (its ClusterConfig);
     neither of Ray 2.60's own autoscalers does. v1 (`ray start --autoscaling-config`) is known
-    by the status its monitor writes, v2 (what `ray up` starts since Ray 2.50) by the GCS's
-    flag for it; both give []."""
+    by the status its monitor writes, v2 (what `ray up` starts since Ray 2.50) by the state it
+    reports; both give []. The private local Ray (start_local_ray) has none."""
     from ray._private import state
-    from ray.autoscaler.v2.utils import is_autoscaler_v2
-    from ray.experimental.internal_kv import _internal_kv_get
 
+    if ray.get_runtime_context().gcs_address == _local_ray_address:
+        return None
     config = state.state.get_cluster_config()
     if config is not None:
         return [dict(group.resources) for group in config.node_group_configs]
-    if _internal_kv_get("__autoscaling_status") or is_autoscaler_v2(fetch_from_server=True):
+    if autoscaler_v1_runs() or autoscaler_v2_reports():
         return []
     return None
+
+
+def autoscaler_v1_runs() -> bool:
+    """Whether Ray's autoscaler v1 runs with an autoscaling config. Its monitor writes a status
+    on every cluster, a plain `ray start --head` one too, where it only mirrors the nodes that are
+    up, each as a read-only node type of its own: "node_<node id>" (Ray's
+    format_readonly_node_type). Before its first round the status has no report: taken for none."""
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get("__autoscaling_status")
+    report = (json.loads(raw).get("autoscaler_report") or {}) if raw else {}
+    mapping = report.get("node_type_mapping") or {}
+    return any(kind != f"node_{node}" for node, kind in mapping.items())
+
+
+def autoscaler_v2_reports() -> bool:
+    """Whether Ray's autoscaler v2 runs on this cluster: it reports its state to the GCS at every
+    round. (The GCS's own v2 flag says only which autoscaler would run, were one configured.)"""
+    from ray._raylet import GcsClient
+    from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
+
+    reply = GetClusterStatusReply()
+    reply.ParseFromString(GcsClient(ray.get_runtime_context().gcs_address).get_cluster_status(timeout_s=30))
+    return reply.HasField("autoscaling_state")
 
 
 def plan_concurrency(space: Space, max_concurrent: int | None, num_samples: int) -> int:
@@ -157,6 +182,9 @@ def ensure_ray(address: str | None, verbose: bool) -> None:
     start_local_ray(num_cpus=os.cpu_count() or 1, **kwargs)
 
 
+_local_ray_address: str | None = None  # the private local Ray this process started: no autoscaler
+
+
 def start_local_ray(**kwargs) -> None:
     """A private local Ray whose own processes know its address.
 
@@ -183,6 +211,8 @@ def start_local_ray(**kwargs) -> None:
     try:
         ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
                  _node_ip_address="127.0.0.1", **kwargs)
+        global _local_ray_address
+        _local_ray_address = ray.get_runtime_context().gcs_address
     finally:  # Ray's processes keep the pinned values; this process's later children do not
         ray_constants.ENABLE_RAY_CLUSTER = saved_cluster
         for key, value in saved.items():

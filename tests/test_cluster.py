@@ -6,6 +6,7 @@ import pytest
 
 from raysd import cluster
 from raysd.cluster import DRIVER_RESOURCE, HEAD_DRIVER, slots, trials_that_fit, worker_bundle
+from raysd.errors import ConfigError
 from raysd.spaces import load_space
 
 
@@ -51,22 +52,55 @@ def test_a_trials_driver_leaves_the_head_for_a_node_that_offers_raysd_driver(
     assert cluster.drivers_may_leave_head() is retried
 
 
-@pytest.mark.parametrize("status_key, v2_flag, expected", [
-    (None, False, None),  # no autoscaler: the cluster is what is up now
-    (b"{...}", False, []),  # autoscaler v1: its monitor's status, no node types
-    (None, True, []),  # autoscaler v2 (`ray up` since Ray 2.50): the GCS's flag, no node types
+# The status Ray's v1 monitor writes: on every cluster, one read-only node type per node up; with
+# an autoscaling config, the config's node types.
+READ_ONLY = {"autoscaler_report": {"node_type_mapping": {"ab12": "node_ab12", "cd34": "node_cd34"}}}
+AUTOSCALING = {"autoscaler_report": {"node_type_mapping": {"10.0.0.1": "ray.head.default",
+                                                           "10.0.0.2": "cpu_worker"}}}
+
+
+@pytest.mark.parametrize("status, v2_reports, expected", [
+    (None, False, None),  # no monitor yet: the cluster is what is up now
+    ({"load_metrics_report": {}}, False, None),  # before the monitor's first round
+    (READ_ONLY, False, None),  # `ray start` without an autoscaler: what is up now
+    (AUTOSCALING, False, []),  # autoscaler v1: its node types' names, not their resources
+    (READ_ONLY, True, []),  # autoscaler v2 (`ray up` since Ray 2.50): its reported state
 ])
-def test_an_autoscaler_v1_or_v2_is_recognised_without_its_node_types(monkeypatch, status_key, v2_flag,
+def test_an_autoscaler_v1_or_v2_is_recognised_without_its_node_types(monkeypatch, status, v2_reports,
                                                                       expected):
-    import ray.autoscaler.v2.utils
+    import json
+
     import ray.experimental.internal_kv
     from ray._private import state
 
+    monkeypatch.setattr(cluster, "_local_ray_address", None)
     monkeypatch.setattr(state.state, "get_cluster_config", lambda: None)
+    raw = json.dumps(status).encode() if status else None
     monkeypatch.setattr(ray.experimental.internal_kv, "_internal_kv_get",
-                        lambda key: status_key if key == "__autoscaling_status" else None)
-    monkeypatch.setattr(ray.autoscaler.v2.utils, "is_autoscaler_v2", lambda fetch_from_server: v2_flag)
+                        lambda key: raw if key == "__autoscaling_status" else None)
+    monkeypatch.setattr(cluster, "autoscaler_v2_reports", lambda: v2_reports)
+    monkeypatch.setattr(cluster.ray, "get_runtime_context",
+                        lambda: type("Ctx", (), {"gcs_address": "10.0.0.1:6379"})())
     assert cluster.autoscaler_node_types() == expected
+
+
+def test_a_local_ray_is_no_autoscaling_cluster(ray_local):
+    """Ray 2.60 flags autoscaler v2 on every cluster, this local one too: raysd must still see
+    a cluster that is what is up now, and refuse a trial that can never fit on it at once."""
+    import json
+    import time
+
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    deadline = time.time() + 60  # until Ray's monitor has written a round's status
+    while not json.loads(_internal_kv_get("__autoscaling_status") or b"{}").get("autoscaler_report"):
+        assert time.time() < deadline
+        time.sleep(0.5)
+    assert cluster.autoscaler_v1_runs() is False and cluster.autoscaler_v2_reports() is False
+    assert cluster.autoscaler_node_types() is None and not cluster.drivers_may_leave_head()
+    space = load_space("demo", {"weights": "none", "resources.workers": 8})
+    with pytest.raises(ConfigError, match="cannot hold one trial's 8 workers"):
+        cluster.plan_concurrency(space, None, 4)
 
 
 def test_the_private_local_ray_takes_loopback_as_its_node_address():
