@@ -57,7 +57,7 @@ def report_rows(seed: float, reports: int):
            "seconds_finetune": 1.0, "steps_finetune": 30, "trial_done": True}
 
 
-def fake_driver(config: dict, space=None, train_storage=None, artifacts=None, models=None,
+def fake_driver(config: dict, space=None, train_storage=None, artifacts=None, models=None, janitor=None,
                 reports: int = 100) -> None:
     """A trial that only reports; like a real one it leaves a train/ folder and a saved model,
     so the recorder's artifact bookkeeping runs."""

@@ -52,8 +52,9 @@ NODE_TAG = "RAYSD_HEADMEM_NODE"  # every process of a node carries NODE_TAG=<mar
 NON_TRAINING = ("ImplicitFunc", "TrainController", "PlacementGroupCleaner", "DatasetManager",
                 "SynchronizationActor", "PreemptionWatcher", "_QueueActor")
 TRAINING = ("RayTrainWorker",)
-# One a cluster (detached), on the node of the first TrainController that asked for it.
-PER_CLUSTER = ("_AutoscalingCoordinatorActor",)
+# One a cluster (detached), on the node of the first TrainController that asked for it; one a
+# study, on the head: raysd's placement-group janitor (raysd/janitor.py).
+PER_CLUSTER = ("_AutoscalingCoordinatorActor", "PlacementGroupJanitor")
 KNOWN = (*NON_TRAINING, *TRAINING, *PER_CLUSTER)
 NO_ACTOR = "(no actor)"  # Ray worker processes that run a task or wait idle, by process title
 NODES = ("head", "w1", "w2")
@@ -388,7 +389,7 @@ def summarize(trials: int, cpus: int, idle: dict, sampler: Sampler, wall: float)
 
 def kind_of(name: str) -> str:
     return ("non-training" if name in NON_TRAINING else "training" if name in TRAINING
-            else "per cluster" if name in PER_CLUSTER else "other")
+            else "per cluster or study" if name in PER_CLUSTER else "other")
 
 
 def table(result: dict) -> str:

@@ -278,9 +278,20 @@ MUTATIONS = [
              ("tests/test_writers.py::test_trials_parquet_is_written_at_the_first_end_then_once_a_period_and_at_close",)),
     # `ray up`'s default autoscaler (v2) taken for a fixed cluster: a study from zero workers refused.
     Mutation("autoscaler_v2_unrecognised", "raysd/cluster.py",
-             'if _internal_kv_get("__autoscaling_status") or is_autoscaler_v2(fetch_from_server=True):',
-             'if _internal_kv_get("__autoscaling_status"):',
+             "if autoscaler_v1_runs() or autoscaler_v2_reports():", "if autoscaler_v1_runs():",
              ("tests/test_cluster.py::test_an_autoscaler_v1_or_v2_is_recognised_without_its_node_types",)),
+    Mutation("plain_ray_start_taken_for_an_autoscaler", "raysd/cluster.py",
+             '    return any(kind != f"node_{node}" for node, kind in mapping.items())\n',
+             "    return bool(raw)\n",
+             ("tests/test_cluster.py::test_an_autoscaler_v1_or_v2_is_recognised_without_its_node_types",
+              "tests/test_cluster.py::test_a_local_ray_is_no_autoscaling_cluster")),
+    Mutation("janitor_never_frees", "raysd/janitor.py",
+             "                remove_placement_group(group)\n", "                pass\n",
+             ("tests/test_janitor.py::test_the_janitor_frees_the_groups_of_controllers_that_died_with_their_owner",)),
+    Mutation("trial_never_registers_its_group", "raysd/trial.py",
+             "            ray.get(self._janitor.guard.remote(self._controller_id, me, group), timeout=60)\n",
+             "            pass\n",
+             ("tests/test_janitor.py::test_a_trials_group_is_freed_when_its_controller_is_killed_mid_study",)),
     # --- a trial's processes (trial.py, ddp.py) ---
     Mutation("controller_imports_torch", "raysd/ddp.py",
              "import ray\n", "import ray\nimport torch  # noqa: F401\n",
@@ -290,8 +301,8 @@ MUTATIONS = [
              '''    """The rules between settings, which no single field can state."""\n    from raysd import models  # noqa: F401\n''',
              ("tests/test_trial_process.py::test_the_trial_driver_and_its_backend_unpickle_without_torch",)),
     Mutation("tensorboard_through_torch", "raysd/writers.py",
-             "from tensorboard.summary.writer.event_file_writer import EventFileWriter\n",
-             "from tensorboard.summary.writer.event_file_writer import EventFileWriter\n"
+             "from tensorboard.summary.writer.record_writer import RecordWriter\n",
+             "from tensorboard.summary.writer.record_writer import RecordWriter\n"
              "from torch.utils.tensorboard import SummaryWriter  # noqa: F401\n",
              ("tests/test_trial_process.py::test_the_study_driver_records_without_torch",)),
     Mutation("retried_driver_trains_a_failed_trial_again", "raysd/trial.py",

@@ -17,6 +17,7 @@ from raysd.chain import ROUNDS
 from raysd.cluster import check_shared_storage, driver_placement, drivers_may_leave_head, plan_concurrency
 from raysd.credentials import redact_values
 from raysd.errors import ConfigError
+from raysd.janitor import start_janitor, stop_janitor
 from raysd.paths import artifacts_uri
 from raysd.console import StudyConsole
 from raysd.results import StudyRecorder
@@ -119,12 +120,6 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
         from raysd.bootstrap import demo_theta  # torch: only for the built-in demo weights
 
         demo_theta(space.doc["model"])  # build once here, not in every trial at once
-    trainable = tune.with_resources(
-        tune.with_parameters(driver or trial_driver, space=space, train_storage=f"{study_uri}/{TRAIN}",
-                             artifacts=artifacts_uri(space.study.artifacts, study_uri),
-                             models=models_uri(space, study_uri)),
-        driver_placement,
-    )
     journal = searched and not space.study.optuna_storage and "://" in study_uri
     mirrors = {str(optuna_study.journal_path(study_uri)): optuna_study.JOURNAL} if journal else {}
     # A resumed study is a fresh Tuner (resume.py): the finished trials are in trials.parquet,
@@ -143,10 +138,16 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
     left = total - len(finished) if searched else len(search.configs)
     callbacks = [StudyRecorder(space, study_uri, mirrors=mirrors),
                  StudyConsole(space, total, finished=len(finished)), *tracker_callbacks(space, study_uri)]
+    janitor = None  # frees the placement groups of trials whose controller died (janitor.py)
     try:
         if left > 0:  # on Ctrl-C, Tune stops the trials and fit() returns early
+            janitor = start_janitor()
+            trainable = tune.with_parameters(
+                driver or trial_driver, space=space, train_storage=f"{study_uri}/{TRAIN}",
+                artifacts=artifacts_uri(space.study.artifacts, study_uri),
+                models=models_uri(space, study_uri), janitor=janitor)
             tune.Tuner(
-                trainable,
+                tune.with_resources(trainable, driver_placement),
                 tune_config=tune.TuneConfig(search_alg=search, num_samples=left, scheduler=scheduler,
                                             max_concurrent_trials=concurrency),
                 run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks,
@@ -156,6 +157,8 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
     finally:  # the journal's last records, whatever the recorder's last upload caught
         if journal:
             optuna_study.push_journal(study_uri)
+        if janitor is not None:
+            stop_janitor(janitor)
     return summarize(study_uri, space, total)
 
 

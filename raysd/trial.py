@@ -6,6 +6,7 @@ non-training processes cost what Ray itself costs. The fatal-error files the ran
 (raysd.train) are read and written here."""
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -13,6 +14,8 @@ import pyarrow.fs as pafs
 import ray.train
 from ray import tune
 from ray.train.v2._internal.callbacks import DatasetsCallback
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -20,6 +23,8 @@ from raysd.config import PLACEMENTS
 from raysd.ddp import DDP, train_loop
 from raysd.spaces import Space
 from raysd.storage import FATAL_PREFIX, SPACE_FILE, TRIAL_ID
+
+logger = logging.getLogger(__name__)
 
 WORKER_ERROR = "worker_error.txt"  # a failed trial's worker traceback, in its train folder
 # A failed trial's error line, under the Tune trial that met it: when Tune starts that trial
@@ -32,8 +37,10 @@ class TrialFailed(RuntimeError):
 
 
 def trial_driver(config: dict, space: Space, train_storage: str, artifacts: str | None,
-                 models: str | None) -> None:
-    """A Tune trial: build this trial's TrialConfig and run it as one data-parallel Train job."""
+                 models: str | None, janitor=None) -> None:
+    """A Tune trial: build this trial's TrialConfig and run it as one data-parallel Train job.
+    `janitor`: the study's PlacementGroupJanitor (janitor.py); without one, Ray Train starts its
+    own cleaner actor for the trial."""
     values = {p.key: config[p.key] for p in space.params if p.key in config}
     if "variant" in config:  # raysd compare
         values.update(config["variant"]["values"])
@@ -57,7 +64,7 @@ def trial_driver(config: dict, space: Space, train_storage: str, artifacts: str 
     for rank in fatal_errors(run_uri):  # from an earlier run of this trial that --resume retries
         fs.delete_file(f"{run_dir}/{FATAL_PREFIX}{rank}.txt")
     try:
-        _train(cfg, space, name, run_uri, train_storage, artifacts, models)
+        _train(cfg, space, name, run_uri, train_storage, artifacts, models, janitor)
     except TrialFailed as err:
         with fs.open_output_stream(f"{run_dir}/{FAILED}") as f:
             f.write(f"{attempt}\n{err}".encode())
@@ -66,7 +73,7 @@ def trial_driver(config: dict, space: Space, train_storage: str, artifacts: str 
 
 
 def _train(cfg, space: Space, name: str, run_uri: str, train_storage: str, artifacts: str | None,
-           models: str | None) -> None:
+           models: str | None, janitor) -> None:
     """The trial as one Ray Train run; TrialFailed with its root cause when it fails."""
     fs, run_dir = pafs.FileSystem.from_uri(run_uri)
     trainer = _Trainer(
@@ -84,6 +91,7 @@ def _train(cfg, space: Space, name: str, run_uri: str, train_storage: str, artif
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=space.study.max_failures),
         ),
+        janitor=janitor,
     )
     try:
         trainer.fit()
@@ -98,12 +106,53 @@ def _train(cfg, space: Space, name: str, run_uri: str, train_storage: str, artif
 
 
 class _Trainer(DataParallelTrainer):
-    """Ray Train's DataParallelTrainer without its Ray Data callback: raysd's ranks load their
-    own data, and the callback starts a DatasetManager actor (~240 MB) per trial even when the
-    trainer is given no datasets. (`_create_default_callbacks` is Ray 2.60's private hook.)"""
+    """Ray Train's DataParallelTrainer without two of its callbacks, each an actor per trial
+    (`_create_default_callbacks` is Ray 2.60's private hook):
+    - Ray Data's: raysd's ranks load their own data, and it starts a DatasetManager (~240 MB)
+      even when the trainer is given no datasets;
+    - the PlacementGroupCleaner's, on the head (~200 MB), when the study's janitor (janitor.py)
+      guards the trial's placement groups instead."""
+
+    def __init__(self, *args, janitor=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._janitor = janitor
 
     def _create_default_callbacks(self):
-        return [c for c in super()._create_default_callbacks() if not isinstance(c, DatasetsCallback)]
+        dropped = (DatasetsCallback, PlacementGroupCleanerCallback) if self._janitor else (DatasetsCallback,)
+        kept = [c for c in super()._create_default_callbacks() if not isinstance(c, dropped)]
+        return [*kept, _PlacementGroupGuard(self._janitor)] if self._janitor else kept
+
+
+class _PlacementGroupGuard(ControllerCallback, WorkerGroupCallback):
+    """In the trial's Ray Train controller: registers each worker group's placement group with
+    the study's janitor, and tells it when the controller ends of its own accord."""
+
+    def __init__(self, janitor):
+        self._janitor = janitor
+        self._controller_id = None
+
+    def after_controller_start(self, train_run_context) -> None:
+        self._controller_id = ray.get_runtime_context().get_actor_id()
+
+    def after_worker_group_start(self, worker_group) -> None:
+        group = worker_group.get_worker_group_state().placement_group_handle.placement_group
+        me = ray.get_runtime_context().current_actor
+        try:
+            ray.get(self._janitor.guard.remote(self._controller_id, me, group), timeout=60)
+        except Exception as err:  # noqa: BLE001 - the trial runs on; only a crash would leak
+            logger.warning("raysd: the study's placement group janitor did not answer (%s); if this "
+                           "trial's controller dies, its workers' resources stay reserved until the "
+                           "study ends", err)
+
+    async def before_controller_shutdown(self) -> None:
+        self._release()
+
+    def before_controller_abort(self) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self._controller_id:
+            self._janitor.release.remote(self._controller_id)
 
 
 def _read(fs, path: str) -> str | None:

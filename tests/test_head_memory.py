@@ -6,16 +6,16 @@ import importlib.util
 from pathlib import Path
 
 # A trial's driver (ImplicitFunc) runs on a worker node offering raysd_driver, and Ray Train puts
-# its controller and helpers beside it; the head keeps only Ray Train's PlacementGroupCleaner
-# (pinned there by Ray, ~200 MB). Measured: ~200 MB per concurrent trial; drivers back on the
-# head would cost it >1,300 MB per trial (driver, controller, helpers and Tune's queue actor,
-# all without torch), and 2,300 MB with torch (before this bound).
-HEAD_MB_PER_TRIAL_BOUND = 500
-# A trial's non-training processes together, wherever they run: measured ~930 MB RSS (~550 MB
-# PSS) here; CI's machine measured ~20 % more per Ray process. Five Ray processes at ~125-210 MB
+# its controller and helpers beside it; the head keeps one process per study, raysd's janitor
+# (~200 MB RSS: ~100 MB per trial at 2 trials, measured). Ray Train's PlacementGroupCleaner, one
+# per trial pinned to the head by Ray (~200 MB each), would make it ~200 MB per trial; drivers
+# back on the head >1,300 MB per trial, and 2,300 MB with torch.
+HEAD_MB_PER_TRIAL_BOUND = 160
+# A trial's non-training processes together, wherever they run: measured ~735 MB RSS (~435 MB
+# PSS) here; CI's machine measured ~20 % more per Ray process. Four Ray processes at ~125-210 MB
 # each; torch back in the driver and controller adds ~940 MB, Ray Train's Ray Data manager and
-# preemption watcher ~240 MB each.
-TRIAL_MB_BOUND = 1400
+# preemption watcher ~240 MB each, its PlacementGroupCleaner ~200 MB.
+TRIAL_MB_BOUND = 1200
 # The trial driver and Ray Train's controller, each: ~210 MB RSS here, ~250 MB on CI; with torch
 # imported ~690 MB (measured before raysd/trial.py), so torch in either one fails this.
 NO_TORCH_PROCESS_MB_BOUND = 450
@@ -40,7 +40,9 @@ def test_head_memory_per_concurrent_trial():
     assert set(result["classes"]["RayTrainWorker"]["nodes"]) <= {"w1", "w2"}
     assert {"ImplicitFunc", "TrainController"} <= set(result["classes"])
     # Ray Train's actors that raysd's trials have no use for are not started (raysd/trial.py).
-    assert not {"DatasetManager", "PreemptionWatcher"} & set(result["classes"]), head_memory.table(result)
+    assert not {"DatasetManager", "PreemptionWatcher", "PlacementGroupCleaner"} & set(result["classes"]), (
+        head_memory.table(result))
+    assert result["classes"]["PlacementGroupJanitor"]["nodes"] == ["head"], head_memory.table(result)
     for driver_side in ("ImplicitFunc", "TrainController"):
         assert result["classes"][driver_side]["rss_per_trial"] <= NO_TORCH_PROCESS_MB_BOUND, (
             driver_side, head_memory.table(result))

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 LOADS = """
 import sys
 import ray.cloudpickle as pickle
@@ -71,11 +73,14 @@ def test_a_retried_driver_reraises_its_trials_failure_and_resume_runs_it_again(t
     assert trained == ["tune_a", "tune_b"]
 
 
-def test_a_trials_train_run_starts_no_ray_data_manager_and_no_preemption_watcher(tmp_path, monkeypatch):
+@pytest.mark.parametrize("janitor", [None, "the study's janitor"])
+def test_a_trials_train_run_starts_no_ray_data_manager_and_no_preemption_watcher(tmp_path, monkeypatch, janitor):
     """raysd's ranks load their own data and checkpoint on a schedule: the Train run a trial's
     driver starts has no Ray Data callback (its DatasetManager actor) and turns off Ray Train's
-    PreemptionWatcher actor, which the controller reads from the driver's environment."""
+    PreemptionWatcher actor, which the controller reads from the driver's environment. Given
+    the study's janitor, its guard replaces Ray Train's PlacementGroupCleaner actor."""
     from ray.train.v2._internal.callbacks import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     from ray.train.v2.api.callback import UserCallback
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
@@ -95,10 +100,12 @@ def test_a_trials_train_run_starts_no_ray_data_manager_and_no_preemption_watcher
     monkeypatch.setattr(trial, "TuneReportCallback", UserCallback)  # outside a Tune session
     monkeypatch.setattr(trial.tune, "get_context",
                         lambda: type("Ctx", (), {"get_trial_id": lambda self: "tune_a"})())
-    trial.trial_driver({"trial_id": "t0"}, load_space("demo"), str(tmp_path), None, None)
+    trial.trial_driver({"trial_id": "t0"}, load_space("demo"), str(tmp_path), None, None, janitor)
     assert "BackendSetupCallback" in seen["callbacks"], seen["callbacks"]  # raysd's DDP set-up
     assert DatasetsCallback.__name__ not in seen["callbacks"], seen["callbacks"]
     assert seen["watcher"] == "0"
+    cleaners = [c for c in seen["callbacks"] if c in (PlacementGroupCleanerCallback.__name__, "_PlacementGroupGuard")]
+    assert cleaners == (["_PlacementGroupGuard"] if janitor else [PlacementGroupCleanerCallback.__name__])
 
 
 def test_the_study_driver_records_without_torch(tmp_path):
