@@ -2,11 +2,13 @@
 path is shared by every node, and attaching to (or starting) Ray."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
 import socket
+import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -68,27 +70,38 @@ def autoscaler_node_types() -> list[dict] | None:
     config = state.state.get_cluster_config()
     if config is not None:
         return [dict(group.resources) for group in config.node_group_configs]
-    if autoscaler_v1_runs() or autoscaler_v2_reports():
-        return []
-    return None
+    deadline = time.monotonic() + MONITOR_WAIT_S
+    while (runs := autoscaler_runs()) is None and time.monotonic() < deadline:
+        time.sleep(1)  # a cluster just started: its monitor's first round is seconds away
+    return [] if runs else None
 
 
-def autoscaler_v1_runs() -> bool:
-    """Whether Ray's autoscaler v1 runs with an autoscaling config. Its monitor writes a status
-    on every cluster, a plain `ray start --head` one too, where it only mirrors the nodes that are
-    up, each as a read-only node type of its own: "node_<node id>" (Ray's
-    format_readonly_node_type). Before its first round the status has no report: taken for none."""
+MONITOR_WAIT_S = 20.0  # Ray's monitors report every 5 s (its AUTOSCALER_UPDATE_INTERVAL_S)
+
+
+def autoscaler_runs() -> bool | None:
+    """True when Ray's autoscaler runs and may add nodes, False when none does, None before
+    its monitor's first round.
+
+    v1 (`ray start --autoscaling-config`): its monitor writes a status on every cluster, a plain
+    `ray start --head` one too, where it only mirrors the nodes up, each as a read-only node type
+    of its own, "node_<node id>" (Ray's format_readonly_node_type). v2 (`ray up` since Ray
+    2.50), when the GCS's flag says it is the one to run: it reports its state at every round
+    (with or without a config: a plain `ray start` with RAY_enable_autoscaler_v2=1 set by hand
+    counts as autoscaling)."""
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
     from ray.experimental.internal_kv import _internal_kv_get
 
+    if is_autoscaler_v2(fetch_from_server=True):
+        return True if _autoscaler_v2_reported() else None
     raw = _internal_kv_get("__autoscaling_status")
-    report = (json.loads(raw).get("autoscaler_report") or {}) if raw else {}
-    mapping = report.get("node_type_mapping") or {}
-    return any(kind != f"node_{node}" for node, kind in mapping.items())
+    report = json.loads(raw).get("autoscaler_report") if raw else None
+    if report is None:
+        return None
+    return any(kind != f"node_{node}" for node, kind in (report.get("node_type_mapping") or {}).items())
 
 
-def autoscaler_v2_reports() -> bool:
-    """Whether Ray's autoscaler v2 runs on this cluster: it reports its state to the GCS at every
-    round. (The GCS's own v2 flag says only which autoscaler would run, were one configured.)"""
+def _autoscaler_v2_reported() -> bool:
     from ray._raylet import GcsClient
     from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
 
@@ -137,15 +150,22 @@ DRIVER_RESOURCE = "raysd_driver"
 HEAD_DRIVER = {"node:__internal_head__": 0.001}
 
 
-def driver_placement(config: dict | None = None) -> "PlacementGroupFactory":
+def driver_placement(config: dict | None = None, node_types: list[dict] | None = None
+                     ) -> "PlacementGroupFactory":
     """Where a new trial's driver runs (Tune asks as it creates each trial): on a node offering
-    DRIVER_RESOURCE, up now or one the autoscaler says it may start, else on the head. See
-    README, "Where a trial's processes run"."""
+    DRIVER_RESOURCE, up now or one of `node_types` (autoscaler_node_types, asked once per
+    study: study_driver_placement), else on the head. See README, "Where a trial's processes
+    run"."""
     from ray.tune import PlacementGroupFactory
 
-    if _offers_driver_resource(alive_node_resources() + (autoscaler_node_types() or [])):
+    if _offers_driver_resource(alive_node_resources() + (node_types or [])):
         return PlacementGroupFactory([{DRIVER_RESOURCE: 0.001}])
     return PlacementGroupFactory([HEAD_DRIVER])
+
+
+def study_driver_placement():
+    """driver_placement for a study's trials, with the autoscaler's node types asked now."""
+    return functools.partial(driver_placement, node_types=autoscaler_node_types())
 
 
 def drivers_may_leave_head() -> bool:
@@ -188,8 +208,8 @@ _local_ray_address: str | None = None  # the private local Ray this process star
 def start_local_ray(**kwargs) -> None:
     """A private local Ray whose own processes know its address.
 
-    Ray Train's placement-group cleaner asks the State API (served by the dashboard, kept on
-    loopback) whether a run's controller is alive. Without an address it searches the host and
+    Ray Train's placement-group cleaner (a trial's, where no janitor is given: janitor.py) asks
+    the State API (served by the dashboard, kept on loopback) whether a run's controller is alive. Without an address it searches the host and
     fails when another Ray runs there, and finished trials' placement groups are never freed.
     Pinning the GCS port and exporting RAY_ADDRESS to the processes Ray spawns avoids that.
     Every server of this Ray listens on 127.0.0.1 only.

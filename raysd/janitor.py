@@ -38,6 +38,10 @@ class PlacementGroupJanitor:
         self._lock = threading.Lock()
         self._guarded: dict[str, tuple[ray.actor.ActorHandle, list[PlacementGroup]]] = {}
         self._removed: list[str] = []  # the ids of the groups it removed, oldest first
+        self._retry: list[PlacementGroup] = []  # groups a removal failed for: tried each round
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            logger.warning("raysd: the placement group janitor restarted; trials registered before "
+                           "are no longer guarded (their groups are freed when the study ends)")
         threading.Thread(target=self._watch, name="raysd-janitor", daemon=True).start()
 
     def guard(self, controller_id: str, controller: ray.actor.ActorHandle, group: PlacementGroup) -> None:
@@ -64,7 +68,7 @@ class PlacementGroupJanitor:
         """Wait until every guarded controller has ended (released, or dead and freed), at most
         `timeout_s`; the ids of those still guarded."""
         deadline = time.monotonic() + timeout_s
-        while self.guarded() and time.monotonic() < deadline:
+        while (self.guarded() or self._retry) and time.monotonic() < deadline:
             time.sleep(self.interval_s / 4)
         return list(self.guarded())
 
@@ -80,7 +84,8 @@ class PlacementGroupJanitor:
     def _check(self, pings: dict[str, ray.ObjectRef]) -> None:
         """One round: ask each guarded controller not being asked already; free the dead ones'."""
         with self._lock:
-            guarded = dict(self._guarded)
+            guarded, retry, self._retry = dict(self._guarded), self._retry, []
+        self._remove(retry)
         for key in set(pings) - set(guarded):  # released meanwhile
             del pings[key]
         answered = set()
@@ -102,13 +107,24 @@ class PlacementGroupJanitor:
     def _free(self, key: str) -> None:
         with self._lock:
             _, groups = self._guarded.pop(key, (None, []))
+        self._remove(groups)
+
+    def _remove(self, groups: list[PlacementGroup]) -> None:
+        """Remove these groups but those already removed; a failure (a GCS restart, say) is
+        tried again next round."""
         for group in groups:
             try:
                 if placement_group_table(group).get("state", "REMOVED") == "REMOVED":
                     continue  # removed by the controller before it died (a worker group's restart)
+            except Exception:  # noqa: BLE001 - unknown: removing a removed group does no harm
+                pass
+            try:
                 remove_placement_group(group)
             except Exception as err:  # noqa: BLE001 - one group's failure must not stop the rest
-                logger.warning("raysd: could not remove placement group %s: %s", group.id.hex(), err)
+                logger.warning("raysd: could not remove placement group %s (%s); trying again",
+                               group.id.hex(), err)
+                with self._lock:
+                    self._retry.append(group)
                 continue
             with self._lock:
                 self._removed.append(group.id.hex())
@@ -130,10 +146,11 @@ def stop_janitor(janitor: ray.actor.ActorHandle, timeout_s: float = DRAIN_S) -> 
     """At the study's end: once the trials' controllers have all ended (Tune has stopped the
     last ones on Ctrl-C, and they die as their drivers do), end the janitor."""
     try:
-        left = ray.get(janitor.drain.remote(timeout_s))
+        left = ray.get(janitor.drain.remote(timeout_s), timeout=timeout_s + 10)
         if left:
             logger.warning("raysd: %d trial controller(s) still running at the study's end; their "
                            "placement groups are freed when this driver exits", len(left))
     except ray.exceptions.RayError:
-        pass  # it died with its node: nothing to wait for
-    ray.kill(janitor, no_restart=True)
+        pass  # it died with its node, or does not answer: nothing more to wait for
+    finally:
+        ray.kill(janitor, no_restart=True)

@@ -14,7 +14,7 @@ from ray import tune
 import raysd
 from raysd import optuna_study
 from raysd.chain import ROUNDS
-from raysd.cluster import check_shared_storage, driver_placement, drivers_may_leave_head, plan_concurrency
+from raysd.cluster import check_shared_storage, drivers_may_leave_head, plan_concurrency, study_driver_placement
 from raysd.credentials import redact_values
 from raysd.errors import ConfigError
 from raysd.janitor import start_janitor, stop_janitor
@@ -147,7 +147,7 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
                 artifacts=artifacts_uri(space.study.artifacts, study_uri),
                 models=models_uri(space, study_uri), janitor=janitor)
             tune.Tuner(
-                tune.with_resources(trainable, driver_placement),
+                tune.with_resources(trainable, study_driver_placement()),
                 tune_config=tune.TuneConfig(search_alg=search, num_samples=left, scheduler=scheduler,
                                             max_concurrent_trials=concurrency),
                 run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks,
@@ -155,10 +155,12 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
                                           failure_config=tune.FailureConfig(max_failures=retries)),
             ).fit()
     finally:  # the journal's last records, whatever the recorder's last upload caught
-        if journal:
-            optuna_study.push_journal(study_uri)
-        if janitor is not None:
-            stop_janitor(janitor)
+        try:
+            if journal:
+                optuna_study.push_journal(study_uri)
+        finally:
+            if janitor is not None:
+                stop_janitor(janitor)
     return summarize(study_uri, space, total)
 
 

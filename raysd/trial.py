@@ -118,9 +118,13 @@ class _Trainer(DataParallelTrainer):
         self._janitor = janitor
 
     def _create_default_callbacks(self):
-        dropped = (DatasetsCallback, PlacementGroupCleanerCallback) if self._janitor else (DatasetsCallback,)
-        kept = [c for c in super()._create_default_callbacks() if not isinstance(c, dropped)]
-        return [*kept, _PlacementGroupGuard(self._janitor)] if self._janitor else kept
+        callbacks = []
+        for callback in super()._create_default_callbacks():
+            if isinstance(callback, PlacementGroupCleanerCallback) and self._janitor:
+                callback = _PlacementGroupGuard(self._janitor)  # in its place: as early after a start
+            if not isinstance(callback, DatasetsCallback):
+                callbacks.append(callback)
+        return callbacks
 
 
 class _PlacementGroupGuard(ControllerCallback, WorkerGroupCallback):

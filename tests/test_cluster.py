@@ -46,7 +46,7 @@ def test_a_trials_driver_leaves_the_head_for_a_node_that_offers_raysd_driver(
         monkeypatch, alive, node_types, on_the_head, retried):
     monkeypatch.setattr(cluster.ray, "nodes", lambda: [{"Alive": True, "Resources": r} for r in alive])
     monkeypatch.setattr(cluster, "autoscaler_node_types", lambda: node_types)
-    bundles = cluster.driver_placement().bundles
+    bundles = cluster.study_driver_placement()({"trial_id": "t0"}).bundles
     assert bundles == ([HEAD_DRIVER] if on_the_head else [{DRIVER_RESOURCE: 0.001}])
     assert "CPU" not in bundles[0]  # a driver never takes a training worker's slot
     assert cluster.drivers_may_leave_head() is retried
@@ -59,29 +59,47 @@ AUTOSCALING = {"autoscaler_report": {"node_type_mapping": {"10.0.0.1": "ray.head
                                                            "10.0.0.2": "cpu_worker"}}}
 
 
-@pytest.mark.parametrize("status, v2_reports, expected", [
-    (None, False, None),  # no monitor yet: the cluster is what is up now
-    ({"load_metrics_report": {}}, False, None),  # before the monitor's first round
-    (READ_ONLY, False, None),  # `ray start` without an autoscaler: what is up now
-    (AUTOSCALING, False, []),  # autoscaler v1: its node types' names, not their resources
-    (READ_ONLY, True, []),  # autoscaler v2 (`ray up` since Ray 2.50): its reported state
+@pytest.mark.parametrize("v2_flag, status, v2_reported, expected", [
+    (False, None, False, None),  # no monitor status yet (and none comes in the wait): what is up
+    (False, {"load_metrics_report": {}}, False, None),  # before the v1 monitor's first round
+    (False, READ_ONLY, False, None),  # `ray start` without an autoscaler: what is up now
+    (False, AUTOSCALING, False, []),  # autoscaler v1: its node types' names, not their resources
+    (True, None, True, []),  # autoscaler v2 (`ray up` since Ray 2.50): its reported state
+    (True, None, False, None),  # v2 before its first round (and none comes in the wait)
 ])
-def test_an_autoscaler_v1_or_v2_is_recognised_without_its_node_types(monkeypatch, status, v2_reports,
-                                                                      expected):
+def test_an_autoscaler_v1_or_v2_is_recognised_without_its_node_types(monkeypatch, v2_flag, status,
+                                                                      v2_reported, expected):
     import json
 
+    import ray.autoscaler.v2.utils
     import ray.experimental.internal_kv
     from ray._private import state
 
     monkeypatch.setattr(cluster, "_local_ray_address", None)
+    monkeypatch.setattr(cluster, "MONITOR_WAIT_S", 0)
     monkeypatch.setattr(state.state, "get_cluster_config", lambda: None)
     raw = json.dumps(status).encode() if status else None
     monkeypatch.setattr(ray.experimental.internal_kv, "_internal_kv_get",
                         lambda key: raw if key == "__autoscaling_status" else None)
-    monkeypatch.setattr(cluster, "autoscaler_v2_reports", lambda: v2_reports)
+    monkeypatch.setattr(ray.autoscaler.v2.utils, "is_autoscaler_v2", lambda fetch_from_server: v2_flag)
+    monkeypatch.setattr(cluster, "_autoscaler_v2_reported", lambda: v2_reported)
     monkeypatch.setattr(cluster.ray, "get_runtime_context",
                         lambda: type("Ctx", (), {"gcs_address": "10.0.0.1:6379"})())
     assert cluster.autoscaler_node_types() == expected
+
+
+def test_a_cluster_just_started_is_asked_again_until_its_monitor_reports(monkeypatch):
+    """`ray up` then at once `raysd tune`: the monitor's first round is seconds away."""
+    answers = iter([None, None, True])
+    monkeypatch.setattr(cluster, "_local_ray_address", None)
+    monkeypatch.setattr(cluster, "autoscaler_runs", lambda: next(answers))
+    monkeypatch.setattr(cluster.time, "sleep", lambda s: None)
+    from ray._private import state
+
+    monkeypatch.setattr(state.state, "get_cluster_config", lambda: None)
+    monkeypatch.setattr(cluster.ray, "get_runtime_context",
+                        lambda: type("Ctx", (), {"gcs_address": "10.0.0.1:6379"})())
+    assert cluster.autoscaler_node_types() == []
 
 
 def test_a_local_ray_is_no_autoscaling_cluster(ray_local):
@@ -96,7 +114,7 @@ def test_a_local_ray_is_no_autoscaling_cluster(ray_local):
     while not json.loads(_internal_kv_get("__autoscaling_status") or b"{}").get("autoscaler_report"):
         assert time.time() < deadline
         time.sleep(0.5)
-    assert cluster.autoscaler_v1_runs() is False and cluster.autoscaler_v2_reports() is False
+    assert cluster.autoscaler_runs() is False
     assert cluster.autoscaler_node_types() is None and not cluster.drivers_may_leave_head()
     space = load_space("demo", {"weights": "none", "resources.workers": 8})
     with pytest.raises(ConfigError, match="cannot hold one trial's 8 workers"):

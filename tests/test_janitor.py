@@ -51,8 +51,8 @@ def test_the_janitor_frees_the_groups_of_controllers_that_died_with_their_owner(
         ray.get(janitor.release.remote(done))  # a controller that ends of its own accord...
         ray.kill(drivers[0])  # ... and a trial Tune stopped
         ray.kill(drivers[2])
-        assert _until(lambda: _state(ray, stopped_group) == "REMOVED")
-        assert ray.get(janitor.removed.remote()) == [stopped_group.id.hex()]
+        assert _until(lambda: ray.get(janitor.removed.remote()) == [stopped_group.id.hex()])
+        assert _state(ray, stopped_group) == "REMOVED"
         # The live controller's group stays; the released one's is its controller's to remove.
         assert _state(ray, live_group) == "CREATED" and _state(ray, done_group) == "CREATED"
         assert list(ray.get(janitor.guarded.remote())) == [live]

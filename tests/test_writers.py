@@ -257,10 +257,8 @@ def test_tensorboard_scalars_per_stage_and_one_hparams_experiment(tmp_path, stag
         writer.scalars("t1", {"stage": stage, "round": round_, "step": 10, "progress": progress,
                               "loss": progress / 100, "val_accuracy": 0.5, "trial_done": False})
     writer.scalars("t1", {"stage": "finetune", "loss": 1.0})  # no trial-wide step: not a scalar
-    writer.upload()  # a running trial's events reach the study folder when staged
-    assert (study / "tensorboard" / "t1").is_dir()
-    if staged:
-        assert _scalars(study / "tensorboard" / "t1")["self_distill_r1/loss"] == {20: pytest.approx(0.2)}
+    writer.upload()  # a running trial's events so far reach the study folder, staged or not
+    assert _scalars(study / "tensorboard" / "t1")["self_distill_r1/loss"] == {20: pytest.approx(0.2)}
     assert threading.active_count() == threads  # written by the caller: no thread per trial
     assert len(_open_files(tmp_path)) == 1  # the running trial's event file
     writer.hparams("t1", {"mask_ratio": 0.6, "self_distill.rounds": 1, "self_distill.mae_weight": 0.3},
