@@ -209,8 +209,9 @@ def start_local_ray(**kwargs) -> None:
     """A private local Ray whose own processes know its address.
 
     Ray Train's placement-group cleaner (a trial's, where no janitor is given: janitor.py) asks
-    the State API (served by the dashboard, kept on loopback) whether a run's controller is alive. Without an address it searches the host and
-    fails when another Ray runs there, and finished trials' placement groups are never freed.
+    the State API (served by the dashboard, kept on loopback) whether a run's controller is
+    alive. Without an address it searches the host and fails when another Ray runs there, and
+    finished trials' placement groups are never freed.
     Pinning the GCS port and exporting RAY_ADDRESS to the processes Ray spawns avoids that.
     Every server of this Ray listens on 127.0.0.1 only.
     """
