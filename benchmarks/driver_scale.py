@@ -115,11 +115,11 @@ def child(kind: str, trials: int, reports: int, concurrent: int) -> dict:
     else:
         from ray import tune
 
-        from raysd.cluster import study_driver_placement
+        from raysd.cluster import autoscaler_node_types, study_driver_placement
 
         def run():  # placed as run_study places trials
             trainable = tune.with_resources(tune.with_parameters(fake_driver, reports=reports),
-                                            study_driver_placement())
+                                            study_driver_placement(autoscaler_node_types()))
             tune.Tuner(trainable, param_space={"mask_ratio": tune.uniform(0.5, 0.9)},
                        tune_config=tune.TuneConfig(num_samples=trials, max_concurrent_trials=concurrent),
                        run_config=tune.RunConfig(name=kind, storage_path=f"{work}/storage",

@@ -110,15 +110,16 @@ def _autoscaler_v2_reported() -> bool:
     return reply.HasField("autoscaling_state")
 
 
-def plan_concurrency(space: Space, max_concurrent: int | None, num_samples: int) -> int:
+def plan_concurrency(space: Space, max_concurrent: int | None, num_samples: int,
+                     node_types: list[dict] | None) -> int:
     """How many trials run at once; ConfigError for a trial no node of the cluster can ever run.
+    `node_types`: autoscaler_node_types(), asked once per study.
 
     A fixed cluster runs what fits on it. On an autoscaling cluster the search decides (its
     n_startup_trials independent draws), and trials that do not fit yet wait while their
     pending worker groups ask the autoscaler for nodes."""
     cfg = space.trial_config()
     alive = alive_node_resources()
-    node_types = autoscaler_node_types()
     need = worker_bundle(cfg)
     what = ", ".join(f"{k} {v:g}" for k, v in need.items())
     if node_types is None or node_types:
@@ -154,7 +155,7 @@ def driver_placement(config: dict | None = None, node_types: list[dict] | None =
                      ) -> "PlacementGroupFactory":
     """Where a new trial's driver runs (Tune asks as it creates each trial): on a node offering
     DRIVER_RESOURCE, up now or one of `node_types` (autoscaler_node_types, asked once per
-    study: study_driver_placement), else on the head. See README, "Where a trial's processes
+    study), else on the head. See README, "Where a trial's processes
     run"."""
     from ray.tune import PlacementGroupFactory
 
@@ -163,15 +164,16 @@ def driver_placement(config: dict | None = None, node_types: list[dict] | None =
     return PlacementGroupFactory([HEAD_DRIVER])
 
 
-def study_driver_placement():
-    """driver_placement for a study's trials, with the autoscaler's node types asked now."""
-    return functools.partial(driver_placement, node_types=autoscaler_node_types())
+def study_driver_placement(node_types: list[dict] | None):
+    """driver_placement for a study's trials, given autoscaler_node_types() asked once."""
+    return functools.partial(driver_placement, node_types=node_types)
 
 
-def drivers_may_leave_head() -> bool:
+def drivers_may_leave_head(node_types: list[dict] | None) -> bool:
     """Whether a trial's driver may run on a node that can go away: a node offers
-    DRIVER_RESOURCE, or an autoscaler may add one. A local Ray keeps every driver on the head."""
-    if autoscaler_node_types() is not None:
+    DRIVER_RESOURCE, or an autoscaler (`node_types` not None: autoscaler_node_types()) may add
+    one. A local Ray keeps every driver on the head."""
+    if node_types is not None:
         return True
     return _offers_driver_resource(alive_node_resources())
 

@@ -14,7 +14,8 @@ from ray import tune
 import raysd
 from raysd import optuna_study
 from raysd.chain import ROUNDS
-from raysd.cluster import check_shared_storage, drivers_may_leave_head, plan_concurrency, study_driver_placement
+from raysd.cluster import (autoscaler_node_types, check_shared_storage, drivers_may_leave_head,
+                           plan_concurrency, study_driver_placement)
 from raysd.credentials import redact_values
 from raysd.errors import ConfigError
 from raysd.janitor import start_janitor, stop_janitor
@@ -96,14 +97,15 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
         raise ConfigError(f"study {study_uri} already exists: use --resume {study_uri} or "
                           "another --name")
     searched = bool(space.params) and not variants
-    concurrency = plan_concurrency(space, max_concurrent, total)
+    node_types = autoscaler_node_types()  # once: a cluster just started may take seconds to say
+    concurrency = plan_concurrency(space, max_concurrent, total, node_types)
     check_shared_storage(study_uri)
     # A driver on a worker node (cluster.driver_placement) dies with it: Tune starts it again,
     # and its Train run resumes from its last checkpoint. trial.py re-raises at once a failure
     # that would only recur, so a failed trial's retries cost an actor start each; unlimited
     # Train restarts (-1) still give a driver a bounded number. Drivers on the head need none.
     retries = 0
-    if drivers_may_leave_head():
+    if drivers_may_leave_head(node_types):
         retries = space.study.max_failures if space.study.max_failures >= 0 else DRIVER_RETRIES
     if not resume:  # the folder is a study once SPACE_FILE exists: it is written last
         about = {"space": space.name, "raysd": raysd.__version__,
@@ -147,7 +149,7 @@ def run_study(space: Space, study_uri: str, *, resume: bool = False, num_samples
                 artifacts=artifacts_uri(space.study.artifacts, study_uri),
                 models=models_uri(space, study_uri), janitor=janitor)
             tune.Tuner(
-                tune.with_resources(trainable, study_driver_placement()),
+                tune.with_resources(trainable, study_driver_placement(node_types)),
                 tune_config=tune.TuneConfig(search_alg=search, num_samples=left, scheduler=scheduler,
                                             max_concurrent_trials=concurrency),
                 run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks,

@@ -45,11 +45,10 @@ OFFERS = {"CPU": 8.0, "GPU": 1.0, DRIVER_RESOURCE: 1000.0}
 def test_a_trials_driver_leaves_the_head_for_a_node_that_offers_raysd_driver(
         monkeypatch, alive, node_types, on_the_head, retried):
     monkeypatch.setattr(cluster.ray, "nodes", lambda: [{"Alive": True, "Resources": r} for r in alive])
-    monkeypatch.setattr(cluster, "autoscaler_node_types", lambda: node_types)
-    bundles = cluster.study_driver_placement()({"trial_id": "t0"}).bundles
+    bundles = cluster.study_driver_placement(node_types)({"trial_id": "t0"}).bundles
     assert bundles == ([HEAD_DRIVER] if on_the_head else [{DRIVER_RESOURCE: 0.001}])
     assert "CPU" not in bundles[0]  # a driver never takes a training worker's slot
-    assert cluster.drivers_may_leave_head() is retried
+    assert cluster.drivers_may_leave_head(node_types) is retried
 
 
 # The status Ray's v1 monitor writes: on every cluster, one read-only node type per node up; with
@@ -115,10 +114,10 @@ def test_a_local_ray_is_no_autoscaling_cluster(ray_local):
         assert time.time() < deadline
         time.sleep(0.5)
     assert cluster.autoscaler_runs() is False
-    assert cluster.autoscaler_node_types() is None and not cluster.drivers_may_leave_head()
+    assert cluster.autoscaler_node_types() is None and not cluster.drivers_may_leave_head(None)
     space = load_space("demo", {"weights": "none", "resources.workers": 8})
     with pytest.raises(ConfigError, match="cannot hold one trial's 8 workers"):
-        cluster.plan_concurrency(space, None, 4)
+        cluster.plan_concurrency(space, None, 4, cluster.autoscaler_node_types())
 
 
 def test_the_private_local_ray_takes_loopback_as_its_node_address():
